@@ -1,0 +1,358 @@
+//! An async TCPStore client that behaves like torch's.
+//!
+//! Like torch's client it prefixes every key with `/`, so keys written through
+//! it and through `torch.distributed.TCPStore` are the same keys; `get` waits
+//! for the key before reading it; a timed-out `wait` sends CANCEL_WAIT and
+//! drains the replies so the connection stays usable.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::codec::{self, code, Request};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("could not connect to the store at {addr} within {timeout:?}: {last}")]
+    Connect {
+        addr: String,
+        timeout: Duration,
+        last: String,
+    },
+    #[error("store connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("wait timeout after {}ms, keys: {}", timeout.as_millis(), keys.join(", "))]
+    WaitTimeout { timeout: Duration, keys: Vec<String> },
+    #[error("the store answered the handshake with {got:#x}, expected {expected:#x}")]
+    BadPing { got: u32, expected: u32 },
+    #[error("unexpected reply byte {0} from the store")]
+    UnexpectedReply(u8),
+    #[error("queue is empty")]
+    QueueEmpty,
+    #[error("store reply too large ({0} bytes)")]
+    ReplyTooLarge(u64),
+}
+
+/// How [`Client::connect`] retries.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectOptions {
+    /// Give up connecting after this long; also the default timeout of waits.
+    pub timeout: Duration,
+    /// First retry interval; grows ×1.5 per retry with ±50 % jitter, capped at
+    /// `max_backoff`.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            timeout: Duration::from_secs(300),
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Largest reply value the client accepts.
+const MAX_REPLY: u64 = 1 << 31;
+
+pub struct Client {
+    stream: TcpStream,
+    timeout: Duration,
+    buf: Vec<u8>,
+}
+
+fn prefixed(key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(b'/');
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+impl Client {
+    /// Connects to `host:port`, retrying with backoff and jitter until
+    /// `opts.timeout`, then validates and pings like torch's client.
+    pub async fn connect(host: &str, port: u16, opts: ConnectOptions) -> Result<Client, ClientError> {
+        let deadline = Instant::now() + opts.timeout;
+        let mut interval = opts.initial_backoff;
+        let addr = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        loop {
+            let last = match Self::try_connect(&addr).await {
+                Ok(stream) => {
+                    return Ok(Client {
+                        stream,
+                        timeout: opts.timeout,
+                        buf: Vec::new(),
+                    })
+                }
+                Err(e) => e,
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClientError::Connect {
+                    addr,
+                    timeout: opts.timeout,
+                    last: last.to_string(),
+                });
+            }
+            let jitter = rand::thread_rng().gen_range(0.5..1.5);
+            let sleep = interval.mul_f64(jitter).min(deadline - now);
+            tracing::debug!("store at {addr} not reachable ({last}); retrying in {sleep:?}");
+            tokio::time::sleep(sleep).await;
+            interval = interval.mul_f64(1.5).min(opts.max_backoff);
+        }
+    }
+
+    async fn try_connect(addr: &str) -> Result<TcpStream, ClientError> {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let nonce = std::process::id();
+        let mut hello = Vec::with_capacity(10);
+        codec::encode(&Request::Validate { magic: codec::VALIDATE_MAGIC }, &mut hello);
+        codec::encode(&Request::Ping { nonce }, &mut hello);
+        stream.write_all(&hello).await?;
+        let got = stream.read_u32_le().await?;
+        if got != nonce {
+            return Err(ClientError::BadPing {
+                got,
+                expected: nonce,
+            });
+        }
+        Ok(stream)
+    }
+
+    pub fn peer_addr(&self) -> std::io::Result<SocketAddr> {
+        self.stream.peer_addr()
+    }
+
+    /// The timeout used by `get`, `multi_get` and blocking `queue_pop`.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    async fn send(&mut self) -> Result<(), ClientError> {
+        self.stream.write_all(&self.buf).await?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    async fn read_bytes(&mut self) -> Result<Vec<u8>, ClientError> {
+        let len = self.stream.read_u64_le().await?;
+        if len > MAX_REPLY {
+            return Err(ClientError::ReplyTooLarge(len));
+        }
+        let mut v = vec![0u8; len as usize];
+        self.stream.read_exact(&mut v).await?;
+        Ok(v)
+    }
+
+    pub async fn set(&mut self, key: &str, value: &[u8]) -> Result<(), ClientError> {
+        let k = prefixed(key);
+        codec::encode(&Request::Set { key: &k, value }, &mut self.buf);
+        self.send().await
+    }
+
+    /// Waits for `key` (up to the client timeout), then reads it.
+    pub async fn get(&mut self, key: &str) -> Result<Vec<u8>, ClientError> {
+        self.wait(&[key], self.timeout).await?;
+        self.get_now(key).await
+    }
+
+    /// Reads `key` without waiting; a missing key reads as empty.
+    pub async fn get_now(&mut self, key: &str) -> Result<Vec<u8>, ClientError> {
+        let k = prefixed(key);
+        codec::encode(&Request::Get { key: &k }, &mut self.buf);
+        self.send().await?;
+        self.read_bytes().await
+    }
+
+    pub async fn add(&mut self, key: &str, delta: i64) -> Result<i64, ClientError> {
+        let k = prefixed(key);
+        codec::encode(&Request::Add { key: &k, delta }, &mut self.buf);
+        self.send().await?;
+        Ok(self.stream.read_i64_le().await?)
+    }
+
+    /// Returns the value now stored (or, for a missing key and a non-empty
+    /// `expected`, `expected` itself): the swap succeeded iff it equals
+    /// `desired`.
+    pub async fn compare_set(
+        &mut self,
+        key: &str,
+        expected: &[u8],
+        desired: &[u8],
+    ) -> Result<Vec<u8>, ClientError> {
+        let k = prefixed(key);
+        codec::encode(
+            &Request::CompareSet {
+                key: &k,
+                expected,
+                desired,
+            },
+            &mut self.buf,
+        );
+        self.send().await?;
+        self.read_bytes().await
+    }
+
+    pub async fn check(&mut self, keys: &[&str]) -> Result<bool, ClientError> {
+        let ks: Vec<_> = keys.iter().map(|k| prefixed(k)).collect();
+        codec::encode_keys(code::CHECK, &ks, &mut self.buf);
+        self.send().await?;
+        match self.stream.read_u8().await? {
+            codec::READY => Ok(true),
+            codec::NOT_READY => Ok(false),
+            other => Err(ClientError::UnexpectedReply(other)),
+        }
+    }
+
+    /// Waits until every key exists; on timeout cancels the wait on the server.
+    pub async fn wait(&mut self, keys: &[&str], timeout: Duration) -> Result<(), ClientError> {
+        let ks: Vec<_> = keys.iter().map(|k| prefixed(k)).collect();
+        codec::encode_keys(code::WAIT, &ks, &mut self.buf);
+        self.send().await?;
+        self.await_stop_waiting(timeout, || {
+            ks.iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect()
+        })
+        .await
+    }
+
+    async fn await_stop_waiting(
+        &mut self,
+        timeout: Duration,
+        keys: impl FnOnce() -> Vec<String>,
+    ) -> Result<(), ClientError> {
+        match tokio::time::timeout(timeout, self.stream.read_u8()).await {
+            Ok(Ok(codec::STOP_WAITING)) => Ok(()),
+            Ok(Ok(other)) => Err(ClientError::UnexpectedReply(other)),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => {
+                self.buf.push(code::CANCEL_WAIT);
+                self.send().await?;
+                // A STOP_WAITING may have raced ahead of WAIT_CANCELED.
+                let mut b = self.stream.read_u8().await?;
+                if b == codec::STOP_WAITING {
+                    b = self.stream.read_u8().await?;
+                }
+                if b != codec::WAIT_CANCELED {
+                    return Err(ClientError::UnexpectedReply(b));
+                }
+                Err(ClientError::WaitTimeout {
+                    timeout,
+                    keys: keys(),
+                })
+            }
+        }
+    }
+
+    pub async fn num_keys(&mut self) -> Result<i64, ClientError> {
+        self.buf.push(code::GETNUMKEYS);
+        self.send().await?;
+        Ok(self.stream.read_i64_le().await?)
+    }
+
+    pub async fn delete_key(&mut self, key: &str) -> Result<bool, ClientError> {
+        let k = prefixed(key);
+        codec::encode(&Request::DeleteKey { key: &k }, &mut self.buf);
+        self.send().await?;
+        Ok(self.stream.read_i64_le().await? == 1)
+    }
+
+    pub async fn append(&mut self, key: &str, value: &[u8]) -> Result<(), ClientError> {
+        let k = prefixed(key);
+        codec::encode(&Request::Append { key: &k, value }, &mut self.buf);
+        self.send().await
+    }
+
+    /// Waits for all keys, then reads them in order.
+    pub async fn multi_get(&mut self, keys: &[&str]) -> Result<Vec<Vec<u8>>, ClientError> {
+        self.wait(keys, self.timeout).await?;
+        let ks: Vec<_> = keys.iter().map(|k| prefixed(k)).collect();
+        codec::encode_keys(code::MULTI_GET, &ks, &mut self.buf);
+        self.send().await?;
+        let mut out = Vec::with_capacity(keys.len());
+        for _ in keys {
+            out.push(self.read_bytes().await?);
+        }
+        Ok(out)
+    }
+
+    pub async fn multi_set(&mut self, pairs: &[(&str, &[u8])]) -> Result<(), ClientError> {
+        let ps: Vec<_> = pairs.iter().map(|(k, v)| (prefixed(k), *v)).collect();
+        codec::encode_multi_set(&ps, &mut self.buf);
+        self.send().await
+    }
+
+    pub async fn ping(&mut self, nonce: u32) -> Result<u32, ClientError> {
+        codec::encode(&Request::Ping { nonce }, &mut self.buf);
+        self.send().await?;
+        Ok(self.stream.read_u32_le().await?)
+    }
+
+    pub async fn queue_push(&mut self, key: &str, value: &[u8]) -> Result<(), ClientError> {
+        let k = prefixed(key);
+        codec::encode(&Request::QueuePush { key: &k, value }, &mut self.buf);
+        self.send().await
+    }
+
+    /// Pops the head of a queue; with `block`, first waits (up to the client
+    /// timeout) for the queue to be non-empty.
+    pub async fn queue_pop(&mut self, key: &str, block: bool) -> Result<Vec<u8>, ClientError> {
+        if block {
+            self.wait(&[key], self.timeout).await?;
+        }
+        let k = prefixed(key);
+        codec::encode(&Request::QueuePop { key: &k }, &mut self.buf);
+        self.send().await?;
+        let len = self.stream.read_i64_le().await?;
+        if len <= 0 {
+            return Err(ClientError::QueueEmpty);
+        }
+        self.read_bytes().await
+    }
+
+    pub async fn queue_len(&mut self, key: &str) -> Result<i64, ClientError> {
+        let k = prefixed(key);
+        codec::encode(&Request::QueueLen { key: &k }, &mut self.buf);
+        self.send().await?;
+        Ok(self.stream.read_i64_le().await?)
+    }
+
+    /// Keys without the client prefix; keys not written through a client
+    /// (no leading `/`) are left out, as torch's client does.
+    pub async fn list_keys(&mut self) -> Result<Vec<String>, ClientError> {
+        self.buf.push(code::LIST_KEYS);
+        self.send().await?;
+        let n = self.stream.read_i64_le().await?;
+        let mut out = Vec::new();
+        for _ in 0..n.max(0) {
+            let k = self.read_bytes().await?;
+            if let Some(rest) = k.strip_prefix(b"/") {
+                out.push(String::from_utf8_lossy(rest).into_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Server-side barrier (torch 2.15's BARRIER command): returns when
+    /// `world_size` clients have arrived at `key`.
+    pub async fn barrier(&mut self, key: &str, world_size: i64, timeout: Duration) -> Result<(), ClientError> {
+        let k = prefixed(key);
+        codec::encode(&Request::Barrier { key: &k, world_size }, &mut self.buf);
+        self.send().await?;
+        let name = key.to_string();
+        self.await_stop_waiting(timeout, || vec![name]).await
+    }
+}

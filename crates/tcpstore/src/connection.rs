@@ -1,0 +1,255 @@
+//! One client connection: read frames, apply them to the shared state, write
+//! replies, and deliver the STOP_WAITING replies of waits that complete later.
+//!
+//! An idle connection holds no buffers (they are released when drained), so
+//! thousands of idle clients cost little memory. A peer that breaks the
+//! protocol is disconnected; nothing it did affects other clients.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::codec::{self, put_bytes, put_i64, put_u32, Limits, Request};
+use crate::state::{State, StateError, WaitId, WaitSignal};
+
+/// Why a connection was closed by the server.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CloseReason {
+    #[error("first command was not VALIDATE")]
+    NotValidated,
+    #[error("VALIDATE with wrong magic {0:#010x}")]
+    BadMagic(u32),
+    #[error(transparent)]
+    Protocol(#[from] codec::ProtocolError),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+pub(crate) struct Connection {
+    stream: TcpStream,
+    state: Arc<Mutex<State>>,
+    limits: Limits,
+    signal: Arc<WaitSignal>,
+    validated: bool,
+    /// Bytes of an incomplete frame.
+    inbuf: Vec<u8>,
+    outbuf: Vec<u8>,
+    /// Waits and barrier registrations of this connection that may still be
+    /// pending in the state.
+    waits: Vec<WaitId>,
+}
+
+const READ_CHUNK: usize = 16 * 1024;
+/// Buffers larger than this are released once drained.
+const KEEP_CAPACITY: usize = 64 * 1024;
+
+impl Connection {
+    pub(crate) fn new(stream: TcpStream, state: Arc<Mutex<State>>, limits: Limits) -> Self {
+        Connection {
+            stream,
+            state,
+            limits,
+            signal: Arc::new(WaitSignal::default()),
+            validated: false,
+            inbuf: Vec::new(),
+            outbuf: Vec::new(),
+            waits: Vec::new(),
+        }
+    }
+
+    pub(crate) async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let peer = self.stream.peer_addr().ok();
+        let result = self.serve(&mut shutdown).await;
+        if let Err(e) = &result {
+            tracing::debug!(?peer, "closing store connection: {e}");
+        }
+        let mut state = self.state.lock().expect("store state poisoned");
+        for id in self.waits.drain(..) {
+            state.cancel(id);
+        }
+    }
+
+    async fn serve(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), ServeError> {
+        loop {
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Ok(()),
+                _ = self.signal.notified() => {
+                    let n = self.signal.take_pending();
+                    self.outbuf.extend(std::iter::repeat_n(codec::STOP_WAITING, n as usize));
+                }
+                r = self.stream.readable() => {
+                    r?;
+                    if self.read_and_process()? {
+                        return Ok(());
+                    }
+                }
+            }
+            if !self.outbuf.is_empty() {
+                self.stream.write_all(&self.outbuf).await?;
+                self.outbuf.clear();
+                if self.outbuf.capacity() > KEEP_CAPACITY {
+                    self.outbuf = Vec::new();
+                }
+            }
+        }
+    }
+
+    /// Reads what is available and applies every complete frame. Returns true
+    /// when the peer closed the connection.
+    fn read_and_process(&mut self) -> Result<bool, ServeError> {
+        let mut chunk = [0u8; READ_CHUNK];
+        loop {
+            let n = match self.stream.try_read(&mut chunk) {
+                Ok(0) => return Ok(true),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e.into()),
+            };
+            if self.inbuf.is_empty() {
+                // Fast path: decode straight from the read chunk.
+                let used = self.process(&chunk[..n])?;
+                self.inbuf.extend_from_slice(&chunk[used..n]);
+            } else {
+                self.inbuf.extend_from_slice(&chunk[..n]);
+                let buf = std::mem::take(&mut self.inbuf);
+                let used = self.process(&buf)?;
+                self.inbuf = buf;
+                self.inbuf.drain(..used);
+                if self.inbuf.is_empty() && self.inbuf.capacity() > KEEP_CAPACITY {
+                    self.inbuf = Vec::new();
+                }
+            }
+            if n < READ_CHUNK {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Applies every complete frame at the start of `buf`; returns the bytes used.
+    fn process(&mut self, buf: &[u8]) -> Result<usize, CloseReason> {
+        let mut used = 0;
+        let mut state = None;
+        while let Some((req, n)) = codec::decode(&buf[used..], &self.limits)? {
+            used += n;
+            if !self.validated {
+                match req {
+                    Request::Validate { magic } if magic == codec::VALIDATE_MAGIC => {
+                        self.validated = true;
+                        continue;
+                    }
+                    Request::Validate { magic } => return Err(CloseReason::BadMagic(magic)),
+                    _ => return Err(CloseReason::NotValidated),
+                }
+            }
+            // Hold the lock across a batch of pipelined frames.
+            let state = state.get_or_insert_with(|| self.state.lock().expect("store state poisoned"));
+            apply(
+                req,
+                state,
+                &mut self.outbuf,
+                &self.signal,
+                &mut self.waits,
+            )?;
+        }
+        Ok(used)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Close(#[from] CloseReason),
+}
+
+/// Applies one validated request and appends its reply.
+fn apply(
+    req: Request<'_>,
+    state: &mut State,
+    out: &mut Vec<u8>,
+    signal: &Arc<WaitSignal>,
+    waits: &mut Vec<WaitId>,
+) -> Result<(), CloseReason> {
+    match req {
+        // A repeated VALIDATE is harmless.
+        Request::Validate { .. } => {}
+        Request::Set { key, value } => state.set(key, value),
+        Request::CompareSet {
+            key,
+            expected,
+            desired,
+        } => {
+            let v = state.compare_set(key, expected, desired);
+            put_bytes(out, &v);
+        }
+        // torch's libuv server answers an empty value for a missing key.
+        Request::Get { key } => put_bytes(out, state.get(key).unwrap_or_default()),
+        Request::Add { key, delta } => put_i64(out, state.add(key, delta)?),
+        Request::Check { keys } => out.push(if state.check(keys.iter()) {
+            codec::READY
+        } else {
+            codec::NOT_READY
+        }),
+        Request::Wait { keys } => {
+            waits.retain(|&id| state.is_waiting(id));
+            match state.wait(keys.iter(), signal) {
+                None => out.push(codec::STOP_WAITING),
+                Some(id) => waits.push(id),
+            }
+        }
+        Request::GetNumKeys => put_i64(out, state.num_keys()),
+        Request::DeleteKey { key } => put_i64(out, state.delete(key)),
+        Request::Append { key, value } => state.append(key, value),
+        Request::MultiGet { keys } => {
+            for k in keys.iter() {
+                put_bytes(out, state.get(k).unwrap_or_default());
+            }
+        }
+        Request::MultiSet { pairs } => {
+            for (k, v) in pairs.iter() {
+                state.set(k, v);
+            }
+        }
+        Request::CancelWait => {
+            for id in waits.drain(..) {
+                state.cancel(id);
+            }
+            // A STOP_WAITING that raced ahead of the cancel goes out first;
+            // torch's client reads it, then WAIT_CANCELED.
+            let raced = signal.take_pending();
+            out.extend(std::iter::repeat_n(codec::STOP_WAITING, raced as usize));
+            out.push(codec::WAIT_CANCELED);
+        }
+        Request::Ping { nonce } => put_u32(out, nonce),
+        Request::QueuePush { key, value } => state.queue_push(key, value),
+        Request::QueuePop { key } => {
+            let (len, v) = state.queue_pop(key);
+            put_i64(out, len);
+            if let Some(v) = v {
+                put_bytes(out, &v);
+            }
+        }
+        Request::QueueLen { key } => put_i64(out, state.queue_len(key)),
+        Request::ListKeys => {
+            put_i64(out, state.num_keys());
+            for k in state.list_keys() {
+                put_bytes(out, k);
+            }
+        }
+        Request::Barrier { key, world_size } => {
+            waits.retain(|&id| state.is_waiting(id));
+            match state.barrier(key, world_size, signal)? {
+                None => out.push(codec::STOP_WAITING),
+                Some(id) => waits.push(id),
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,60 @@
+//! Helpers shared by the integration tests: the Python interpreter with torch,
+//! and waiting for events with deadlines (never sleep-and-hope).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Root of the repository.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
+}
+
+/// The Python interpreter of the venv with the pinned torch. Taken from
+/// `TORCHRUN_RS_PYTHON`, else created (once, cached under ~/.cache) by
+/// `scripts/setup-python.sh`. Tests that need torch fail loudly when it cannot
+/// be had: they never pass by skipping.
+pub fn torch_python() -> PathBuf {
+    static PY: OnceLock<PathBuf> = OnceLock::new();
+    PY.get_or_init(|| {
+        if let Some(p) = std::env::var_os("TORCHRUN_RS_PYTHON") {
+            return PathBuf::from(p);
+        }
+        let out = Command::new("bash")
+            .arg(repo_root().join("scripts/setup-python.sh"))
+            .output()
+            .expect("run scripts/setup-python.sh");
+        assert!(
+            out.status.success(),
+            "scripts/setup-python.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let venv = String::from_utf8(out.stdout).expect("utf-8 path");
+        PathBuf::from(venv.trim()).join("bin/python")
+    })
+    .clone()
+}
+
+/// Polls `cond` until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Whether a process with this pid exists (and is not a zombie).
+pub fn pid_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Creates (once) the Python venv with a pinned torch that the interop tests and
+# benchmarks use. Idempotent: a finished venv is marked and reused.
+# Prints the venv path on stdout.
+set -euo pipefail
+TORCH_VERSION="${TORCHRUN_RS_TORCH_VERSION:-2.15.0}"
+CACHE="${TORCHRUN_RS_CACHE:-$HOME/.cache/torchrun-rs}"
+VENV="$CACHE/venv-torch-$TORCH_VERSION"
+if [ ! -f "$VENV/.complete" ]; then
+  mkdir -p "$CACHE"
+  rm -rf "$VENV"
+  python3 -m venv "$VENV" >&2
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION" numpy >&2
+  "$VENV/bin/python" -c "import torch, torch.distributed" >&2
+  touch "$VENV/.complete"
+fi
+echo "$VENV"
