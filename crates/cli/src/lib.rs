@@ -1,1 +1,5 @@
+//! torchrun's command line for torchrun-rs: [`args`] parses flags like
+//! argparse, [`resolve`] turns them into a launch configuration and command.
 
+pub mod args;
+pub mod resolve;

@@ -1,1 +1,81 @@
-fn main() {}
+//! `torchrun-rs`: flags → resolved config → launch. Usage errors are one line
+//! on stderr and exit status 2; see the README for every exit status.
+
+use std::process::ExitCode;
+
+use engine::signals;
+
+fn init_logging() {
+    let level = std::env::var("LOGLEVEL").unwrap_or_else(|_| "warn".to_string());
+    let filter = tracing_subscriber::EnvFilter::try_new(level.to_lowercase())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    // Hold the handled signals from the first instant; the agent unblocks
+    // them once its handlers are in place.
+    signals::block(signals::EARLY_BLOCKED);
+    // The guardian must be forked while this process has a single thread.
+    let guardian = engine::lifeline::start();
+    init_logging();
+    if let Err(e) = guardian {
+        tracing::warn!(
+            "cannot start the orphan guardian ({e}); workers still die with the launcher"
+        );
+    }
+
+    let argv: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let env = |k: &str| std::env::var(k).ok();
+    let raw = match cli::args::parse(&argv, &env) {
+        Ok(r) => r,
+        Err(e) => return usage_error(&e.0),
+    };
+    if raw.help {
+        print!("{}", cli::args::help_text());
+        return ExitCode::SUCCESS;
+    }
+    let resolved = match cli::resolve::resolve(&raw, &env) {
+        Ok(r) => r,
+        Err(e) => return usage_error(&e.0),
+    };
+    for n in &resolved.notices {
+        eprintln!("torchrun-rs: note: {n}");
+    }
+    if resolved.set_omp_threads {
+        // Still single-threaded but for the guardian: setting the variable is safe.
+        std::env::set_var("OMP_NUM_THREADS", "1");
+        let stars = "*".repeat(41);
+        eprintln!(
+            "{stars}\nSetting OMP_NUM_THREADS environment variable for each process to be 1 in default, to avoid your system being overloaded, please further tune the variable for optimal performance in your application as needed. \n{stars}"
+        );
+    }
+    match engine::launch_agent(&resolved.config, &resolved.entrypoint, &resolved.args) {
+        Ok(outcome) => {
+            if let Some(report) = outcome.report() {
+                eprint!("{report}");
+            }
+            ExitCode::from(outcome.exit_code() as u8)
+        }
+        Err(engine::LaunchError::Config(e)) => {
+            usage_error(&format!("argument {}: {}", e.flag, e.message))
+        }
+        Err(e) => {
+            eprintln!("torchrun-rs: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn usage_error(msg: &str) -> ExitCode {
+    eprintln!("torchrun-rs: error: {msg}");
+    eprintln!("usage: torchrun-rs [options] training_script [training_script_args ...] (see -h)");
+    ExitCode::from(2)
+}

@@ -1,1 +1,31 @@
-pub fn placeholder() {}
+//! The torchrun-rs engine: torch's launcher API ([`LaunchConfig`],
+//! [`launch_agent`]) and everything behind it.
+//!
+//! - [`config`]: the resolved configuration and its small grammars.
+//! - [`launch`]: `launch_agent`, the exit status and the failure report.
+//! - [`agent`]: one node's worker group: start, watch, restart, stop.
+//! - [`rendezvous`]: the store, who hosts it, and rank assignment.
+//! - [`process`]: fork/exec of workers, the reaper, group signals.
+//! - [`lifeline`]: the guardian that leaves no process behind.
+//! - [`worker_env`]: the environment contract of spec §3.
+//! - [`log_dir`], [`log_stream`]: log files and tee through pipes.
+//! - [`failure`]: error files and the failure summary.
+//! - [`signals`]: signal names and trapping.
+//! - [`host`]: this host's names as Python computes them.
+
+pub mod agent;
+pub mod config;
+pub mod failure;
+pub mod host;
+pub mod launch;
+pub mod lifeline;
+pub mod log_dir;
+pub mod log_stream;
+pub mod process;
+pub mod rendezvous;
+pub mod signals;
+pub mod worker_env;
+
+pub use agent::RunResult;
+pub use config::{LaunchConfig, Std, StdSpec};
+pub use launch::{launch_agent, LaunchError, LaunchOutcome};

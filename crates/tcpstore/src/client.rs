@@ -25,7 +25,10 @@ pub enum ClientError {
     #[error("store connection failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("wait timeout after {}ms, keys: {}", timeout.as_millis(), keys.join(", "))]
-    WaitTimeout { timeout: Duration, keys: Vec<String> },
+    WaitTimeout {
+        timeout: Duration,
+        keys: Vec<String>,
+    },
     #[error("the store answered the handshake with {got:#x}, expected {expected:#x}")]
     BadPing { got: u32, expected: u32 },
     #[error("unexpected reply byte {0} from the store")]
@@ -76,7 +79,11 @@ fn prefixed(key: &str) -> Vec<u8> {
 impl Client {
     /// Connects to `host:port`, retrying with backoff and jitter until
     /// `opts.timeout`, then validates and pings like torch's client.
-    pub async fn connect(host: &str, port: u16, opts: ConnectOptions) -> Result<Client, ClientError> {
+    pub async fn connect(
+        host: &str,
+        port: u16,
+        opts: ConnectOptions,
+    ) -> Result<Client, ClientError> {
         let deadline = Instant::now() + opts.timeout;
         let mut interval = opts.initial_backoff;
         let addr = if host.contains(':') {
@@ -116,7 +123,12 @@ impl Client {
         stream.set_nodelay(true)?;
         let nonce = std::process::id();
         let mut hello = Vec::with_capacity(10);
-        codec::encode(&Request::Validate { magic: codec::VALIDATE_MAGIC }, &mut hello);
+        codec::encode(
+            &Request::Validate {
+                magic: codec::VALIDATE_MAGIC,
+            },
+            &mut hello,
+        );
         codec::encode(&Request::Ping { nonce }, &mut hello);
         stream.write_all(&hello).await?;
         let got = stream.read_u32_le().await?;
@@ -224,7 +236,9 @@ impl Client {
         codec::encode_keys(code::WAIT, &ks, &mut self.buf);
         self.send().await?;
         self.await_stop_waiting(timeout, || {
-            ks.iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect()
+            ks.iter()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .collect()
         })
         .await
     }
@@ -348,9 +362,20 @@ impl Client {
 
     /// Server-side barrier (torch 2.15's BARRIER command): returns when
     /// `world_size` clients have arrived at `key`.
-    pub async fn barrier(&mut self, key: &str, world_size: i64, timeout: Duration) -> Result<(), ClientError> {
+    pub async fn barrier(
+        &mut self,
+        key: &str,
+        world_size: i64,
+        timeout: Duration,
+    ) -> Result<(), ClientError> {
         let k = prefixed(key);
-        codec::encode(&Request::Barrier { key: &k, world_size }, &mut self.buf);
+        codec::encode(
+            &Request::Barrier {
+                key: &k,
+                world_size,
+            },
+            &mut self.buf,
+        );
         self.send().await?;
         let name = key.to_string();
         self.await_stop_waiting(timeout, || vec![name]).await

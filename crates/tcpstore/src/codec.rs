@@ -147,25 +147,64 @@ fn split_string(buf: &[u8]) -> (&[u8], &[u8]) {
 /// One decoded request, borrowing from the read buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request<'a> {
-    Validate { magic: u32 },
-    Set { key: &'a [u8], value: &'a [u8] },
-    CompareSet { key: &'a [u8], expected: &'a [u8], desired: &'a [u8] },
-    Get { key: &'a [u8] },
-    Add { key: &'a [u8], delta: i64 },
-    Check { keys: KeyList<'a> },
-    Wait { keys: KeyList<'a> },
+    Validate {
+        magic: u32,
+    },
+    Set {
+        key: &'a [u8],
+        value: &'a [u8],
+    },
+    CompareSet {
+        key: &'a [u8],
+        expected: &'a [u8],
+        desired: &'a [u8],
+    },
+    Get {
+        key: &'a [u8],
+    },
+    Add {
+        key: &'a [u8],
+        delta: i64,
+    },
+    Check {
+        keys: KeyList<'a>,
+    },
+    Wait {
+        keys: KeyList<'a>,
+    },
     GetNumKeys,
-    DeleteKey { key: &'a [u8] },
-    Append { key: &'a [u8], value: &'a [u8] },
-    MultiGet { keys: KeyList<'a> },
-    MultiSet { pairs: PairList<'a> },
+    DeleteKey {
+        key: &'a [u8],
+    },
+    Append {
+        key: &'a [u8],
+        value: &'a [u8],
+    },
+    MultiGet {
+        keys: KeyList<'a>,
+    },
+    MultiSet {
+        pairs: PairList<'a>,
+    },
     CancelWait,
-    Ping { nonce: u32 },
-    QueuePush { key: &'a [u8], value: &'a [u8] },
-    QueuePop { key: &'a [u8] },
-    QueueLen { key: &'a [u8] },
+    Ping {
+        nonce: u32,
+    },
+    QueuePush {
+        key: &'a [u8],
+        value: &'a [u8],
+    },
+    QueuePop {
+        key: &'a [u8],
+    },
+    QueueLen {
+        key: &'a [u8],
+    },
     ListKeys,
-    Barrier { key: &'a [u8], world_size: i64 },
+    Barrier {
+        key: &'a [u8],
+        world_size: i64,
+    },
 }
 
 /// Cursor over a buffer that may end in the middle of a frame.
@@ -207,10 +246,14 @@ impl<'a> Cursor<'a, '_> {
         Ok(self.take(1)?[0])
     }
     fn u32(&mut self) -> Result<u32, Short> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self) -> Result<u64, Short> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn i64(&mut self) -> Result<i64, Short> {
         Ok(self.u64()? as i64)
@@ -494,7 +537,10 @@ mod tests {
             panic!("not a multi_set")
         };
         let got: Vec<_> = pairs.iter().collect();
-        assert_eq!(got, vec![(&b"/m1"[..], &b"A"[..]), (&b"/m2"[..], &b"BB"[..])]);
+        assert_eq!(
+            got,
+            vec![(&b"/m1"[..], &b"A"[..]), (&b"/m2"[..], &b"BB"[..])]
+        );
     }
 
     #[test]

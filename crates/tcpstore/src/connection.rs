@@ -7,7 +7,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -47,11 +46,13 @@ const KEEP_CAPACITY: usize = 64 * 1024;
 
 impl Connection {
     pub(crate) fn new(stream: TcpStream, state: Arc<Mutex<State>>, limits: Limits) -> Self {
+        use std::os::fd::AsRawFd;
+        let fd = stream.as_raw_fd();
         Connection {
             stream,
             state,
             limits,
-            signal: Arc::new(WaitSignal::default()),
+            signal: Arc::new(WaitSignal::new(fd)),
             validated: false,
             inbuf: Vec::new(),
             outbuf: Vec::new(),
@@ -64,10 +65,6 @@ impl Connection {
         let result = self.serve(&mut shutdown).await;
         if let Err(e) = &result {
             tracing::debug!(?peer, "closing store connection: {e}");
-        }
-        let mut state = self.state.lock().expect("store state poisoned");
-        for id in self.waits.drain(..) {
-            state.cancel(id);
         }
     }
 
@@ -91,13 +88,32 @@ impl Connection {
                 }
             }
             if !self.outbuf.is_empty() {
-                self.stream.write_all(&self.outbuf).await?;
+                self.flush().await?;
                 self.outbuf.clear();
                 if self.outbuf.capacity() > KEEP_CAPACITY {
                     self.outbuf = Vec::new();
                 }
             }
         }
+    }
+
+    /// Writes `outbuf`, holding the write lock only around each `send` so
+    /// that a directly written STOP_WAITING never lands inside a reply.
+    async fn flush(&mut self) -> std::io::Result<()> {
+        let mut off = 0;
+        while off < self.outbuf.len() {
+            self.stream.writable().await?;
+            let r = {
+                let _guard = self.signal.write_lock.lock().expect("write lock poisoned");
+                self.stream.try_write(&self.outbuf[off..])
+            };
+            match r {
+                Ok(n) => off += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Reads what is available and applies every complete frame. Returns true
@@ -148,16 +164,23 @@ impl Connection {
                 }
             }
             // Hold the lock across a batch of pipelined frames.
-            let state = state.get_or_insert_with(|| self.state.lock().expect("store state poisoned"));
-            apply(
-                req,
-                state,
-                &mut self.outbuf,
-                &self.signal,
-                &mut self.waits,
-            )?;
+            let state =
+                state.get_or_insert_with(|| self.state.lock().expect("store state poisoned"));
+            apply(req, state, &mut self.outbuf, &self.signal, &mut self.waits)?;
         }
         Ok(used)
+    }
+}
+
+impl Drop for Connection {
+    /// Drops this client's waits and barrier registrations (never its keys),
+    /// and detaches the socket before it closes.
+    fn drop(&mut self) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.signal.detach();
+        for id in self.waits.drain(..) {
+            state.cancel(id);
+        }
     }
 }
 

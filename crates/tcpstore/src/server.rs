@@ -74,7 +74,9 @@ impl Server {
                     }
                 }
             }
-            BindAddr::Exact(a) => listen_on(a).map_err(|source| BindError::Bind { addr: a, source })?,
+            BindAddr::Exact(a) => {
+                listen_on(a).map_err(|source| BindError::Bind { addr: a, source })?
+            }
         };
         Ok(Server {
             listener,
@@ -84,7 +86,9 @@ impl Server {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound socket has an address")
+        self.listener
+            .local_addr()
+            .expect("bound socket has an address")
     }
 
     /// Starts serving on the current Tokio runtime.

@@ -19,12 +19,32 @@ fn arb_frame() -> impl Strategy<Value = Vec<u8>> {
     let keys = proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..16), 0..8);
     prop_oneof![
         (key.clone(), val.clone()).prop_map(|(k, v)| enc(&Request::Set { key: &k, value: &v })),
-        (key.clone(), val.clone(), val.clone()).prop_map(|(k, e, d)| enc(&Request::CompareSet { key: &k, expected: &e, desired: &d })),
+        (key.clone(), val.clone(), val.clone()).prop_map(|(k, e, d)| enc(&Request::CompareSet {
+            key: &k,
+            expected: &e,
+            desired: &d
+        })),
         (key.clone(), any::<i64>()).prop_map(|(k, d)| enc(&Request::Add { key: &k, delta: d })),
-        keys.clone().prop_map(|ks| { let mut o = vec![]; codec::encode_keys(codec::code::WAIT, &ks, &mut o); o }),
-        keys.clone().prop_map(|ks| { let mut o = vec![]; codec::encode_keys(codec::code::MULTI_GET, &ks, &mut o); o }),
-        keys.prop_map(|ks| { let pairs: Vec<_> = ks.iter().map(|k| (k.clone(), k.clone())).collect(); let mut o = vec![]; codec::encode_multi_set(&pairs, &mut o); o }),
-        (key.clone(), any::<i64>()).prop_map(|(k, w)| enc(&Request::Barrier { key: &k, world_size: w })),
+        keys.clone().prop_map(|ks| {
+            let mut o = vec![];
+            codec::encode_keys(codec::code::WAIT, &ks, &mut o);
+            o
+        }),
+        keys.clone().prop_map(|ks| {
+            let mut o = vec![];
+            codec::encode_keys(codec::code::MULTI_GET, &ks, &mut o);
+            o
+        }),
+        keys.prop_map(|ks| {
+            let pairs: Vec<_> = ks.iter().map(|k| (k.clone(), k.clone())).collect();
+            let mut o = vec![];
+            codec::encode_multi_set(&pairs, &mut o);
+            o
+        }),
+        (key.clone(), any::<i64>()).prop_map(|(k, w)| enc(&Request::Barrier {
+            key: &k,
+            world_size: w
+        })),
         any::<u32>().prop_map(|n| enc(&Request::Ping { nonce: n })),
         key.prop_map(|k| enc(&Request::QueuePop { key: &k })),
     ]

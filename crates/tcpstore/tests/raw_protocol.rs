@@ -80,13 +80,30 @@ fn assert_closed(s: &mut TcpStream) {
 fn set_get_add_captures() {
     let srv = start();
     let mut s = connect(srv.port);
-    s.write_all(&hex("01 0300000000000000 2f6b31 0200000000000000 7631")).unwrap();
+    s.write_all(&hex("01 0300000000000000 2f6b31 0200000000000000 7631"))
+        .unwrap();
     exchange(&mut s, "06 0100000000000000 0300000000000000 2f6b31", "00");
-    exchange(&mut s, "03 0300000000000000 2f6b31", "0200000000000000 7631");
-    exchange(&mut s, "04 0400000000000000 2f636e74 0500000000000000", "0500000000000000");
-    exchange(&mut s, "04 0400000000000000 2f636e74 feffffffffffffff", "0300000000000000");
+    exchange(
+        &mut s,
+        "03 0300000000000000 2f6b31",
+        "0200000000000000 7631",
+    );
+    exchange(
+        &mut s,
+        "04 0400000000000000 2f636e74 0500000000000000",
+        "0500000000000000",
+    );
+    exchange(
+        &mut s,
+        "04 0400000000000000 2f636e74 feffffffffffffff",
+        "0300000000000000",
+    );
     // The counter is stored as decimal text.
-    exchange(&mut s, "03 0400000000000000 2f636e74", "0100000000000000 33");
+    exchange(
+        &mut s,
+        "03 0400000000000000 2f636e74",
+        "0100000000000000 33",
+    );
     // GET of a missing key answers an empty value (torch's libuv server).
     exchange(&mut s, "03 0200000000000000 2f7a", "0000000000000000");
 }
@@ -95,7 +112,8 @@ fn set_get_add_captures() {
 fn compare_set_captures() {
     let srv = start();
     let mut s = connect(srv.port);
-    s.write_all(&hex("01 0300000000000000 2f6b31 0200000000000000 7631")).unwrap();
+    s.write_all(&hex("01 0300000000000000 2f6b31 0200000000000000 7631"))
+        .unwrap();
     exchange(
         &mut s,
         "02 0300000000000000 2f6b31 0200000000000000 7631 0200000000000000 7632",
@@ -107,7 +125,11 @@ fn compare_set_captures() {
         "02 0700000000000000 2f616273656e74 0100000000000000 78 0100000000000000 79",
         "0100000000000000 78",
     );
-    exchange(&mut s, "05 0100000000000000 0700000000000000 2f616273656e74", "01");
+    exchange(
+        &mut s,
+        "05 0100000000000000 0700000000000000 2f616273656e74",
+        "01",
+    );
     // Missing key, empty expected: stores desired.
     exchange(
         &mut s,
@@ -120,10 +142,17 @@ fn compare_set_captures() {
 fn check_numkeys_delete_append_captures() {
     let srv = start();
     let mut s = connect(srv.port);
-    exchange(&mut s, "05 0100000000000000 0500000000000000 2f6e6f7065", "01");
-    s.write_all(&hex("01 0300000000000000 2f6b31 0200000000000000 7631")).unwrap();
-    s.write_all(&hex("09 0200000000000000 2f61 0100000000000000 78")).unwrap();
-    s.write_all(&hex("09 0200000000000000 2f61 0100000000000000 79")).unwrap();
+    exchange(
+        &mut s,
+        "05 0100000000000000 0500000000000000 2f6e6f7065",
+        "01",
+    );
+    s.write_all(&hex("01 0300000000000000 2f6b31 0200000000000000 7631"))
+        .unwrap();
+    s.write_all(&hex("09 0200000000000000 2f61 0100000000000000 78"))
+        .unwrap();
+    s.write_all(&hex("09 0200000000000000 2f61 0100000000000000 79"))
+        .unwrap();
     exchange(&mut s, "03 0200000000000000 2f61", "0200000000000000 7879");
     exchange(&mut s, "07", "0200000000000000");
     exchange(&mut s, "08 0300000000000000 2f6b31", "0100000000000000");
@@ -164,11 +193,16 @@ fn multi_set_multi_get_list_keys_captures() {
 fn queue_captures() {
     let srv = start();
     let mut s = connect(srv.port);
-    s.write_all(&hex("0e 0200000000000000 2f71 0100000000000000 61")).unwrap();
+    s.write_all(&hex("0e 0200000000000000 2f71 0100000000000000 61"))
+        .unwrap();
     exchange(&mut s, "10 0200000000000000 2f71", "0100000000000000");
     // A non-empty queue satisfies CHECK and WAIT.
     exchange(&mut s, "05 0100000000000000 0200000000000000 2f71", "00");
-    exchange(&mut s, "0f 0200000000000000 2f71", "0100000000000000 0100000000000000 61");
+    exchange(
+        &mut s,
+        "0f 0200000000000000 2f71",
+        "0100000000000000 0100000000000000 61",
+    );
     exchange(&mut s, "0f 0200000000000000 2f71", "0000000000000000");
     // Queues are not keys.
     exchange(&mut s, "07", "0000000000000000");
@@ -189,9 +223,15 @@ fn wait_is_released_by_every_kind_of_write() {
         let mut writer = connect(srv.port);
         exchange(&mut writer, "08 0200000000000000 2f77", "");
         let _ = read_n(&mut writer, 8);
-        waiter.write_all(&hex("06 0100000000000000 0200000000000000 2f77")).unwrap();
+        waiter
+            .write_all(&hex("06 0100000000000000 0200000000000000 2f77"))
+            .unwrap();
         // Not yet released: a CHECK on the writer proves the key is missing.
-        exchange(&mut writer, "05 0100000000000000 0200000000000000 2f77", "01");
+        exchange(
+            &mut writer,
+            "05 0100000000000000 0200000000000000 2f77",
+            "01",
+        );
         writer.write_all(&hex(write)).unwrap();
         assert_eq!(read_n(&mut waiter, 1), vec![0], "released by {write}");
     }
@@ -203,14 +243,27 @@ fn wait_needs_all_keys() {
     let mut waiter = connect(srv.port);
     let mut writer = connect(srv.port);
     waiter
-        .write_all(&hex("06 0200000000000000 0200000000000000 2f61 0200000000000000 2f62"))
+        .write_all(&hex(
+            "06 0200000000000000 0200000000000000 2f61 0200000000000000 2f62",
+        ))
         .unwrap();
-    writer.write_all(&hex("01 0200000000000000 2f61 0000000000000000")).unwrap();
-    waiter.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    writer
+        .write_all(&hex("01 0200000000000000 2f61 0000000000000000"))
+        .unwrap();
+    waiter
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let mut b = [0u8; 1];
-    assert!(waiter.read(&mut b).is_err(), "released before all keys exist");
-    waiter.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    writer.write_all(&hex("01 0200000000000000 2f62 0000000000000000")).unwrap();
+    assert!(
+        waiter.read(&mut b).is_err(),
+        "released before all keys exist"
+    );
+    waiter
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    writer
+        .write_all(&hex("01 0200000000000000 2f62 0000000000000000"))
+        .unwrap();
     assert_eq!(read_n(&mut waiter, 1), vec![0]);
 }
 
@@ -218,10 +271,12 @@ fn wait_needs_all_keys() {
 fn cancel_wait_capture_and_reuse() {
     let srv = start();
     let mut s = connect(srv.port);
-    s.write_all(&hex("06 0100000000000000 0600000000000000 2f6e65766572")).unwrap();
+    s.write_all(&hex("06 0100000000000000 0600000000000000 2f6e65766572"))
+        .unwrap();
     exchange(&mut s, "0c", "01");
     // The cancelled wait is gone: a later SET sends nothing stray.
-    s.write_all(&hex("01 0600000000000000 2f6e65766572 0000000000000000")).unwrap();
+    s.write_all(&hex("01 0600000000000000 2f6e65766572 0000000000000000"))
+        .unwrap();
     exchange(&mut s, "0d 01020304", "01020304");
 }
 
@@ -230,13 +285,16 @@ fn disconnect_drops_waits_not_keys() {
     let srv = start();
     {
         let mut s = connect(srv.port);
-        s.write_all(&hex("01 0200000000000000 2f6b 0100000000000000 76")).unwrap();
-        s.write_all(&hex("06 0100000000000000 0200000000000000 2f78")).unwrap();
+        s.write_all(&hex("01 0200000000000000 2f6b 0100000000000000 76"))
+            .unwrap();
+        s.write_all(&hex("06 0100000000000000 0200000000000000 2f78"))
+            .unwrap();
         exchange(&mut s, "0d 00000000", "00000000");
     }
     let mut s = connect(srv.port);
     exchange(&mut s, "03 0200000000000000 2f6b", "0100000000000000 76");
-    s.write_all(&hex("01 0200000000000000 2f78 0000000000000000")).unwrap();
+    s.write_all(&hex("01 0200000000000000 2f78 0000000000000000"))
+        .unwrap();
     exchange(&mut s, "07", "0200000000000000");
 }
 
@@ -257,11 +315,18 @@ fn barrier_releases_everyone_at_world_size() {
         if read_n(&mut c, len as usize) == b"2" {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "barrier counter never reached 2");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "barrier counter never reached 2"
+        );
     }
     // Not released early.
-    a.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-    assert!(a.read(&mut [0u8; 1]).is_err(), "released before world_size arrived");
+    a.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    assert!(
+        a.read(&mut [0u8; 1]).is_err(),
+        "released before world_size arrived"
+    );
     a.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     exchange(&mut c, req, "00");
     assert_eq!(read_n(&mut a, 1), vec![0]);
@@ -292,16 +357,26 @@ fn bad_input_closes_only_the_offender() {
         ..Limits::default()
     });
     let mut good = connect(srv.port);
-    good.write_all(&hex("01 0200000000000000 2f67 0100000000000000 31")).unwrap();
+    good.write_all(&hex("01 0200000000000000 2f67 0100000000000000 31"))
+        .unwrap();
 
     let cases: Vec<Vec<u8>> = vec![
-        hex("00 deadbeef"),                            // wrong magic
-        hex("01 0200000000000000 2f67 0000000000000000"), // first command not VALIDATE
-        hex("ff"),                                        // garbage before validation
-        [hex("00 cef7853c"), hex("63")].concat(),         // unknown command
+        hex("00 deadbeef"),                                        // wrong magic
+        hex("01 0200000000000000 2f67 0000000000000000"),          // first command not VALIDATE
+        hex("ff"),                                                 // garbage before validation
+        [hex("00 cef7853c"), hex("63")].concat(),                  // unknown command
         [hex("00 cef7853c"), hex("03 ffffffffffffff7f")].concat(), // key length beyond limit
-        [hex("00 cef7853c"), hex("01 0100000000000000 61 0108000000000000")].concat(), // value too long
-        [hex("00 cef7853c"), hex("01 0200000000000000 2f67 0100000000000000 78"), hex("04 0200000000000000 2f67 0100000000000000")].concat(), // ADD on non-integer
+        [
+            hex("00 cef7853c"),
+            hex("01 0100000000000000 61 0108000000000000"),
+        ]
+        .concat(), // value too long
+        [
+            hex("00 cef7853c"),
+            hex("01 0200000000000000 2f67 0100000000000000 78"),
+            hex("04 0200000000000000 2f67 0100000000000000"),
+        ]
+        .concat(), // ADD on non-integer
     ];
     for bytes in cases {
         let mut bad = TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
@@ -324,7 +399,11 @@ fn stalled_half_frame_does_not_block_others() {
     exchange(&mut other, "0d 07000000", "07000000");
     // The stalled client finishes its frame later and is served.
     stalled.write_all(&hex("31 0000000000000000")).unwrap();
-    exchange(&mut stalled, "03 0300000000000000 2f6b31", "0000000000000000");
+    exchange(
+        &mut stalled,
+        "03 0300000000000000 2f6b31",
+        "0000000000000000",
+    );
     exchange(&mut other, "07", "0100000000000000");
 }
 
@@ -332,7 +411,9 @@ fn stalled_half_frame_does_not_block_others() {
 fn many_idle_connections_keep_the_server_responsive() {
     let srv = start();
     let n = 2_000;
-    let idle: Vec<TcpStream> = (0..n).map(|_| TcpStream::connect(("127.0.0.1", srv.port)).unwrap()).collect();
+    let idle: Vec<TcpStream> = (0..n)
+        .map(|_| TcpStream::connect(("127.0.0.1", srv.port)).unwrap())
+        .collect();
     let mut s = connect(srv.port);
     exchange(&mut s, "0d 01000000", "01000000");
     drop(idle);

@@ -10,7 +10,9 @@ use std::time::Duration;
 use tcpstore::{Client, ClientError, ConnectOptions};
 
 fn python_fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(name)
 }
 
 /// Our standalone store binary on a kernel-chosen port.
@@ -27,7 +29,9 @@ impl OurStore {
             .spawn()
             .unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         // "torchrun-rs-store listening on [::]:PORT"
         let port = line.trim().rsplit(':').next().unwrap().parse().unwrap();
         OurStore { child, port }
@@ -65,7 +69,12 @@ fn torch_client_over_ipv6_loopback() {
         .arg(store.port.to_string())
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "y", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "y",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test]
@@ -77,7 +86,9 @@ async fn our_client_drives_torch_server() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let port: u16 = line.trim().parse().expect("torch server printed its port");
 
     let opts = ConnectOptions {
@@ -96,9 +107,16 @@ async fn our_client_drives_torch_server() {
     assert_eq!(c.compare_set("absent", b"x", b"y").await.unwrap(), b"x");
     assert!(!c.check(&["absent"]).await.unwrap());
     assert!(c.check(&["k1", "cnt"]).await.unwrap());
-    let err = c.wait(&["never"], Duration::from_millis(200)).await.unwrap_err();
+    let err = c
+        .wait(&["never"], Duration::from_millis(200))
+        .await
+        .unwrap_err();
     assert!(matches!(err, ClientError::WaitTimeout { .. }), "{err}");
-    assert_eq!(c.get("k1").await.unwrap(), b"v2", "usable after a cancelled wait");
+    assert_eq!(
+        c.get("k1").await.unwrap(),
+        b"v2",
+        "usable after a cancelled wait"
+    );
     assert_eq!(c.num_keys().await.unwrap(), 2);
     assert!(c.delete_key("k1").await.unwrap());
     assert!(!c.delete_key("k1").await.unwrap());
@@ -106,20 +124,25 @@ async fn our_client_drives_torch_server() {
     c.append("a", b"yz").await.unwrap();
     assert_eq!(c.get("a").await.unwrap(), b"xyz");
     c.multi_set(&[("m1", b"A"), ("m2", b"BB")]).await.unwrap();
-    assert_eq!(c.multi_get(&["m1", "m2"]).await.unwrap(), vec![b"A".to_vec(), b"BB".to_vec()]);
+    assert_eq!(
+        c.multi_get(&["m1", "m2"]).await.unwrap(),
+        vec![b"A".to_vec(), b"BB".to_vec()]
+    );
     c.queue_push("q", b"one").await.unwrap();
     assert_eq!(c.queue_len("q").await.unwrap(), 1);
     assert_eq!(d.queue_pop("q", true).await.unwrap(), b"one");
-    assert!(matches!(c.queue_pop("q", false).await, Err(ClientError::QueueEmpty)));
+    assert!(matches!(
+        c.queue_pop("q", false).await,
+        Err(ClientError::QueueEmpty)
+    ));
     let mut keys = c.list_keys().await.unwrap();
     keys.sort();
     assert_eq!(keys, vec!["a", "cnt", "m1", "m2"]);
     assert_eq!(c.ping(77).await.unwrap(), 77);
 
     // A wait released by the other client's write.
-    let waiter = tokio::spawn(async move {
-        c.wait(&["late"], Duration::from_secs(20)).await.map(|_| c)
-    });
+    let waiter =
+        tokio::spawn(async move { c.wait(&["late"], Duration::from_secs(20)).await.map(|_| c) });
     d.set("late", b"1").await.unwrap();
     waiter.await.unwrap().unwrap();
 
@@ -130,13 +153,20 @@ async fn our_client_drives_torch_server() {
 #[tokio::test]
 async fn our_client_connect_gives_up_at_its_deadline() {
     // A port nobody listens on: bind, read the port, close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let opts = ConnectOptions {
         timeout: Duration::from_millis(600),
         initial_backoff: Duration::from_millis(50),
         max_backoff: Duration::from_millis(200),
     };
-    let err = Client::connect("127.0.0.1", port, opts).await.err().expect("no server");
+    let err = Client::connect("127.0.0.1", port, opts)
+        .await
+        .err()
+        .expect("no server");
     assert!(matches!(err, ClientError::Connect { .. }), "{err}");
     assert!(err.to_string().contains(&port.to_string()));
 }
@@ -167,7 +197,10 @@ fn gloo_process_group_bootstraps_through_our_server() {
             "rank {rank} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("rank {rank} sum 3"));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("rank {rank} sum 3")
+        );
     }
     // The workers used our store: the gloo bootstrap keys are there.
     let mut probe = std::net::TcpStream::connect(("127.0.0.1", store.port)).unwrap();

@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 /// Root of the repository.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repo root")
 }
 
 /// The Python interpreter of the venv with the pinned torch. Taken from
@@ -43,7 +46,10 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut cond: impl FnMut() -> Opti
         if let Some(v) = cond() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }

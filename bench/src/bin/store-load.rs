@@ -1,0 +1,184 @@
+//! Load generator for a TCPStore server (ours or torch's), speaking the wire
+//! protocol directly so both servers see identical traffic.
+//!
+//! store-load mix HOST PORT CONNS SECONDS   -> prints ops/s
+//! store-load fanout HOST PORT WAITERS      -> prints ms from SET to the last waiter released
+//! store-load idle HOST PORT CONNS PID      -> prints server RSS bytes per idle connection
+
+use std::time::{Duration, Instant};
+
+use tcpstore::codec::{self, Request};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn connect(host: &str, port: u16) -> TcpStream {
+    let mut s = TcpStream::connect((host, port)).await.expect("connect");
+    s.set_nodelay(true).unwrap();
+    let mut hello = vec![];
+    codec::encode(
+        &Request::Validate {
+            magic: codec::VALIDATE_MAGIC,
+        },
+        &mut hello,
+    );
+    codec::encode(&Request::Ping { nonce: 1 }, &mut hello);
+    s.write_all(&hello).await.unwrap();
+    assert_eq!(s.read_u32_le().await.unwrap(), 1);
+    s
+}
+
+async fn mix_worker(mut s: TcpStream, id: usize, until: Instant) -> u64 {
+    let key = format!("/k{}", id % 64).into_bytes();
+    let counter = format!("/c{}", id % 64).into_bytes();
+    let mut buf = vec![];
+    let mut ops = 0u64;
+    let mut reply = vec![0u8; 64];
+    while Instant::now() < until {
+        for op in 0..3 {
+            buf.clear();
+            match op {
+                0 => codec::encode(
+                    &Request::Set {
+                        key: &key,
+                        value: b"some-value-0123456789",
+                    },
+                    &mut buf,
+                ),
+                1 => codec::encode(&Request::Get { key: &key }, &mut buf),
+                _ => codec::encode(
+                    &Request::Add {
+                        key: &counter,
+                        delta: 1,
+                    },
+                    &mut buf,
+                ),
+            }
+            s.write_all(&buf).await.unwrap();
+            match op {
+                0 => {}
+                1 => {
+                    let n = s.read_u64_le().await.unwrap() as usize;
+                    s.read_exact(&mut reply[..n]).await.unwrap();
+                }
+                _ => {
+                    s.read_i64_le().await.unwrap();
+                }
+            }
+            ops += 1;
+        }
+    }
+    // SET has no reply: a PING makes sure the server processed everything.
+    buf.clear();
+    codec::encode(&Request::Ping { nonce: 9 }, &mut buf);
+    s.write_all(&buf).await.unwrap();
+    s.read_u32_le().await.unwrap();
+    ops
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let host = args[2].clone();
+    let port: u16 = args[3].parse().unwrap();
+    match args[1].as_str() {
+        "mix" => {
+            let conns: usize = args[4].parse().unwrap();
+            let secs: f64 = args[5].parse().unwrap();
+            // Connections are opened first, concurrently, and not timed.
+            let opening: Vec<_> = (0..conns)
+                .map(|_| {
+                    let host = host.clone();
+                    tokio::spawn(async move { connect(&host, port).await })
+                })
+                .collect();
+            let mut streams = Vec::with_capacity(conns);
+            for o in opening {
+                streams.push(o.await.unwrap());
+            }
+            let start = Instant::now();
+            let until = start + Duration::from_secs_f64(secs);
+            let tasks: Vec<_> = streams
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| tokio::spawn(mix_worker(s, i, until)))
+                .collect();
+            let mut total = 0;
+            for t in tasks {
+                total += t.await.unwrap();
+            }
+            let elapsed = start.elapsed().as_secs_f64();
+            println!("{:.0}", total as f64 / elapsed);
+        }
+        "fanout" => {
+            let n: usize = args[4].parse().unwrap();
+            let mut waiters = vec![];
+            let key = format!("/fan{}", std::process::id()).into_bytes();
+            for _ in 0..n {
+                let mut s = connect(&host, port).await;
+                let mut buf = vec![];
+                codec::encode_keys(codec::code::WAIT, &[&key], &mut buf);
+                s.write_all(&buf).await.unwrap();
+                waiters.push(s);
+            }
+            // Every WAIT must be registered before the SET; a PING on a
+            // fresh connection after a pause is the best a client can do.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut setter = connect(&host, port).await;
+            let tasks: Vec<_> = waiters
+                .into_iter()
+                .map(|mut s| {
+                    tokio::spawn(async move {
+                        s.read_u8().await.unwrap();
+                        Instant::now()
+                    })
+                })
+                .collect();
+            tokio::task::yield_now().await;
+            let mut buf = vec![];
+            codec::encode(
+                &Request::Set {
+                    key: &key,
+                    value: b"go",
+                },
+                &mut buf,
+            );
+            let t0 = Instant::now();
+            setter.write_all(&buf).await.unwrap();
+            let mut last = t0;
+            for t in tasks {
+                last = last.max(t.await.unwrap());
+            }
+            println!("{:.2}", (last - t0).as_secs_f64() * 1e3);
+        }
+        "idle" => {
+            let n: usize = args[4].parse().unwrap();
+            let pid: u32 = args[5].parse().unwrap();
+            let mut warm = vec![];
+            for _ in 0..16 {
+                warm.push(connect(&host, port).await);
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let before = rss_bytes(pid);
+            let mut conns = vec![];
+            for _ in 0..n {
+                conns.push(connect(&host, port).await);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let after = rss_bytes(pid);
+            println!("{}", after.saturating_sub(before) / n as u64);
+            drop(conns);
+        }
+        other => panic!("unknown mode {other}"),
+    }
+}

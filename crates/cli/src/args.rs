@@ -1,0 +1,349 @@
+//! torchrun's command line, flag for flag, parsed the way Python's argparse
+//! parses it: `--opt v` and `--opt=v`, `-r3`, unique-prefix abbreviations,
+//! `PET_*` environment defaults, `--`, and everything after the script passed
+//! through untouched.
+
+use std::collections::BTreeMap;
+
+/// A usage error: one line, exit status 2.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Takes a value.
+    Value,
+    /// A switch; its PET variable is read as an integer (`bool(int(v))`).
+    Flag,
+    /// `-h/--help`.
+    Help,
+}
+
+struct Spec {
+    /// Canonical name without dashes; also the key in [`RawArgs`].
+    dest: &'static str,
+    names: &'static [&'static str],
+    kind: Kind,
+    /// Reads `PET_<DEST>` as its default.
+    pet: bool,
+    help: &'static str,
+}
+
+const fn v(dest: &'static str, names: &'static [&'static str], help: &'static str) -> Spec {
+    Spec {
+        dest,
+        names,
+        kind: Kind::Value,
+        pet: true,
+        help,
+    }
+}
+const fn f(dest: &'static str, names: &'static [&'static str], help: &'static str) -> Spec {
+    Spec {
+        dest,
+        names,
+        kind: Kind::Flag,
+        pet: true,
+        help,
+    }
+}
+
+/// Every flag of torchrun 2.15 (spec §1.3), plus `--forward-signals`.
+static SPECS: &[Spec] = &[
+    Spec { dest: "help", names: &["-h", "--help"], kind: Kind::Help, pet: false, help: "show this help message and exit" },
+    v("nnodes", &["--nnodes"], "Number of nodes, or MIN_SIZE:MAX_SIZE (default 1:1)"),
+    v("nproc_per_node", &["--nproc-per-node", "--nproc_per_node"], "Workers per node: an integer, cpu, gpu, xpu or auto (default 1)"),
+    v("rdzv_backend", &["--rdzv-backend", "--rdzv_backend"], "Rendezvous backend: static or c10d (default static)"),
+    v("rdzv_endpoint", &["--rdzv-endpoint", "--rdzv_endpoint"], "Rendezvous backend endpoint, host:port"),
+    v("rdzv_id", &["--rdzv-id", "--rdzv_id"], "User-defined group id (default none)"),
+    v("rdzv_conf", &["--rdzv-conf", "--rdzv_conf"], "Additional rendezvous configuration (k1=v1,k2=v2)"),
+    f("standalone", &["--standalone"], "Single-node job on a local store on a free port"),
+    v("max_restarts", &["--max-restarts", "--max_restarts"], "Maximum number of worker group restarts before failing (default 0)"),
+    v("monitor_interval", &["--monitor-interval", "--monitor_interval"], "Accepted for compatibility: worker exits are seen at once (default 0.1)"),
+    v("start_method", &["--start-method", "--start_method"], "spawn, fork or forkserver: accepted; binaries are always exec'd"),
+    v("event_log_handler", &["--event-log-handler", "--event_log_handler"], "Accepted for compatibility (default null)"),
+    v("role", &["--role"], "User-defined role for the workers (default default)"),
+    f("module", &["-m", "--module"], "Run the script as a Python module (python -m)"),
+    f("no_python", &["--no-python", "--no_python"], "Run the script directly instead of through Python"),
+    f("run_path", &["--run-path", "--run_path"], "Run the script through runpy.run_path in a Python worker"),
+    v("log_dir", &["--log-dir", "--log_dir"], "Base directory for log files (/dev/null: none)"),
+    v("redirects", &["-r", "--redirects"], "Redirect std streams to log files: 0-3, or per local rank like 0:1,1:2"),
+    v("tee", &["-t", "--tee"], "Redirect to log files and also prefix onto the console: 0-3 or per local rank"),
+    v("log_line_prefix_template", &["--log-line-prefix-template", "--log_line_prefix_template"], "Tee line prefix, with ${role_name} ${rank} ${local_rank} ${hostname}"),
+    v("local_ranks_filter", &["--local-ranks-filter", "--local_ranks_filter"], "Only these local ranks reach the console, e.g. 0,1"),
+    v("duplicate_stdout_filters", &["--duplicate-stdout-filters", "--duplicate_stdout_filters"], "Copy tee'd stdout lines containing these strings to filtered_stdout.log"),
+    v("duplicate_stderr_filters", &["--duplicate-stderr-filters", "--duplicate_stderr_filters"], "Copy tee'd stderr lines containing these strings to filtered_stderr.log"),
+    v("node_rank", &["--node-rank", "--node_rank"], "Rank of this node (static backend, default 0)"),
+    v("master_addr", &["--master-addr", "--master_addr"], "Address of the rank 0 node (static backend, default 127.0.0.1)"),
+    v("master_port", &["--master-port", "--master_port"], "Port of the store on the rank 0 node (static backend)"),
+    v("local_addr", &["--local-addr", "--local_addr"], "This node's address (default: the fully qualified host name)"),
+    Spec { dest: "logs_specs", names: &["--logs-specs", "--logs_specs"], kind: Kind::Value, pet: false, help: "Accepted for compatibility; torchrun-rs uses its built-in log layout" },
+    Spec { dest: "numa_binding", names: &["--numa-binding", "--numa_binding"], kind: Kind::Value, pet: false, help: "node, socket, exclusive or core-complex (needs numactl)" },
+    v("signals_to_handle", &["--signals-to-handle", "--signals_to_handle"], "Signals forwarded to workers before shutdown (default SIGTERM,SIGINT,SIGHUP,SIGQUIT)"),
+    v("shutdown_timeout", &["--shutdown-timeout", "--shutdown_timeout"], "Seconds between forwarding a signal and SIGKILL (default $TORCH_ELASTIC_SHUTDOWN_TIMEOUT or 30)"),
+    f("virtual_local_rank", &["--virtual-local-rank", "--virtual_local_rank"], "LOCAL_RANK=0 and one visible device per worker"),
+    Spec { dest: "print_completion", names: &["--print-completion", "--print_completion"], kind: Kind::Value, pet: false, help: "Not supported by torchrun-rs" },
+    v("forward_signals", &["--forward-signals", "--forward_signals"], "torchrun-rs: signals forwarded to workers while the job keeps running, e.g. SIGUSR1"),
+];
+
+/// Parsed command line: option values by dest, the script and its arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawArgs {
+    /// Values given on the command line or through `PET_*` (flags: "1"/"0").
+    pub values: BTreeMap<&'static str, String>,
+    /// Dests given explicitly (command line or PET), for "was it set" rules.
+    pub explicit: std::collections::BTreeSet<&'static str>,
+    pub help: bool,
+    pub script: Option<String>,
+    pub script_args: Vec<String>,
+}
+
+impl RawArgs {
+    pub fn get(&self, dest: &str) -> Option<&str> {
+        self.values.get(dest).map(String::as_str)
+    }
+    pub fn flag(&self, dest: &str) -> bool {
+        self.get(dest) == Some("1")
+    }
+    pub fn is_set(&self, dest: &str) -> bool {
+        self.explicit.contains(dest)
+    }
+}
+
+fn display_names(s: &Spec) -> String {
+    s.names.join("/")
+}
+
+/// Resolves a long option (possibly abbreviated) to its spec.
+fn lookup_long(name: &str) -> Result<&'static Spec, UsageError> {
+    if let Some(s) = SPECS.iter().find(|s| s.names.contains(&name)) {
+        return Ok(s);
+    }
+    let mut matches: Vec<(&'static Spec, &'static str)> = Vec::new();
+    for s in SPECS {
+        for n in s
+            .names
+            .iter()
+            .filter(|n| n.starts_with("--") && n.starts_with(name))
+        {
+            matches.push((s, n));
+        }
+    }
+    // Prefixes of both spellings of one flag are not ambiguous.
+    let mut dests: Vec<&str> = matches.iter().map(|(s, _)| s.dest).collect();
+    dests.dedup();
+    match dests.len() {
+        0 => Err(UsageError(format!("unrecognized arguments: {name}"))),
+        1 => Ok(matches[0].0),
+        _ => Err(UsageError(format!(
+            "ambiguous option: {name} could match {}",
+            matches
+                .iter()
+                .map(|(_, n)| *n)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// Parses `args` (without the program name) with `env` for `PET_*` defaults.
+pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<RawArgs, UsageError> {
+    let mut raw = RawArgs::default();
+    for s in SPECS.iter().filter(|s| s.pet) {
+        let var = format!("PET_{}", s.dest.to_uppercase());
+        if let Some(v) = env(&var) {
+            let v = if s.kind == Kind::Flag {
+                // torch: bool(int(value)).
+                match v.trim().parse::<i64>() {
+                    Ok(n) => if n != 0 { "1" } else { "0" }.to_string(),
+                    Err(_) => {
+                        return Err(UsageError(format!(
+                            "{var}: invalid value '{v}': expected an integer (1 to enable {}, 0 to disable)",
+                            s.names.last().unwrap()
+                        )))
+                    }
+                }
+            } else {
+                v
+            };
+            raw.values.insert(s.dest, v);
+            raw.explicit.insert(s.dest);
+        }
+    }
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        i += 1;
+        if a == "--" {
+            if raw.script.is_none() && i < args.len() {
+                raw.script = Some(args[i].clone());
+                raw.script_args = args[i + 1..].to_vec();
+            }
+            break;
+        }
+        if !a.starts_with('-') || a == "-" {
+            raw.script = Some(a.clone());
+            raw.script_args = args[i..].to_vec();
+            break;
+        }
+        let (spec, inline): (&Spec, Option<String>) = if a.starts_with("--") {
+            let (name, inline) = match a.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_string())),
+                None => (a.as_str(), None),
+            };
+            (lookup_long(name)?, inline)
+        } else {
+            // Short option: -r3, -r 3, -m, -h.
+            let short = &a[..2];
+            let spec = SPECS
+                .iter()
+                .find(|s| s.names.contains(&short))
+                .ok_or_else(|| UsageError(format!("unrecognized arguments: {a}")))?;
+            let rest = &a[2..];
+            let inline = if rest.is_empty() {
+                None
+            } else if spec.kind == Kind::Value {
+                Some(rest.strip_prefix('=').unwrap_or(rest).to_string())
+            } else {
+                return Err(UsageError(format!(
+                    "argument {}: ignored explicit argument '{rest}'",
+                    display_names(spec)
+                )));
+            };
+            (spec, inline)
+        };
+        match spec.kind {
+            Kind::Help => raw.help = true,
+            Kind::Flag => {
+                if let Some(v) = inline {
+                    return Err(UsageError(format!(
+                        "argument {}: ignored explicit argument '{v}'",
+                        display_names(spec)
+                    )));
+                }
+                raw.values.insert(spec.dest, "1".to_string());
+                raw.explicit.insert(spec.dest);
+            }
+            Kind::Value => {
+                let value = match inline {
+                    Some(v) => v,
+                    None if i < args.len() => {
+                        i += 1;
+                        args[i - 1].clone()
+                    }
+                    None => {
+                        return Err(UsageError(format!(
+                            "argument {}: expected one argument",
+                            display_names(spec)
+                        )))
+                    }
+                };
+                raw.values.insert(spec.dest, value);
+                raw.explicit.insert(spec.dest);
+            }
+        }
+    }
+    Ok(raw)
+}
+
+/// `-h` text.
+pub fn help_text() -> String {
+    let mut s = String::from(
+        "usage: torchrun-rs [options] training_script [training_script_args ...]\n\n\
+         A drop-in replacement for torchrun (torch.distributed.run). Every option\n\
+         can also be given as PET_<OPTION> in the environment.\n\noptions:\n",
+    );
+    for spec in SPECS {
+        let names = spec.names.join(", ");
+        let value = if spec.kind == Kind::Value {
+            " VALUE"
+        } else {
+            ""
+        };
+        s.push_str(&format!("  {names}{value}\n      {}\n", spec.help));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(args: &[&str]) -> Result<RawArgs, UsageError> {
+        let a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        parse(&a, &|_| None)
+    }
+
+    #[test]
+    fn forms_of_values() {
+        let r = p(&[
+            "--nproc-per-node",
+            "4",
+            "--max_restarts=2",
+            "-r3",
+            "-t",
+            "1",
+            "x.py",
+            "a",
+        ])
+        .unwrap();
+        assert_eq!(r.get("nproc_per_node"), Some("4"));
+        assert_eq!(r.get("max_restarts"), Some("2"));
+        assert_eq!(r.get("redirects"), Some("3"));
+        assert_eq!(r.get("tee"), Some("1"));
+        assert_eq!(r.script.as_deref(), Some("x.py"));
+        assert_eq!(r.script_args, vec!["a"]);
+    }
+
+    #[test]
+    fn abbreviations_and_ambiguity() {
+        let r = p(&["--stand", "--redirect=3", "--nproc", "2", "x.py"]).unwrap();
+        assert!(r.flag("standalone"));
+        assert_eq!(r.get("redirects"), Some("3"));
+        assert_eq!(r.get("nproc_per_node"), Some("2"));
+        let e = p(&["--r", "x.py"]).unwrap_err();
+        assert!(e.0.starts_with("ambiguous option: --r could match"), "{e}");
+        assert!(p(&["--bogus", "x.py"]).unwrap_err().0.contains("--bogus"));
+    }
+
+    #[test]
+    fn remainder_is_untouched() {
+        let r = p(&["x.py", "--nproc-per-node", "5", "-m"]).unwrap();
+        assert_eq!(r.get("nproc_per_node"), None);
+        assert_eq!(r.script_args, vec!["--nproc-per-node", "5", "-m"]);
+        let r = p(&["--", "x.py", "--foo"]).unwrap();
+        assert_eq!(r.script.as_deref(), Some("x.py"));
+        assert_eq!(r.script_args, vec!["--foo"]);
+    }
+
+    #[test]
+    fn pet_defaults() {
+        let env = |k: &str| match k {
+            "PET_NPROC_PER_NODE" => Some("3".to_string()),
+            "PET_STANDALONE" => Some("1".to_string()),
+            "PET_NO_PYTHON" => Some("0".to_string()),
+            _ => None,
+        };
+        let a: Vec<String> = vec!["--nproc-per-node=5".into(), "x".into()];
+        let r = parse(&a, &env).unwrap();
+        assert_eq!(r.get("nproc_per_node"), Some("5"), "command line wins");
+        assert!(r.flag("standalone"));
+        assert!(!r.flag("no_python"));
+        let bad = |k: &str| (k == "PET_STANDALONE").then(|| "true".to_string());
+        let e = parse(&a, &bad).unwrap_err();
+        assert!(e.0.contains("PET_STANDALONE"), "{e}");
+    }
+
+    #[test]
+    fn missing_value_and_flag_with_value() {
+        assert!(p(&["--nnodes"])
+            .unwrap_err()
+            .0
+            .contains("expected one argument"));
+        assert!(p(&["--standalone=1", "x"])
+            .unwrap_err()
+            .0
+            .contains("ignored explicit argument"));
+    }
+}

@@ -1,0 +1,495 @@
+//! From parsed flags to a [`LaunchConfig`] and the worker command, following
+//! torch 2.15's `run.py` (spec §1.4–§1.7, §6.1).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use engine::config::{parse_nnodes, parse_rdzv_conf, ConfigError, LaunchConfig, StdSpec};
+
+use crate::args::{RawArgs, UsageError};
+
+/// What to launch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub config: LaunchConfig,
+    /// The program every worker runs (the Python interpreter, or the binary).
+    pub entrypoint: String,
+    /// Its arguments (`-u script args...`).
+    pub args: Vec<String>,
+    /// One-line notices for the user (options accepted but handled differently).
+    pub notices: Vec<String>,
+    /// Whether `OMP_NUM_THREADS=1` must be exported (and the banner shown).
+    pub set_omp_threads: bool,
+}
+
+fn usage(flag: &str, msg: impl std::fmt::Display) -> UsageError {
+    UsageError(format!("argument {flag}: {msg}"))
+}
+
+impl From<ConfigError> for UsageError {
+    fn from(e: ConfigError) -> Self {
+        UsageError(format!("argument {}: {}", e.flag, e.message))
+    }
+}
+
+fn parse_int<T: std::str::FromStr>(
+    raw: &RawArgs,
+    dest: &str,
+    flag: &str,
+    default: T,
+) -> Result<T, UsageError> {
+    match raw.get(dest) {
+        None => Ok(default),
+        Some(v) => v.trim().parse().map_err(|_| {
+            usage(
+                flag,
+                format!("invalid int value: '{v}' (expected a non-negative integer)"),
+            )
+        }),
+    }
+}
+
+fn uuid4() -> String {
+    use rand::Rng;
+    let mut b: [u8; 16] = rand::thread_rng().gen();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// CPUs this process may run on (`sched_getaffinity`), like torch 2.15's `cpu`.
+pub fn cpu_count() -> u32 {
+    // SAFETY: sched_getaffinity fills the local set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+            let n = libc::CPU_COUNT(&set);
+            if n > 0 {
+                return n as u32;
+            }
+        }
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+}
+
+/// Physical NVIDIA GPUs, from the driver's /proc entries or `nvidia-smi -L`.
+fn physical_gpus() -> u32 {
+    if let Ok(dir) = std::fs::read_dir("/proc/driver/nvidia/gpus") {
+        let n = dir.count() as u32;
+        if n > 0 {
+            return n;
+        }
+    }
+    std::process::Command::new("nvidia-smi")
+        .arg("-L")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or(0, |o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.starts_with("GPU "))
+                .count() as u32
+        })
+}
+
+/// GPUs visible to CUDA: the physical ones, narrowed by CUDA_VISIBLE_DEVICES
+/// as CUDA does (an invalid entry ends the list).
+pub fn visible_gpus(physical: u32, cuda_visible: Option<&str>) -> u32 {
+    let Some(list) = cuda_visible else {
+        return physical;
+    };
+    let mut n = 0;
+    for item in list.split(',').map(str::trim) {
+        let valid = match item.parse::<i64>() {
+            Ok(i) => i >= 0 && (i as u64) < u64::from(physical),
+            Err(_) => item.starts_with("GPU-") || item.starts_with("MIG-"),
+        };
+        if !valid {
+            break;
+        }
+        n += 1;
+    }
+    n.min(physical)
+}
+
+fn determine_nproc(v: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<u32, UsageError> {
+    let gpus = || visible_gpus(physical_gpus(), env("CUDA_VISIBLE_DEVICES").as_deref());
+    match v.trim() {
+        "cpu" => Ok(cpu_count()),
+        "gpu" => match gpus() {
+            0 => Err(usage(
+                "--nproc-per-node",
+                "'gpu' but CUDA is not available: no NVIDIA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)",
+            )),
+            n => Ok(n),
+        },
+        "auto" => match gpus() {
+            0 => Ok(cpu_count()),
+            n => Ok(n),
+        },
+        "xpu" => Err(usage(
+            "--nproc-per-node",
+            "'xpu' is not supported by torchrun-rs (no XPU device discovery); give the number of workers",
+        )),
+        other => match other.parse::<u32>() {
+            Ok(0) => Err(usage("--nproc-per-node", "0: expected a positive integer")),
+            Ok(n) => Ok(n),
+            Err(_) => Err(usage(
+                "--nproc-per-node",
+                format!("unsupported value '{other}': expected an integer, cpu, gpu, xpu or auto"),
+            )),
+        },
+    }
+}
+
+/// The Python interpreter for workers: `PYTHON_EXEC`, else the active
+/// virtualenv's, else `python3`, else `python` on PATH.
+pub fn python_interpreter(env: &dyn Fn(&str) -> Option<String>) -> String {
+    if let Some(p) = env("PYTHON_EXEC").filter(|p| !p.is_empty()) {
+        return p;
+    }
+    if let Some(venv) = env("VIRTUAL_ENV").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(venv).join("bin/python");
+        if p.exists() {
+            return p.display().to_string();
+        }
+    }
+    if engine::process::find_program("python3").is_some() {
+        "python3".to_string()
+    } else {
+        "python".to_string()
+    }
+}
+
+/// Splits a duplicate-filter list on `,`, with `,,` standing for a comma.
+fn split_filters(v: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = v.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                out.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    out.push(cur);
+    out.into_iter().filter(|s| !s.is_empty()).collect()
+}
+
+/// Resolves parsed flags. `env` reads the launcher's environment.
+pub fn resolve(
+    raw: &RawArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Resolved, UsageError> {
+    let mut notices = Vec::new();
+    let script = raw.script.clone().ok_or_else(|| {
+        UsageError(
+            "the following arguments are required: training_script, training_script_args"
+                .to_string(),
+        )
+    })?;
+    let mut c = LaunchConfig::default();
+    let nnodes = raw.get("nnodes").unwrap_or("1:1");
+    let (min_nodes, max_nodes) = parse_nnodes(nnodes)?;
+    c.min_nodes = min_nodes;
+    c.max_nodes = max_nodes;
+
+    let mut backend = raw.get("rdzv_backend").unwrap_or("static").to_string();
+    let mut endpoint = raw.get("rdzv_endpoint").unwrap_or("").to_string();
+    let mut run_id = raw.get("rdzv_id").unwrap_or("none").to_string();
+    let master_port_given = raw.get("master_port").is_some();
+    let standalone = raw.flag("standalone");
+    if standalone
+        || (backend == "static" && endpoint.is_empty() && !master_port_given && max_nodes == 1)
+    {
+        // torch 2.15: single-node runs without --master-port use c10d on a
+        // free port with a fresh run id, like --standalone.
+        backend = "c10d".to_string();
+        endpoint = "localhost:0".to_string();
+        run_id = uuid4();
+    }
+    let master_addr = raw.get("master_addr").unwrap_or("127.0.0.1").to_string();
+    let master_port: u16 = match raw.get("master_port") {
+        None => 29500,
+        Some(v) => v.trim().parse().map_err(|_| {
+            usage(
+                "--master-port",
+                format!("invalid int value: '{v}' (expected a port, 0 to 65535)"),
+            )
+        })?,
+    };
+    c.max_restarts = parse_int(raw, "max_restarts", "--max-restarts", 0u32)?;
+    let mi = raw.get("monitor_interval").unwrap_or("0.1");
+    c.monitor_interval = match mi.trim().parse::<f64>() {
+        Ok(s) if s > 0.0 && s.is_finite() => Duration::from_secs_f64(s),
+        _ => {
+            return Err(usage(
+                "--monitor-interval",
+                format!("invalid value '{mi}': expected a positive number of seconds"),
+            ))
+        }
+    };
+    c.start_method = raw.get("start_method").unwrap_or("spawn").to_string();
+    if !["spawn", "fork", "forkserver"].contains(&c.start_method.as_str()) {
+        return Err(usage(
+            "--start-method",
+            format!(
+                "invalid choice: '{}' (choose from 'spawn', 'fork', 'forkserver')",
+                c.start_method
+            ),
+        ));
+    }
+    c.event_log_handler = raw.get("event_log_handler").unwrap_or("null").to_string();
+    c.role = raw.get("role").unwrap_or("default").to_string();
+    let node_rank = parse_int(raw, "node_rank", "--node-rank", 0u32)?;
+    if node_rank != 0 && backend != "static" {
+        notices.push(format!(
+            "--node-rank={node_rank} is only used by the static rendezvous backend; ignored"
+        ));
+    }
+    c.rdzv_configs = parse_rdzv_conf(raw.get("rdzv_conf").unwrap_or(""))?;
+    c.rdzv_configs
+        .entry("timeout".to_string())
+        .or_insert_with(|| "900".to_string());
+    if backend == "static" {
+        c.rdzv_configs
+            .insert("rank".to_string(), node_rank.to_string());
+        if endpoint.is_empty() {
+            endpoint = format!("{master_addr}:{master_port}");
+            c.master_addr = Some(master_addr.clone());
+            c.master_port = Some(master_port);
+        }
+    }
+    c.rdzv_backend = backend;
+    c.rdzv_endpoint = endpoint;
+    c.run_id = run_id;
+    c.nproc_per_node = determine_nproc(raw.get("nproc_per_node").unwrap_or("1"), env)?;
+    c.log_dir = raw.get("log_dir").map(PathBuf::from);
+    c.redirects = StdSpec::parse("--redirects", raw.get("redirects").unwrap_or("0"))?;
+    c.tee = StdSpec::parse("--tee", raw.get("tee").unwrap_or("0"))?;
+    c.log_line_prefix_template = raw
+        .get("log_line_prefix_template")
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .or_else(|| env("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE").filter(|t| !t.is_empty()));
+    if let Some(f) = raw.get("local_ranks_filter").filter(|f| !f.is_empty()) {
+        let set: Result<BTreeSet<u32>, _> = f.split(',').map(|r| r.trim().parse::<u32>()).collect();
+        c.local_ranks_filter = Some(set.map_err(|_| {
+            usage(
+                "--local-ranks-filter",
+                format!(
+                    "invalid value '{f}': expected a comma-separated list of integers e.g. 0,1,2"
+                ),
+            )
+        })?);
+    }
+    c.duplicate_stdout_filters = split_filters(raw.get("duplicate_stdout_filters").unwrap_or(""));
+    c.duplicate_stderr_filters = split_filters(raw.get("duplicate_stderr_filters").unwrap_or(""));
+    c.local_addr = raw.get("local_addr").map(str::to_string);
+    c.signals_to_handle = raw
+        .get("signals_to_handle")
+        .unwrap_or(engine::config::DEFAULT_SIGNALS)
+        .to_string();
+    c.forward_signals = raw.get("forward_signals").unwrap_or("").to_string();
+    c.virtual_local_rank = raw.flag("virtual_local_rank");
+    let shutdown = match raw.get("shutdown_timeout") {
+        Some(v) => Some(("--shutdown-timeout", v.to_string())),
+        None => {
+            env("TORCH_ELASTIC_SHUTDOWN_TIMEOUT").map(|v| ("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", v))
+        }
+    };
+    if let Some((flag, v)) = shutdown {
+        c.shutdown_timeout = match v.trim().parse::<i64>() {
+            Ok(s) if s >= 0 => Duration::from_secs(s as u64),
+            Ok(s) => {
+                return Err(usage(
+                    flag,
+                    format!("shutdown_timeout must be non-negative, got {s}"),
+                ))
+            }
+            Err(_) => {
+                return Err(usage(
+                    flag,
+                    format!("invalid int value: '{v}' (expected seconds)"),
+                ))
+            }
+        };
+    }
+    if raw.get("logs_specs").is_some() {
+        notices.push(
+            "--logs-specs names a Python entry point; torchrun-rs uses its built-in log layout"
+                .to_string(),
+        );
+    }
+    if let Some(n) = raw.get("numa_binding") {
+        notices.push(format!("--numa-binding={n} is not applied by torchrun-rs; workers keep the launcher's CPU affinity"));
+    }
+    if raw.get("print_completion").is_some() {
+        return Err(usage(
+            "--print-completion",
+            "shell completion scripts are not available in torchrun-rs",
+        ));
+    }
+
+    // The command (§6.1).
+    let module = raw.flag("module");
+    let no_python = raw.flag("no_python");
+    let run_path = raw.flag("run_path");
+    if module && no_python && !run_path {
+        return Err(UsageError(
+            "don't use both the '--no-python' flag and the '--module' flag at the same time"
+                .to_string(),
+        ));
+    }
+    let (entrypoint, mut args) = if run_path {
+        if c.start_method != "spawn" {
+            notices.push(format!("--start-method={} is not used: --run-path workers are started as fresh Python processes", c.start_method));
+        }
+        (
+            python_interpreter(env),
+            vec![
+                "-u".to_string(),
+                "-c".to_string(),
+                "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')".to_string(),
+                script.clone(),
+            ],
+        )
+    } else if no_python {
+        (script.clone(), Vec::new())
+    } else if module {
+        (
+            python_interpreter(env),
+            vec!["-u".to_string(), "-m".to_string(), script.clone()],
+        )
+    } else {
+        (
+            python_interpreter(env),
+            vec!["-u".to_string(), script.clone()],
+        )
+    };
+    args.extend(raw.script_args.iter().cloned());
+    let set_omp_threads = c.nproc_per_node > 1 && env("OMP_NUM_THREADS").is_none();
+    Ok(Resolved {
+        config: c,
+        entrypoint,
+        args,
+        notices,
+        set_omp_threads,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::args::parse;
+
+    fn r(args: &[&str]) -> Result<Resolved, UsageError> {
+        let a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let env = |k: &str| match k {
+            "PYTHON_EXEC" => Some("/usr/bin/python3".to_string()),
+            _ => None,
+        };
+        resolve(&parse(&a, &env)?, &env)
+    }
+
+    #[test]
+    fn single_node_default_is_c10d_on_a_free_port() {
+        let x = r(&["--nproc-per-node=2", "t.py", "a"]).unwrap();
+        assert_eq!(x.config.rdzv_backend, "c10d");
+        assert_eq!(x.config.rdzv_endpoint, "localhost:0");
+        assert_eq!(x.config.run_id.len(), 36);
+        assert_eq!(x.entrypoint, "/usr/bin/python3");
+        assert_eq!(x.args, vec!["-u", "t.py", "a"]);
+        assert!(x.set_omp_threads);
+    }
+
+    #[test]
+    fn master_port_selects_static() {
+        let x = r(&["--master-port=29512", "t.py"]).unwrap();
+        assert_eq!(x.config.rdzv_backend, "static");
+        assert_eq!(x.config.rdzv_endpoint, "127.0.0.1:29512");
+        assert_eq!(x.config.run_id, "none");
+        assert_eq!(x.config.rdzv_configs["rank"], "0");
+        assert_eq!(x.config.rdzv_configs["timeout"], "900");
+        assert!(!x.set_omp_threads);
+    }
+
+    #[test]
+    fn signals_to_handle_contract() {
+        let x = r(&["t.py"]).unwrap();
+        assert_eq!(x.config.signals_to_handle, "SIGTERM,SIGINT,SIGHUP,SIGQUIT");
+        let x = r(&["--signals-to-handle=SIGTERM,SIGUSR1,SIGUSR2", "t.py"]).unwrap();
+        assert_eq!(x.config.signals_to_handle, "SIGTERM,SIGUSR1,SIGUSR2");
+    }
+
+    #[test]
+    fn commands() {
+        assert_eq!(
+            r(&["-m", "pkg.mod", "x"]).unwrap().args,
+            vec!["-u", "-m", "pkg.mod", "x"]
+        );
+        let x = r(&["--no-python", "echo", "hi"]).unwrap();
+        assert_eq!(
+            (x.entrypoint.as_str(), x.args.clone()),
+            ("echo", vec!["hi".to_string()])
+        );
+        assert!(r(&["-m", "--no-python", "x"])
+            .unwrap_err()
+            .0
+            .contains("--no-python"));
+        assert!(r(&[]).unwrap_err().0.contains("required"));
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        for (args, flag) in [
+            (vec!["--nproc-per-node=unknown", "t"], "--nproc-per-node"),
+            (vec!["--nnodes=2:1", "t"], "--nnodes"),
+            (vec!["--max-restarts=-1", "t"], "--max-restarts"),
+            (vec!["--monitor-interval=0", "t"], "--monitor-interval"),
+            (vec!["--shutdown-timeout=-5", "t"], "--shutdown-timeout"),
+            (vec!["-r", "9", "t"], "--redirects"),
+            (vec!["--rdzv-conf=a", "t"], "--rdzv-conf"),
+            (vec!["--local-ranks-filter=a", "t"], "--local-ranks-filter"),
+            (vec!["--start-method=x", "t"], "--start-method"),
+        ] {
+            let e = r(&args).unwrap_err();
+            assert!(e.0.contains(flag), "{args:?}: {e}");
+        }
+        assert!(r(&["--shutdown-timeout=-5", "t"])
+            .unwrap_err()
+            .0
+            .contains("must be non-negative"));
+    }
+
+    #[test]
+    fn gpu_visibility_follows_cuda_rules() {
+        assert_eq!(visible_gpus(4, None), 4);
+        assert_eq!(visible_gpus(4, Some("1,3")), 2);
+        assert_eq!(visible_gpus(4, Some("1,7,2")), 1);
+        assert_eq!(visible_gpus(4, Some("")), 0);
+        assert_eq!(visible_gpus(4, Some("-1")), 0);
+        assert_eq!(visible_gpus(0, Some("0")), 0);
+    }
+
+    #[test]
+    fn filters_split_with_escaped_commas() {
+        assert_eq!(split_filters("a,b,,c,"), vec!["a", "b,c"]);
+    }
+}

@@ -1,0 +1,227 @@
+//! `launch_agent`: torch's launcher API. Takes a resolved [`LaunchConfig`], an
+//! entrypoint and its arguments, runs the job on this node, and returns how it
+//! ended.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::agent::{Agent, AgentError, RunResult};
+use crate::config::{ConfigError, LaunchConfig};
+use crate::failure::{self, ProcessFailure};
+use crate::log_dir::LogDir;
+use crate::process;
+use crate::rendezvous::{Rendezvous, RendezvousError};
+use crate::signals::{signal_name, Trap};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}: no such file or executable on PATH")]
+    NotFound(String),
+    #[error(transparent)]
+    Rendezvous(#[from] RendezvousError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    LogDir(#[from] crate::log_dir::LogDirError),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// How a launch ended, with what the failure report needs.
+#[derive(Debug)]
+pub struct LaunchOutcome {
+    pub result: RunResult,
+    /// torch's entrypoint name: the script as typed, the module, or the binary.
+    pub entrypoint_name: String,
+    /// This host's fully qualified name (the summary's `host` field).
+    pub host: String,
+    /// The run's log directory, if any.
+    pub run_dir: Option<PathBuf>,
+}
+
+impl LaunchOutcome {
+    /// The launcher's exit status: 0, the root cause's exit code (128+N for
+    /// a signal), or 128+N when the launcher itself stopped on signal N.
+    pub fn exit_code(&self) -> i32 {
+        match &self.result {
+            RunResult::Succeeded => 0,
+            RunResult::Signaled { signal } => 128 + signal,
+            RunResult::Failed { failures } => failure::root_cause(failures)
+                .map_or(1, |i| failures[i].status.shell_code())
+                .clamp(1, 255),
+        }
+    }
+
+    /// The failure report for stderr: torch's summary box, then the root
+    /// cause's reason in words and the tail of its stderr when captured.
+    pub fn report(&self) -> Option<String> {
+        match &self.result {
+            RunResult::Succeeded => None,
+            RunResult::Signaled { signal } => Some(format!(
+                "torchrun-rs: stopped by {} ({signal}); workers were signalled and stopped\n",
+                signal_name(*signal).unwrap_or("signal")
+            )),
+            RunResult::Failed { failures } => {
+                let mut out = failure::summary(&self.entrypoint_name, failures, &self.host);
+                out.push('\n');
+                if let Some(i) = failure::root_cause(failures) {
+                    out.push_str(&root_cause_details(&failures[i]));
+                }
+                Some(out)
+            }
+        }
+    }
+}
+
+fn root_cause_details(f: &ProcessFailure) -> String {
+    let mut out = format!(
+        "Root cause: rank {} (local_rank {}, pid {}) {}\n",
+        f.global_rank,
+        f.local_rank,
+        f.pid,
+        failure::reason(f, false)
+    );
+    if let Some(note) = &f.error_note {
+        out.push_str(&format!("Note: {note}\n"));
+    }
+    if let Some(path) = &f.stderr_file {
+        let lines = failure::tail_lines(path, 20);
+        if !lines.is_empty() {
+            out.push_str(&format!("Last lines of its stderr ({}):\n", path.display()));
+            for l in lines {
+                out.push_str("  ");
+                out.push_str(&l);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// torch's `_get_entrypoint_name`: for a Python interpreter, the first
+/// argument not starting with `-` (the script as typed, or the module);
+/// otherwise the entrypoint as given.
+pub fn entrypoint_name(entrypoint: &str, args: &[String]) -> String {
+    let base = std::path::Path::new(entrypoint)
+        .file_name()
+        .map_or(String::new(), |b| b.to_string_lossy().into_owned());
+    if base.starts_with("python") {
+        args.iter()
+            .find(|a| !a.starts_with('-'))
+            .cloned()
+            .unwrap_or_default()
+    } else {
+        entrypoint.to_string()
+    }
+}
+
+fn new_run_id() -> String {
+    use rand::Rng;
+    rand::thread_rng().gen::<u128>().to_string()
+}
+
+/// Runs the job. Call it from a thread that lives as long as the job (the
+/// main thread): workers are tied to the launcher's life through the thread
+/// that forks them.
+pub fn launch_agent(
+    config: &LaunchConfig,
+    entrypoint: &str,
+    args: &[String],
+) -> Result<LaunchOutcome, LaunchError> {
+    if config.nproc_per_node == 0 {
+        return Err(ConfigError::new("--nproc-per-node", "must be a positive integer").into());
+    }
+    if config.monitor_interval.is_zero() {
+        return Err(ConfigError::new("--monitor-interval", "must be greater than 0").into());
+    }
+    let mut config = config.clone();
+    if config.run_id.is_empty() {
+        config.run_id = new_run_id();
+        tracing::warn!(
+            "config has no run_id, generated a random run_id: {}",
+            config.run_id
+        );
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(LaunchError::Runtime)?;
+    // block_on runs this future on the calling thread, so workers are forked
+    // (and tied by PDEATHSIG) from it.
+    rt.block_on(run(config, entrypoint, args))
+}
+
+async fn run(
+    config: LaunchConfig,
+    entrypoint: &str,
+    args: &[String],
+) -> Result<LaunchOutcome, LaunchError> {
+    let (trap, warnings) = Trap::install(&config.signals_to_handle, &config.forward_signals);
+    for w in warnings {
+        tracing::warn!(
+            "Failed to register signal handler for {}: {}",
+            w.name,
+            w.reason
+        );
+    }
+    process::become_subreaper();
+    let exits = process::exits();
+    let program = process::find_program(entrypoint)
+        .ok_or_else(|| LaunchError::NotFound(entrypoint.to_string()))?;
+
+    let mut base_env: BTreeMap<String, String> = std::env::vars_os()
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        })
+        .collect();
+    base_env.insert(
+        "TORCHELASTIC_SIGNALS_TO_HANDLE".to_string(),
+        config.signals_to_handle.clone(),
+    );
+    let launcher_error_file = base_env
+        .get("TORCHELASTIC_ERROR_FILE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+
+    let host = crate::host::fqdn();
+    let local_addr = config.local_addr.clone().unwrap_or_else(|| host.clone());
+    let log_dir = LogDir::create(config.log_dir.as_deref(), &config.run_id)?;
+    let run_dir = log_dir.run_dir().map(PathBuf::from);
+    let rdzv = Rendezvous::create(&config, &local_addr).await?;
+    let mut agent = Agent::new(
+        &config,
+        program,
+        args.to_vec(),
+        base_env,
+        log_dir,
+        rdzv,
+        trap,
+        exits,
+    );
+    let result = agent.run().await;
+    let Agent { rdzv, .. } = agent;
+    rdzv.shutdown().await;
+    let result = result?;
+    if let (RunResult::Failed { failures }, Some(dest)) = (&result, &launcher_error_file) {
+        if let Some(i) = failure::root_cause(failures) {
+            if let Err(e) = failure::copy_error_file(&failures[i], dest) {
+                tracing::error!(
+                    "cannot write the launcher's error file {}: {e}",
+                    dest.display()
+                );
+            }
+        }
+    }
+    Ok(LaunchOutcome {
+        result,
+        entrypoint_name: entrypoint_name(entrypoint, args),
+        host,
+        run_dir,
+    })
+}

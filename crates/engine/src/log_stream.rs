@@ -1,0 +1,173 @@
+//! Tee through pipes: a worker's stream goes into a pipe; one thread per
+//! stream copies the bytes to the log file as they come and writes every
+//! complete line, with its prefix, to the launcher's console in a single
+//! write, so lines from different ranks never tear or glue together. A last
+//! line without a newline is still printed, with its prefix.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Which console stream a tee writes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Console {
+    Stdout,
+    Stderr,
+}
+
+/// Lines containing any of `patterns` are copied (prefixed) to `file`.
+#[derive(Clone)]
+pub struct LineFilter {
+    pub patterns: Arc<Vec<String>>,
+    pub file: Arc<Mutex<File>>,
+}
+
+/// Where the bytes of one tee'd stream go.
+pub struct TeeTargets {
+    /// The stream's log file (`stdout.log` / `stderr.log`).
+    pub file: Option<File>,
+    /// The console, or `None` for a rank left out by `--local-ranks-filter`.
+    pub console: Option<Console>,
+    pub prefix: String,
+    pub filter: Option<LineFilter>,
+}
+
+/// A pipe: the read end for the launcher, the write end for the worker.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are new and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// A running tee thread.
+pub struct TeeHandle {
+    thread: JoinHandle<()>,
+}
+
+impl TeeHandle {
+    /// Waits for the stream to end, up to `deadline`. A stream held open by
+    /// a process that outlived its worker is left behind rather than waited for.
+    pub fn finish_by(self, deadline: Instant) {
+        while !self.thread.is_finished() {
+            if Instant::now() >= deadline {
+                tracing::debug!("a worker's output pipe is still open; not waiting for it");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = self.thread.join();
+    }
+}
+
+/// Longest partial line held back waiting for its newline; longer ones are
+/// printed as they are.
+const MAX_PENDING: usize = 1 << 20;
+
+pub fn start(read: OwnedFd, targets: TeeTargets) -> io::Result<TeeHandle> {
+    let thread = std::thread::Builder::new()
+        .name("tee".into())
+        .spawn(move || copy_lines(File::from(read), targets))?;
+    Ok(TeeHandle { thread })
+}
+
+fn copy_lines(mut input: File, mut t: TeeTargets) {
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    let mut out: Vec<u8> = Vec::new();
+    let prefix = t.prefix.clone().into_bytes();
+    loop {
+        let n = match input.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        let data = &chunk[..n];
+        if let Some(f) = t.file.as_mut() {
+            let _ = f.write_all(data);
+        }
+        let Some(last_nl) = data.iter().rposition(|&b| b == b'\n') else {
+            pending.extend_from_slice(data);
+            if pending.len() > MAX_PENDING {
+                let p = std::mem::take(&mut pending);
+                emit(&mut t, &prefix, &mut out, std::iter::once(&p[..]));
+            }
+            continue;
+        };
+        let (complete, rest) = data.split_at(last_nl + 1);
+        if pending.is_empty() {
+            emit(
+                &mut t,
+                &prefix,
+                &mut out,
+                complete[..complete.len() - 1].split(|&b| b == b'\n'),
+            );
+        } else {
+            pending.extend_from_slice(complete);
+            let p = std::mem::take(&mut pending);
+            emit(
+                &mut t,
+                &prefix,
+                &mut out,
+                p[..p.len() - 1].split(|&b| b == b'\n'),
+            );
+        }
+        pending.extend_from_slice(rest);
+    }
+    if !pending.is_empty() {
+        emit(&mut t, &prefix, &mut out, std::iter::once(&pending[..]));
+    }
+    if let Some(f) = t.file.as_mut() {
+        let _ = f.flush();
+    }
+}
+
+/// Writes `lines` (without their newlines) to the console and filter file,
+/// each prefixed, in one write per destination.
+fn emit<'a>(
+    t: &mut TeeTargets,
+    prefix: &[u8],
+    out: &mut Vec<u8>,
+    lines: impl Iterator<Item = &'a [u8]>,
+) {
+    out.clear();
+    let mut filtered: Vec<u8> = Vec::new();
+    for line in lines {
+        let start = out.len();
+        out.extend_from_slice(prefix);
+        out.extend_from_slice(line);
+        out.push(b'\n');
+        if let Some(f) = &t.filter {
+            if f.patterns.iter().any(|p| contains(line, p.as_bytes())) {
+                filtered.extend_from_slice(&out[start..]);
+            }
+        }
+    }
+    match t.console {
+        Some(Console::Stdout) => {
+            let _ = io::stdout().lock().write_all(out);
+        }
+        Some(Console::Stderr) => {
+            let _ = io::stderr().lock().write_all(out);
+        }
+        None => {}
+    }
+    if !filtered.is_empty() {
+        if let Some(f) = &t.filter {
+            if let Ok(mut file) = f.file.lock() {
+                let _ = file.write_all(&filtered);
+            }
+        }
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || hay.windows(needle.len()).any(|w| w == needle)
+}

@@ -1,0 +1,464 @@
+//! Rendezvous: which store the job uses, who hosts it, and each node's ranks.
+//!
+//! - `static` (spec §8.1): the node with `--node-rank 0` hosts the store at
+//!   `--master-addr:--master-port`; every node connects, waits for all
+//!   `max_nodes` nodes within `timeout`, then ranks are assigned.
+//! - `c10d` on one node (`--standalone`, and plain single-node runs): this
+//!   launcher hosts the store at the endpoint (port 0 picks a free one).
+//!
+//! Rank assignment follows torch's `_assign_worker_ranks` (§4.2) through the
+//! store, with the same keys and JSON values, so heterogeneous
+//! `--nproc-per-node` and several roles rank exactly as with torchrun.
+
+use std::time::Duration;
+
+use tcpstore::{BindAddr, Client, ConnectOptions, Server, ServerHandle};
+
+use crate::config::{parse_endpoint, LaunchConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RendezvousError {
+    #[error("cannot host the store on port {port}: {source} (is another job using it? pick another --master-port or --rdzv-endpoint port)")]
+    Bind {
+        port: u16,
+        source: tcpstore::BindError,
+    },
+    #[error("cannot reach the rendezvous store at {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: tcpstore::ClientError,
+    },
+    #[error("rendezvous store operation failed: {0}")]
+    Store(#[from] tcpstore::ClientError),
+    #[error("timed out after {timeout:?} waiting for all {expected} nodes to join the static rendezvous; missing node ranks: {missing}")]
+    StaticTimeout {
+        timeout: Duration,
+        expected: u32,
+        missing: String,
+    },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("malformed rank assignment {0:?} in the store")]
+    BadAssignment(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// This node's place in one round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub group_rank: u32,
+    pub group_world_size: u32,
+    pub base_global_rank: u32,
+    pub world_size: u32,
+    pub base_role_rank: u32,
+    pub role_world_size: u32,
+    pub master_addr: String,
+    pub master_port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Static,
+    C10dLocal,
+}
+
+pub struct Rendezvous {
+    kind: Kind,
+    /// The store this launcher hosts, if it is the host.
+    server: Option<ServerHandle>,
+    client: Client,
+    group_rank: u32,
+    group_world_size: u32,
+    master_addr: String,
+    master_port: u16,
+    round: u32,
+    run_id: String,
+}
+
+/// One node's role info, as torch serialises it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleInfo {
+    pub role: String,
+    pub rank: u32,
+    pub local_world_size: u32,
+}
+
+impl RoleInfo {
+    /// Python `json.dumps` with default separators.
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"role\": {}, \"rank\": {}, \"local_world_size\": {}}}",
+            crate::failure::Json::Str(self.role.clone()),
+            self.rank,
+            self.local_world_size
+        )
+    }
+
+    pub fn from_json(s: &str) -> Option<RoleInfo> {
+        let j = crate::failure::json::parse(s).ok()?;
+        let num = |k: &str| match j.get(k) {
+            Some(crate::failure::Json::Num(n)) => Some(*n as u32),
+            _ => None,
+        };
+        Some(RoleInfo {
+            role: j.get("role")?.as_str()?.to_string(),
+            rank: num("rank")?,
+            local_world_size: num("local_world_size")?,
+        })
+    }
+}
+
+/// torch's assignment (§4.2): for each node in group-rank order, `[base_global,
+/// global_size, base_role, role_size]`.
+pub fn assign_ranks(infos: &[RoleInfo]) -> Vec<[u32; 4]> {
+    let mut role_size = std::collections::BTreeMap::<&str, u32>::new();
+    let mut global = 0;
+    for i in infos {
+        *role_size.entry(&i.role).or_default() += i.local_world_size;
+        global += i.local_world_size;
+    }
+    let mut role_base = std::collections::BTreeMap::<&str, u32>::new();
+    let mut base_global = 0;
+    infos
+        .iter()
+        .map(|i| {
+            let rb = role_base.entry(&i.role).or_default();
+            let v = [base_global, global, *rb, role_size[i.role.as_str()]];
+            base_global += i.local_world_size;
+            *rb += i.local_world_size;
+            v
+        })
+        .collect()
+}
+
+fn connect_options(timeout: Duration) -> ConnectOptions {
+    ConnectOptions {
+        timeout,
+        ..ConnectOptions::default()
+    }
+}
+
+impl Rendezvous {
+    /// Sets up the store for `config`: hosts it or connects to it.
+    pub async fn create(
+        config: &LaunchConfig,
+        local_addr: &str,
+    ) -> Result<Rendezvous, RendezvousError> {
+        match config.rdzv_backend.as_str() {
+            "static" => Self::create_static(config).await,
+            "c10d" if config.max_nodes == 1 => Self::create_c10d_local(config, local_addr).await,
+            "c10d" => Err(RendezvousError::Unsupported(
+                "--rdzv-backend=c10d with more than one node is not implemented yet in torchrun-rs; use --rdzv-backend=static with --node-rank, --master-addr and --master-port".to_string(),
+            )),
+            other => Err(RendezvousError::Unsupported(format!(
+                "--rdzv-backend: '{other}' is not supported by torchrun-rs (expected static or c10d)"
+            ))),
+        }
+    }
+
+    async fn host(port: u16) -> Result<(ServerHandle, Client), RendezvousError> {
+        let server = Server::bind(BindAddr::Any(port))
+            .map_err(|source| RendezvousError::Bind { port, source })?;
+        let handle = server.spawn();
+        let bound = handle.port();
+        let client = Client::connect("127.0.0.1", bound, connect_options(Duration::from_secs(30)))
+            .await
+            .map_err(|source| RendezvousError::Connect {
+                addr: format!("127.0.0.1:{bound}"),
+                source,
+            })?;
+        Ok((handle, client))
+    }
+
+    async fn create_c10d_local(
+        config: &LaunchConfig,
+        local_addr: &str,
+    ) -> Result<Rendezvous, RendezvousError> {
+        let (_, port) = parse_endpoint(&config.rdzv_endpoint, Some(29400))?;
+        let (server, client) = Self::host(port.unwrap_or(29400)).await?;
+        let master_port = server.port();
+        Ok(Rendezvous {
+            kind: Kind::C10dLocal,
+            server: Some(server),
+            client,
+            group_rank: 0,
+            group_world_size: 1,
+            master_addr: local_addr.to_string(),
+            master_port,
+            round: 0,
+            run_id: config.run_id.clone(),
+        })
+    }
+
+    async fn create_static(config: &LaunchConfig) -> Result<Rendezvous, RendezvousError> {
+        let (host, port) = match (&config.master_addr, config.master_port) {
+            (Some(a), Some(p)) => (a.clone(), p),
+            _ => {
+                let (h, p) = parse_endpoint(&config.rdzv_endpoint, None)?;
+                let p = p.ok_or_else(|| {
+                    crate::config::ConfigError::new(
+                        "--rdzv-endpoint",
+                        "the static backend needs a port (host:port)",
+                    )
+                })?;
+                (h, p)
+            }
+        };
+        let rank: u32 = match config.rdzv_configs.get("rank") {
+            Some(r) => r.parse().map_err(|_| {
+                crate::config::ConfigError::new(
+                    "--node-rank",
+                    format!("invalid value '{r}': expected an integer"),
+                )
+            })?,
+            None => 0,
+        };
+        let nodes = config.max_nodes;
+        if rank >= nodes {
+            return Err(crate::config::ConfigError::new(
+                "--node-rank",
+                format!(
+                    "{rank} is out of range for --nnodes={nodes} (expected 0 to {})",
+                    nodes - 1
+                ),
+            )
+            .into());
+        }
+        let timeout = config.rdzv_secs("timeout", 900)?;
+        let (server, mut client) = if rank == 0 {
+            let (s, c) = Self::host(port).await?;
+            (Some(s), c)
+        } else {
+            let c = Client::connect(&host, port, connect_options(timeout))
+                .await
+                .map_err(|source| RendezvousError::Connect {
+                    addr: format!("{host}:{port}"),
+                    source,
+                })?;
+            (None, c)
+        };
+        let master_port = server.as_ref().map_or(port, |s| s.port());
+        // Join: everyone counts itself in "/init/" (as torch's TCPStore does);
+        // the last to arrive opens the gate everybody waits on.
+        if nodes > 1 {
+            let prefix = &config.run_id;
+            client
+                .set(&format!("{prefix}/torchrun_rs/arrived/{rank}"), b"1")
+                .await?;
+            let count = client.add("init/", 1).await?;
+            if count == i64::from(nodes) {
+                client
+                    .set(&format!("{prefix}/torchrun_rs/all_arrived"), b"1")
+                    .await?;
+            }
+            let gate = format!("{prefix}/torchrun_rs/all_arrived");
+            if let Err(e) = client.wait(&[gate.as_str()], timeout).await {
+                if !matches!(e, tcpstore::ClientError::WaitTimeout { .. }) {
+                    return Err(e.into());
+                }
+                let mut missing = Vec::new();
+                for r in 0..nodes {
+                    if !client
+                        .check(&[format!("{prefix}/torchrun_rs/arrived/{r}").as_str()])
+                        .await?
+                    {
+                        missing.push(r.to_string());
+                    }
+                }
+                return Err(RendezvousError::StaticTimeout {
+                    timeout,
+                    expected: nodes,
+                    missing: missing.join(", "),
+                });
+            }
+        } else {
+            client.add("init/", 1).await?;
+        }
+        Ok(Rendezvous {
+            kind: Kind::Static,
+            server,
+            client,
+            group_rank: rank,
+            group_world_size: nodes,
+            master_addr: host,
+            master_port,
+            round: 0,
+            run_id: config.run_id.clone(),
+        })
+    }
+
+    /// Store key prefix of the current round.
+    fn prefix(&self) -> String {
+        match self.kind {
+            Kind::Static => self.run_id.clone(),
+            Kind::C10dLocal => format!("torch.rendezvous.{}.{}", self.run_id, self.round),
+        }
+    }
+
+    /// Runs one round: publishes the master address (c10d) and assigns ranks.
+    pub async fn next_round(
+        &mut self,
+        config: &LaunchConfig,
+    ) -> Result<Assignment, RendezvousError> {
+        let prefix = self.prefix();
+        self.round += 1;
+        let c = &mut self.client;
+        if self.kind == Kind::C10dLocal {
+            c.set(
+                &format!("{prefix}/MASTER_ADDR"),
+                self.master_addr.as_bytes(),
+            )
+            .await?;
+            c.set(
+                &format!("{prefix}/MASTER_PORT"),
+                self.master_port.to_string().as_bytes(),
+            )
+            .await?;
+        }
+        let me = RoleInfo {
+            role: config.role.clone(),
+            rank: self.group_rank,
+            local_world_size: config.nproc_per_node,
+        };
+        c.set(
+            &format!("{prefix}/torchelastic/role_info/{}", self.group_rank),
+            me.to_json().as_bytes(),
+        )
+        .await?;
+        let assigned_key = |g: u32| format!("{prefix}/torchelastic/assigned_ranks/{g}");
+        if self.group_rank == 0 {
+            let keys: Vec<String> = (0..self.group_world_size)
+                .map(|g| format!("{prefix}/torchelastic/role_info/{g}"))
+                .collect();
+            let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let values = c.multi_get(&key_refs).await?;
+            let infos = values
+                .iter()
+                .map(|v| {
+                    let s = String::from_utf8_lossy(v);
+                    RoleInfo::from_json(&s)
+                        .ok_or_else(|| RendezvousError::BadAssignment(s.into_owned()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let ranks = assign_ranks(&infos);
+            let encoded: Vec<(String, Vec<u8>)> = ranks
+                .iter()
+                .enumerate()
+                .map(|(g, r)| {
+                    (
+                        assigned_key(g as u32),
+                        format!("[{}, {}, {}, {}]", r[0], r[1], r[2], r[3]).into_bytes(),
+                    )
+                })
+                .collect();
+            let pairs: Vec<(&str, &[u8])> = encoded
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_slice()))
+                .collect();
+            c.multi_set(&pairs).await?;
+        }
+        let raw = c.get(&assigned_key(self.group_rank)).await?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let nums: Vec<u32> = text
+            .trim_matches(|ch| ch == '[' || ch == ']')
+            .split(',')
+            .filter_map(|n| n.trim().parse().ok())
+            .collect();
+        let [base_global_rank, world_size, base_role_rank, role_world_size] = nums[..] else {
+            return Err(RendezvousError::BadAssignment(text));
+        };
+        Ok(Assignment {
+            group_rank: self.group_rank,
+            group_world_size: self.group_world_size,
+            base_global_rank,
+            world_size,
+            base_role_rank,
+            role_world_size,
+            master_addr: self.master_addr.clone(),
+            master_port: self.master_port,
+        })
+    }
+
+    /// After the workers finished: on success, the exit barrier keeps the
+    /// store's host alive until every node is done (errors only logged).
+    pub async fn finish(&mut self, success: bool) {
+        if !success || self.group_world_size == 1 {
+            return;
+        }
+        let prefix = format!("{}/torchelastic/agent/terminal_state", self.prefix());
+        let timeout = Duration::from_secs(300);
+        let result: Result<(), tcpstore::ClientError> = async {
+            let n = self.client.add(&format!("{prefix}/num_members"), 1).await?;
+            if n == i64::from(self.group_world_size) {
+                self.client
+                    .set(&format!("{prefix}/last_member"), b"<val_ignored>")
+                    .await?;
+            }
+            self.client
+                .wait(&[format!("{prefix}/last_member").as_str()], timeout)
+                .await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!("Error waiting on exit barrier: {e}");
+        }
+    }
+
+    /// Stops hosting the store (if hosted here).
+    pub async fn shutdown(self) {
+        if let Some(s) = self.server {
+            s.shutdown().await;
+        }
+    }
+
+    pub fn master(&self) -> (&str, u16) {
+        (&self.master_addr, self.master_port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ri(role: &str, rank: u32, n: u32) -> RoleInfo {
+        RoleInfo {
+            role: role.into(),
+            rank,
+            local_world_size: n,
+        }
+    }
+
+    #[test]
+    fn upstream_rank_table() {
+        // spec §4.2: (ps,0,4),(trainer,1,1),(trainer,2,2),(trainer,3,3),(ps,4,5)
+        let infos = [
+            ri("ps", 0, 4),
+            ri("trainer", 1, 1),
+            ri("trainer", 2, 2),
+            ri("trainer", 3, 3),
+            ri("ps", 4, 5),
+        ];
+        let r = assign_ranks(&infos);
+        assert_eq!(
+            r,
+            vec![
+                [0, 15, 0, 9],
+                [4, 15, 0, 6],
+                [5, 15, 1, 6],
+                [7, 15, 3, 6],
+                [10, 15, 4, 9]
+            ]
+        );
+    }
+
+    #[test]
+    fn role_info_json_matches_python() {
+        let r = ri("default", 0, 2);
+        assert_eq!(
+            r.to_json(),
+            r#"{"role": "default", "rank": 0, "local_world_size": 2}"#
+        );
+        assert_eq!(RoleInfo::from_json(&r.to_json()), Some(r));
+    }
+}
