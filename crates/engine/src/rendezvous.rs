@@ -301,6 +301,18 @@ impl Rendezvous {
         &mut self,
         config: &LaunchConfig,
     ) -> Result<Assignment, RendezvousError> {
+        if self.round > 0 && self.group_world_size == 1 {
+            // The workers' keys of the last attempt (process-group addresses,
+            // barriers) must not be read by the next one: torch's workers do
+            // not prefix them by attempt. Only this node's agent uses the
+            // store, so wiping between attempts is race-free.
+            if let Some(server) = &self.server {
+                let agent_prefix = format!("/{}/", self.run_id);
+                server.retain_keys(|k| {
+                    k.starts_with(b"/torch.rendezvous.") || k.starts_with(agent_prefix.as_bytes())
+                });
+            }
+        }
         let prefix = self.prefix();
         self.round += 1;
         let c = &mut self.client;

@@ -95,11 +95,13 @@ impl Server {
     pub fn spawn(self) -> ServerHandle {
         let addr = self.local_addr();
         let (tx, rx) = watch::channel(false);
+        let state = Arc::clone(&self.state);
         let task = tokio::spawn(accept_loop(self, rx));
         ServerHandle {
             addr,
             shutdown: tx,
             task,
+            state,
         }
     }
 }
@@ -136,6 +138,7 @@ pub struct ServerHandle {
     addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
+    state: Arc<Mutex<State>>,
 }
 
 impl ServerHandle {
@@ -145,6 +148,16 @@ impl ServerHandle {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// Drops every key (and queue) for which `keep` is false. The launcher
+    /// uses it between attempts, so that a restarted worker group never reads
+    /// what the previous attempt's workers wrote.
+    pub fn retain_keys(&self, keep: impl Fn(&[u8]) -> bool) {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain_keys(keep);
     }
 
     /// Stops accepting and closes every connection.

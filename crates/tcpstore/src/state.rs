@@ -367,6 +367,12 @@ impl State {
         Ok(Some(id))
     }
 
+    /// Drops every key and queue for which `keep` is false.
+    pub fn retain_keys(&mut self, keep: impl Fn(&[u8]) -> bool) {
+        self.keys.retain(|k, _| keep(k));
+        self.queues.retain(|k, _| keep(k));
+    }
+
     /// Registrations still held, for tests of cleanup.
     pub fn registered_waits(&self) -> usize {
         self.waits.len()

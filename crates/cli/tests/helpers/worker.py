@@ -1,0 +1,109 @@
+"""Helper worker for the launcher's integration tests (plain Python, no torch).
+
+usage: worker.py MODE OUTDIR [ARGS...]
+Every mode first writes OUTDIR/env.<RANK>.<restart>.json (its environment and
+argv) and OUTDIR/pid.<RANK> (its pid), so tests wait on files, never on time.
+"""
+import json
+import os
+import signal
+import sys
+import time
+
+mode, outdir = sys.argv[1], sys.argv[2]
+args = sys.argv[3:]
+rank = int(os.environ.get("RANK", "0"))
+restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+
+
+def write(name, text):
+    tmp = os.path.join(outdir, name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.rename(tmp, os.path.join(outdir, name))
+
+
+write(f"env.{rank}.{restart}.json", json.dumps({"env": dict(os.environ), "argv": sys.argv}))
+
+
+def ready():
+    write(f"pid.{rank}", str(os.getpid()))
+
+
+if mode == "env":
+    sys.exit(0)
+elif mode == "exit":
+    # exit CODE [RANK]: that rank (default all) exits with CODE, others wait.
+    code = int(args[0])
+    if len(args) < 2 or int(args[1]) == rank:
+        sys.exit(code)
+    ready()
+    time.sleep(60)
+elif mode == "fail-once":
+    # The given rank fails on the first attempt only.
+    if int(args[0]) == rank and restart == "0":
+        sys.exit(7)
+    sys.exit(0)
+elif mode == "signal":
+    # signal SIGNUM RANK: that rank kills itself with SIGNUM.
+    if int(args[1]) == rank:
+        os.kill(os.getpid(), int(args[0]))
+    ready()
+    time.sleep(60)
+elif mode == "record":
+    # Records every signal it gets; exits 0 on SIGUSR2, ignores the rest
+    # unless told to die: record [die|ignore]
+    die = args and args[0] == "die"
+
+    def handler(sig, _frame):
+        with open(os.path.join(outdir, f"signals.{rank}"), "a") as f:
+            f.write(f"{signal.Signals(sig).name}\n")
+        if sig == signal.SIGUSR2:
+            sys.exit(0)
+        if die:
+            sys.exit(128 + sig)
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, handler)
+    ready()
+    while True:
+        time.sleep(60)
+elif mode == "double-fork":
+    # The worker forks a child that starts a new session and forks a
+    # grandchild (a daemon that left every group of the worker); the
+    # intermediate child exits.
+    r, w = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            write(f"daemon.{rank}", str(os.getpid()))
+            while True:
+                time.sleep(60)
+        os._exit(0)
+    if os.fork() == 0:
+        write(f"child.{rank}", str(os.getpid()))
+        while True:
+            time.sleep(60)
+    for _ in range(500):
+        if os.path.exists(os.path.join(outdir, f"daemon.{rank}")) and os.path.exists(os.path.join(outdir, f"child.{rank}")):
+            break
+        time.sleep(0.01)
+    ready()
+    time.sleep(60)
+elif mode == "lines":
+    # lines COUNT: prints COUNT numbered lines on stdout and stderr, the
+    # last one without a newline.
+    n = int(args[0])
+    out = sys.stdout
+    for i in range(n - 1):
+        out.write(f"r{rank} line {i} " + "x" * (i % 50) + "\n")
+        sys.stderr.write(f"r{rank} err {i}\n")
+    out.write(f"r{rank} last-partial")
+    out.flush()
+    sys.stderr.flush()
+    sys.exit(0)
+elif mode == "sleep":
+    ready()
+    time.sleep(float(args[0]) if args else 60)
+else:
+    sys.exit(f"unknown mode {mode}")

@@ -1,0 +1,516 @@
+//! The built `torchrun-rs` binary, run with small helper workers: the
+//! environment contract, exit statuses, restarts, signals, and no orphans.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use testkit::{pid_alive, wait_for};
+
+const BIN: &str = env!("CARGO_BIN_EXE_torchrun-rs");
+
+fn helper() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/helpers/worker.py")
+        .display()
+        .to_string()
+}
+
+struct Run {
+    child: Child,
+    out: tempfile::TempDir,
+    stdout: Option<std::thread::JoinHandle<String>>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+struct Done {
+    code: Option<i32>,
+    signal: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn reader(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = r.read_to_string(&mut s);
+        s
+    })
+}
+
+/// Starts `torchrun-rs FLAGS worker.py MODE OUTDIR ARGS` (PYTHON_EXEC is the
+/// system python3; the helper needs no torch).
+fn start(flags: &[&str], mode: &str, args: &[&str]) -> Run {
+    start_with(flags, mode, args, |_| {})
+}
+
+fn start_with(flags: &[&str], mode: &str, args: &[&str], tweak: impl FnOnce(&mut Command)) -> Run {
+    let out = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(flags)
+        .arg(helper())
+        .arg(mode)
+        .arg(out.path())
+        .args(args)
+        .env("PYTHON_EXEC", "python3")
+        .env_remove("OMP_NUM_THREADS")
+        .env("TMPDIR", out.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    tweak(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    let stdout = Some(reader(child.stdout.take().unwrap()));
+    let stderr = Some(reader(child.stderr.take().unwrap()));
+    Run {
+        child,
+        out,
+        stdout,
+        stderr,
+    }
+}
+
+impl Run {
+    fn path(&self, name: &str) -> PathBuf {
+        self.out.path().join(name)
+    }
+    fn wait_file(&self, name: &str) -> String {
+        let p = self.path(name);
+        wait_for(Duration::from_secs(30), &format!("file {name}"), || {
+            std::fs::read_to_string(&p).ok()
+        })
+    }
+    fn pid_of(&self, name: &str) -> i32 {
+        self.wait_file(name).trim().parse().unwrap()
+    }
+    fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+    fn finish(mut self) -> (Done, tempfile::TempDir) {
+        use std::os::unix::process::ExitStatusExt;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "launcher did not exit within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let done = Done {
+            code: status.code(),
+            signal: status.signal(),
+            stdout: self.stdout.take().unwrap().join().unwrap(),
+            stderr: self.stderr.take().unwrap().join().unwrap(),
+        };
+        (done, self.out)
+    }
+}
+
+fn env_of(dir: &Path, rank: u32, restart: u32) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join(format!("env.{rank}.{restart}.json"))).unwrap();
+    serde_json::from_str::<serde_json::Value>(&text).unwrap()["env"].clone()
+}
+
+#[test]
+fn worker_environment_contract_standalone() {
+    let (done, dir) = start(&["--standalone", "--nproc-per-node=2"], "env", &[]).finish();
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    let e0 = env_of(dir.path(), 0, 0);
+    let e1 = env_of(dir.path(), 1, 0);
+    for (i, e) in [&e0, &e1].into_iter().enumerate() {
+        assert_eq!(e["RANK"], i.to_string());
+        assert_eq!(e["LOCAL_RANK"], i.to_string());
+        assert_eq!(e["ROLE_RANK"], i.to_string());
+        assert_eq!(e["GROUP_RANK"], "0");
+        assert_eq!(e["WORLD_SIZE"], "2");
+        assert_eq!(e["LOCAL_WORLD_SIZE"], "2");
+        assert_eq!(e["ROLE_WORLD_SIZE"], "2");
+        assert_eq!(e["GROUP_WORLD_SIZE"], "1");
+        assert_eq!(e["ROLE_NAME"], "default");
+        assert_eq!(e["TORCHELASTIC_RESTART_COUNT"], "0");
+        assert_eq!(e["TORCHELASTIC_MAX_RESTARTS"], "0");
+        assert_eq!(e["TORCHELASTIC_USE_AGENT_STORE"], "True");
+        assert_eq!(e["TORCH_NCCL_ASYNC_ERROR_HANDLING"], "1");
+        assert_eq!(
+            e["TORCHELASTIC_SIGNALS_TO_HANDLE"],
+            "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+        );
+        assert_eq!(e["OMP_NUM_THREADS"], "1");
+        let run_id = e["TORCHELASTIC_RUN_ID"].as_str().unwrap();
+        assert_eq!(run_id.len(), 36, "uuid4 run id: {run_id}");
+        let ef = e["TORCHELASTIC_ERROR_FILE"].as_str().unwrap();
+        assert!(
+            ef.starts_with(dir.path().to_str().unwrap())
+                && ef.contains("torchelastic_")
+                && ef.contains(run_id)
+                && ef.ends_with(&format!("/attempt_0/{i}/error.json")),
+            "{ef}"
+        );
+        let port: u16 = e["MASTER_PORT"].as_str().unwrap().parse().unwrap();
+        assert!(port > 0);
+    }
+    assert_eq!(e0["MASTER_ADDR"], e1["MASTER_ADDR"]);
+    assert_eq!(e0["MASTER_PORT"], e1["MASTER_PORT"]);
+    assert!(
+        done.stderr.contains("Setting OMP_NUM_THREADS"),
+        "{}",
+        done.stderr
+    );
+}
+
+#[test]
+fn master_port_uses_static_backend_values() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (done, dir) = start(
+        &["--nproc-per-node=1", &format!("--master-port={port}")],
+        "env",
+        &[],
+    )
+    .finish();
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    let e = env_of(dir.path(), 0, 0);
+    assert_eq!(e["TORCHELASTIC_RUN_ID"], "none");
+    assert_eq!(e["MASTER_ADDR"], "127.0.0.1");
+    assert_eq!(e["MASTER_PORT"], port.to_string());
+    assert!(
+        e.get("OMP_NUM_THREADS").is_none(),
+        "nproc 1 sets no OMP_NUM_THREADS"
+    );
+}
+
+#[test]
+fn signals_to_handle_is_exported_to_workers() {
+    let (done, dir) = start(&["--signals-to-handle=SIGTERM,SIGUSR1,SIGUSR2"], "env", &[]).finish();
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    assert_eq!(
+        env_of(dir.path(), 0, 0)["TORCHELASTIC_SIGNALS_TO_HANDLE"],
+        "SIGTERM,SIGUSR1,SIGUSR2"
+    );
+}
+
+#[test]
+fn script_args_pass_through_with_local_rank_macros() {
+    let (done, dir) = start(
+        &["--nproc-per-node=2"],
+        "env",
+        &[
+            "--nproc-per-node",
+            "5",
+            "--lr=${local_rank}",
+            "$local_rank",
+            "a$$b",
+            "$HOME",
+        ],
+    )
+    .finish();
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    let text = std::fs::read_to_string(dir.path().join("env.1.0.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let argv: Vec<&str> = v["argv"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        &argv[3..],
+        &["--nproc-per-node", "5", "--lr=1", "1", "a$b", "$HOME"]
+    );
+}
+
+#[test]
+fn exit_code_of_the_root_cause_and_summary() {
+    let (done, _dir) = start(&["--nproc-per-node=2"], "exit", &["3", "1"]).finish();
+    assert_eq!(done.code, Some(3), "{}", done.stderr);
+    assert!(done.stderr.contains("worker.py FAILED"), "{}", done.stderr);
+    assert!(done.stderr.contains("Root Cause (first observed failure):"));
+    assert!(done
+        .stderr
+        .contains("  rank      : 1 (local_rank: 1)\n  exitcode  : 3 (pid: "));
+    // The stopped sibling is listed under Failures.
+    assert!(done.stderr.contains("(SIGTERM)"), "{}", done.stderr);
+    assert!(
+        !done.stderr.contains("Traceback"),
+        "no Python traceback around the summary"
+    );
+}
+
+#[test]
+fn signal_death_gives_128_plus_n() {
+    let (done, _dir) = start(&["--nproc-per-node=2"], "signal", &["11", "0"]).finish();
+    assert_eq!(done.code, Some(139), "{}", done.stderr);
+    assert!(
+        done.stderr.contains("exitcode  : -11 (pid: "),
+        "{}",
+        done.stderr
+    );
+    assert!(done.stderr.contains("(SIGSEGV)"));
+    assert!(done.stderr.contains("killed by signal 11 (SIGSEGV)"));
+}
+
+#[test]
+fn failed_worker_is_restarted_with_restart_count() {
+    let (done, dir) = start(
+        &["--nproc-per-node=2", "--max-restarts=2"],
+        "fail-once",
+        &["1"],
+    )
+    .finish();
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    let e = env_of(dir.path(), 1, 1);
+    assert_eq!(e["TORCHELASTIC_RESTART_COUNT"], "1");
+    assert_eq!(e["TORCHELASTIC_MAX_RESTARTS"], "2");
+    assert!(
+        done.stderr
+            .contains("Worker group FAILED. 2/2 attempts left"),
+        "{}",
+        done.stderr
+    );
+    assert!(
+        !dir.path().join("env.0.2.json").exists(),
+        "no third attempt"
+    );
+}
+
+#[test]
+fn restarts_exhausted_fails() {
+    let (done, dir) = start(&["--max-restarts=1"], "exit", &["5"]).finish();
+    assert_eq!(done.code, Some(5), "{}", done.stderr);
+    assert!(
+        dir.path().join("env.0.1.json").exists(),
+        "one restart happened"
+    );
+}
+
+#[test]
+fn sigterm_is_forwarded_and_exit_is_143() {
+    let run = start(&["--nproc-per-node=2"], "record", &["die"]);
+    let pids = [run.pid_of("pid.0"), run.pid_of("pid.1")];
+    run.signal(libc::SIGTERM);
+    let (done, dir) = run.finish();
+    assert_eq!(done.code, Some(143), "{}", done.stderr);
+    for r in 0..2 {
+        let got = std::fs::read_to_string(dir.path().join(format!("signals.{r}"))).unwrap();
+        assert_eq!(got.trim(), "SIGTERM");
+    }
+    for p in pids {
+        assert!(!pid_alive(p));
+    }
+}
+
+#[test]
+fn sigint_is_forwarded_as_sigint() {
+    let run = start(&[], "record", &["die"]);
+    run.pid_of("pid.0");
+    run.signal(libc::SIGINT);
+    let (done, dir) = run.finish();
+    assert_eq!(done.code, Some(130), "{}", done.stderr);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("signals.0"))
+            .unwrap()
+            .trim(),
+        "SIGINT"
+    );
+}
+
+#[test]
+fn shutdown_timeout_then_sigkill() {
+    let run = start(
+        &["--nproc-per-node=2", "--shutdown-timeout=1"],
+        "record",
+        &["ignore"],
+    );
+    let pids = [run.pid_of("pid.0"), run.pid_of("pid.1")];
+    let t0 = Instant::now();
+    run.signal(libc::SIGTERM);
+    let (done, _dir) = run.finish();
+    let took = t0.elapsed();
+    assert_eq!(done.code, Some(143), "{}", done.stderr);
+    assert!(
+        took >= Duration::from_millis(900),
+        "SIGKILL came before the grace period: {took:?}"
+    );
+    assert!(
+        done.stderr.contains("forcefully exiting via SIGKILL"),
+        "{}",
+        done.stderr
+    );
+    for p in pids {
+        assert!(!pid_alive(p));
+    }
+}
+
+#[test]
+fn second_signal_skips_the_grace_period() {
+    let run = start(&["--shutdown-timeout=30"], "record", &["ignore"]);
+    run.pid_of("pid.0");
+    run.signal(libc::SIGTERM);
+    // The worker records the first signal: then the launcher is in its grace.
+    run.wait_file("signals.0");
+    let t0 = Instant::now();
+    run.signal(libc::SIGTERM);
+    let (done, _dir) = run.finish();
+    assert_eq!(done.code, Some(143), "{}", done.stderr);
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "second signal did not skip the 30 s grace"
+    );
+}
+
+#[test]
+fn forward_signals_keep_the_job_running() {
+    let run = start(
+        &["--nproc-per-node=2", "--forward-signals=SIGUSR1,SIGUSR2"],
+        "record",
+        &[],
+    );
+    run.pid_of("pid.0");
+    run.pid_of("pid.1");
+    run.signal(libc::SIGUSR1);
+    wait_for(Duration::from_secs(20), "SIGUSR1 at both workers", || {
+        (0..2)
+            .all(|r| {
+                std::fs::read_to_string(run.path(&format!("signals.{r}")))
+                    .is_ok_and(|s| s.contains("SIGUSR1"))
+            })
+            .then_some(())
+    });
+    // Still running; SIGUSR2 makes the workers exit 0 and the job succeeds.
+    run.signal(libc::SIGUSR2);
+    let (done, _dir) = run.finish();
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+}
+
+#[test]
+fn unknown_signal_name_is_a_warning_and_others_still_work() {
+    let run = start(
+        &["--signals-to-handle=SIGTERM,SIGBOGUS"],
+        "record",
+        &["die"],
+    );
+    run.pid_of("pid.0");
+    run.signal(libc::SIGTERM);
+    let (done, _dir) = run.finish();
+    assert!(done.stderr.contains("SIGBOGUS"), "{}", done.stderr);
+    assert_eq!(done.code, Some(143));
+}
+
+#[test]
+fn sigkill_of_the_launcher_leaves_no_process_behind() {
+    let run = start(&["--nproc-per-node=2"], "double-fork", &[]);
+    let mut pids = vec![];
+    for r in 0..2 {
+        pids.push(run.pid_of(&format!("pid.{r}")));
+        pids.push(run.pid_of(&format!("child.{r}")));
+        pids.push(run.pid_of(&format!("daemon.{r}")));
+    }
+    assert!(pids.iter().all(|&p| pid_alive(p)));
+    run.signal(libc::SIGKILL);
+    let (done, _dir) = run.finish();
+    assert_eq!(done.signal, Some(libc::SIGKILL));
+    let t0 = Instant::now();
+    wait_for(
+        Duration::from_secs(1),
+        "every worker and descendant to be gone",
+        || pids.iter().all(|&p| !pid_alive(p)).then_some(()),
+    );
+    eprintln!("all gone {:?} after the launcher died", t0.elapsed());
+}
+
+#[test]
+fn sigterm_of_the_launcher_stops_daemonized_descendants_too() {
+    let run = start(&[], "double-fork", &[]);
+    let pids = [
+        run.pid_of("pid.0"),
+        run.pid_of("child.0"),
+        run.pid_of("daemon.0"),
+    ];
+    run.signal(libc::SIGTERM);
+    let (done, _dir) = run.finish();
+    assert_eq!(done.code, Some(143), "{}", done.stderr);
+    wait_for(Duration::from_secs(1), "descendants gone", || {
+        pids.iter().all(|&p| !pid_alive(p)).then_some(())
+    });
+}
+
+#[test]
+fn no_python_finds_the_binary_on_path() {
+    let out = Command::new(BIN)
+        .args(["--no-python", "--nproc-per-node=2", "echo", "hello"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("hello")
+            .count(),
+        2
+    );
+    let out = Command::new(BIN)
+        .args(["--no-python", "no-such-binary-xyz"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-binary-xyz"));
+}
+
+#[test]
+fn usage_errors_are_one_line_and_exit_2() {
+    for (args, needle) in [
+        (vec!["--nproc-per-node=abc", "x.py"], "--nproc-per-node"),
+        (vec!["--nnodes=3:2", "x.py"], "--nnodes"),
+        (vec!["--max-restarts", "x", "x.py"], "--max-restarts"),
+        (vec!["--r", "x.py"], "ambiguous option"),
+        (vec!["--no-such-flag", "x.py"], "--no-such-flag"),
+        (vec!["--rdzv-conf=a", "x.py"], "--rdzv-conf"),
+        (vec!["-t", "7", "x.py"], "--tee"),
+        (vec![], "training_script"),
+    ] {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.lines().next().unwrap().contains(needle),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+            "{err}"
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["x.py"])
+        .env("PET_STANDALONE", "true")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PET_STANDALONE"));
+}
+
+#[test]
+fn pet_variables_configure_the_launch() {
+    let (done, dir) = start_with(&[], "env", &[], |c| {
+        c.env("PET_NPROC_PER_NODE", "3")
+            .env("PET_MAX_RESTARTS", "4");
+    })
+    .finish();
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    let e = env_of(dir.path(), 2, 0);
+    assert_eq!(e["WORLD_SIZE"], "3");
+    assert_eq!(e["TORCHELASTIC_MAX_RESTARTS"], "4");
+}
+
+#[test]
+fn help_exits_0() {
+    let out = Command::new(BIN).arg("-h").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--nproc-per-node"));
+}

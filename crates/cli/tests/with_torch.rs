@@ -1,0 +1,208 @@
+//! torchrun-rs with real PyTorch workers (CPU, gloo), and side by side with
+//! the real `torchrun` for the environment contract.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_torchrun-rs");
+
+fn helper(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/helpers")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn python() -> PathBuf {
+    testkit::torch_python()
+}
+
+fn torchrun() -> PathBuf {
+    python().with_file_name("torchrun")
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.env("PYTHON_EXEC", python()).output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn gloo_all_reduce_across_two_workers() {
+    let out = run(Command::new(BIN)
+        .args(["--nproc-per-node=2", "-t", "3"])
+        .arg(helper("torch_job.py")));
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
+    assert!(
+        stdout.contains("[default0]:rank 0 restart 0 sum 3"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("[default1]:rank 1 restart 0 sum 3"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn gloo_job_restarts_after_a_deliberate_failure() {
+    let out = run(Command::new(BIN)
+        .args(["--nproc-per-node=2", "--max-restarts=1", "-t", "3"])
+        .arg(helper("torch_job.py"))
+        .args(["fail-once", "1"]));
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
+    assert!(
+        stdout.contains("[default0]:rank 0 restart 1 sum 3"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("[default1]:rank 1 restart 1 sum 3"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn record_traceback_appears_in_the_summary() {
+    let err_file = tempfile::NamedTempFile::new().unwrap();
+    let out = run(Command::new(BIN)
+        .args(["--nproc-per-node=2"])
+        .arg(helper("torch_job.py"))
+        .arg("raise")
+        .env("TORCHELASTIC_ERROR_FILE", err_file.path()));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("Root Cause (first observed failure):"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("  traceback : Traceback (most recent call last):"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ValueError: boom from rank 1"), "{stderr}");
+    assert!(stderr.contains("/attempt_0/1/error.json"), "{stderr}");
+    // The launcher's own error file gets the root cause's, with errorCode.
+    let copied = std::fs::read_to_string(err_file.path()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&copied).unwrap();
+    assert_eq!(v["message"]["errorCode"], 1);
+    assert!(v["message"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("boom from rank 1"));
+}
+
+/// Replaces the values that legitimately differ between two launches with
+/// their shape, so the two environments can be compared key by key.
+fn shape(key: &str, value: &str, run_id: &str) -> String {
+    let v = if run_id.is_empty() || run_id == "none" || key == "TORCHELASTIC_RUN_ID" {
+        value.to_string()
+    } else {
+        value.replace(run_id, "<RUN_ID>")
+    };
+    match key {
+        "MASTER_PORT" => {
+            assert!(v.parse::<u16>().is_ok(), "MASTER_PORT {v}");
+            "<PORT>".to_string()
+        }
+        "TORCHELASTIC_RUN_ID" if v != "none" => {
+            let parts: Vec<usize> = v.split('-').map(str::len).collect();
+            assert_eq!(parts, vec![8, 4, 4, 4, 12], "uuid4 {v}");
+            "<UUID4>".to_string()
+        }
+        "TORCHELASTIC_ERROR_FILE" => {
+            // <tmp>/torchelastic_XXXXXXXX/<RUN_ID>_XXXXXXXX/attempt_0/<r>/error.json
+            let parts: Vec<&str> = v.rsplit('/').take(5).collect();
+            let (id, suffix) = parts[3].rsplit_once('_').unwrap();
+            assert!(id == "<RUN_ID>" || id == "none", "{v}");
+            assert_eq!(suffix.len(), 8, "{v}");
+            assert!(
+                parts[4].starts_with("torchelastic_") && parts[4].len() == 21,
+                "{v}"
+            );
+            format!(
+                "<TMP>/torchelastic_<8>/<RUN_ID>_<8>/{}/{}/{}",
+                parts[2], parts[1], parts[0]
+            )
+        }
+        _ => v,
+    }
+}
+
+fn launched_env(launcher: &[&str], flags: &[&str], nproc: usize) -> Vec<BTreeMap<String, String>> {
+    let out_dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(launcher[0])
+        .args(&launcher[1..])
+        .args(flags)
+        .arg(helper("dump_env.py"))
+        .arg(out_dir.path())
+        .env("PYTHON_EXEC", python())
+        .env("TMPDIR", tmp.path())
+        .env_remove("OMP_NUM_THREADS")
+        .env_remove("TORCHELASTIC_ERROR_FILE")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{launcher:?}: {}",
+        text(&out.stderr)
+    );
+    let base: BTreeMap<String, String> = std::env::vars().collect();
+    (0..nproc)
+        .map(|r| {
+            let s = std::fs::read_to_string(out_dir.path().join(format!("{r}.json"))).unwrap();
+            let all: BTreeMap<String, String> = serde_json::from_str(&s).unwrap();
+            let run_id = all.get("TORCHELASTIC_RUN_ID").cloned().unwrap_or_default();
+            // What the launcher added or changed, as shapes.
+            all.iter()
+                .filter(|(k, v)| {
+                    base.get(*k) != Some(*v)
+                        && k.as_str() != "TMPDIR"
+                        && k.as_str() != "PYTHON_EXEC"
+                })
+                .map(|(k, v)| (k.clone(), shape(k, v, &run_id)))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn environment_matches_real_torchrun() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let torchrun = torchrun().display().to_string();
+    let port_flag = format!("--master-port={port}");
+    for flags in [
+        vec!["--standalone", "--nproc-per-node=2"],
+        vec!["--nproc-per-node=2", port_flag.as_str()],
+    ] {
+        let theirs = launched_env(&[torchrun.as_str()], &flags, 2);
+        let ours = launched_env(&[BIN], &flags, 2);
+        for r in 0..2 {
+            let mut mine = ours[r].clone();
+            // Our one deliberate addition: the job marker that lets the
+            // guardian find a worker's daemonized descendants (README).
+            assert!(mine.remove("TORCHRUN_RS_JOB").is_some());
+            assert_eq!(mine, theirs[r], "rank {r} with {flags:?}");
+        }
+    }
+}
