@@ -2,4 +2,5 @@
 //! argparse, [`resolve`] turns them into a launch configuration and command.
 
 pub mod args;
+pub mod log_format;
 pub mod resolve;

@@ -12,7 +12,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
+        .event_format(cli::log_format::TorchFormat)
         .init();
 }
 

@@ -102,6 +102,16 @@ elif mode == "lines":
     out.flush()
     sys.stderr.flush()
     sys.exit(0)
+elif mode == "leak-pipe":
+    # A background process inherits stdout and outlives the worker.
+    if os.fork() == 0:
+        write(f"leaker.{rank}", str(os.getpid()))
+        time.sleep(60)
+        os._exit(0)
+    while not os.path.exists(os.path.join(outdir, f"leaker.{rank}")):
+        time.sleep(0.01)
+    print(f"worker {rank} done", flush=True)
+    sys.exit(0)
 elif mode == "sleep":
     ready()
     time.sleep(float(args[0]) if args else 60)

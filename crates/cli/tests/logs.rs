@@ -1,0 +1,366 @@
+//! Worker logs (spec §6): the log tree, redirects, tee through pipes with
+//! prefixes, filters, and the failure summary's layout.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_torchrun-rs");
+
+fn helper() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/helpers/worker.py")
+        .display()
+        .to_string()
+}
+
+fn launch(flags: &[&str], mode: &str, args: &[&str], out: &Path, env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(BIN);
+    c.args(flags)
+        .arg(helper())
+        .arg(mode)
+        .arg(out)
+        .args(args)
+        .env("PYTHON_EXEC", "python3")
+        .env("TMPDIR", out)
+        .env_remove("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The single `<run_id>_XXXXXXXX` directory under `root`.
+fn run_dir(root: &Path) -> PathBuf {
+    let dirs: Vec<PathBuf> = std::fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs.into_iter().next().unwrap()
+}
+
+#[test]
+fn tee_keeps_every_line_whole_with_its_prefix() {
+    let out = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let n = 3000;
+    let o = launch(
+        &[
+            "--nproc-per-node=4",
+            "-t",
+            "3",
+            "--log-dir",
+            logs.path().to_str().unwrap(),
+        ],
+        "lines",
+        &[&n.to_string()],
+        out.path(),
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let stdout = text(&o.stdout);
+    let stderr = text(&o.stderr);
+    for r in 0..4 {
+        let prefix = format!("[default{r}]:");
+        let mine: Vec<&str> = stdout.lines().filter(|l| l.starts_with(&prefix)).collect();
+        assert_eq!(mine.len(), n, "rank {r} stdout lines");
+        for (i, l) in mine[..n - 1].iter().enumerate() {
+            let want = format!("{prefix}r{r} line {i} {}", "x".repeat(i % 50));
+            assert_eq!(*l, want, "rank {r} line {i}");
+        }
+        assert_eq!(mine[n - 1], format!("{prefix}r{r} last-partial"));
+        let errs = stderr.lines().filter(|l| l.starts_with(&prefix)).count();
+        assert_eq!(errs, n - 1, "rank {r} stderr lines");
+        // The file holds the worker's bytes exactly, partial last line included.
+        let file =
+            std::fs::read_to_string(run_dir(logs.path()).join(format!("attempt_0/{r}/stdout.log")))
+                .unwrap();
+        assert!(file.ends_with(&format!("\nr{r} last-partial")));
+        assert_eq!(file.lines().count(), n);
+    }
+    // Nothing else: no torn or glued lines.
+    assert_eq!(stdout.lines().count(), 4 * n);
+    assert!(stdout.lines().all(|l| l.starts_with("[default")));
+}
+
+#[test]
+fn log_tree_after_a_restart() {
+    let out = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let o = launch(
+        &[
+            "--nproc-per-node=2",
+            "--max-restarts=1",
+            "-r",
+            "3",
+            "--log-dir",
+            logs.path().to_str().unwrap(),
+            "--rdzv-id=job1",
+            "--master-port=0",
+        ],
+        "fail-once",
+        &["1"],
+        out.path(),
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let run = run_dir(logs.path());
+    let name = run.file_name().unwrap().to_str().unwrap().to_string();
+    assert!(
+        name.starts_with("job1_") && name.len() == "job1_".len() + 8,
+        "{name}"
+    );
+    for attempt in 0..2 {
+        for r in 0..2 {
+            let d = run.join(format!("attempt_{attempt}/{r}"));
+            assert!(d.join("stdout.log").is_file(), "{d:?}");
+            assert!(d.join("stderr.log").is_file(), "{d:?}");
+            assert!(!d.join("error.json").exists());
+        }
+    }
+    assert!(!run.join("attempt_2").exists());
+    // Redirected, not tee'd: nothing of the workers on the console.
+    assert_eq!(text(&o.stdout), "");
+}
+
+#[test]
+fn dev_null_log_dir_writes_nothing() {
+    let out = tempfile::tempdir().unwrap();
+    let o = launch(
+        &["--log-dir", "/dev/null", "-r", "3"],
+        "env",
+        &[],
+        out.path(),
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let env: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("env.0.0.json")).unwrap())
+            .unwrap();
+    assert_eq!(env["env"]["TORCHELASTIC_ERROR_FILE"], "");
+    let made: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("torchelastic_"))
+        .collect();
+    assert!(made.is_empty(), "{made:?}");
+}
+
+#[test]
+fn log_dir_that_is_a_file_is_a_clear_error() {
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("plain");
+    std::fs::write(&file, "x").unwrap();
+    let o = launch(
+        &["--log-dir", file.to_str().unwrap()],
+        "env",
+        &[],
+        out.path(),
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("--log-dir") && err.contains("not a directory"),
+        "{err}"
+    );
+}
+
+#[test]
+fn filters_and_local_ranks_filter() {
+    let out = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let o = launch(
+        &[
+            "--nproc-per-node=2",
+            "-t",
+            "3",
+            "--local-ranks-filter=0",
+            "--duplicate-stdout-filters=line 7 ,last",
+            "--log-dir",
+            logs.path().to_str().unwrap(),
+        ],
+        "lines",
+        &["20"],
+        out.path(),
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let stdout = text(&o.stdout);
+    assert!(
+        stdout.lines().all(|l| l.starts_with("[default0]:")),
+        "{stdout}"
+    );
+    assert_eq!(stdout.lines().count(), 20);
+    let run = run_dir(logs.path());
+    assert!(
+        run.join("attempt_0/1/stdout.log").is_file(),
+        "filtered ranks still write files"
+    );
+    let filtered = std::fs::read_to_string(run.join("attempt_0/filtered_stdout.log")).unwrap();
+    let mut lines: Vec<&str> = filtered.lines().collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        vec![
+            "[default0]:r0 last-partial",
+            "[default0]:r0 line 7 xxxxxxx",
+            "[default1]:r1 last-partial",
+            "[default1]:r1 line 7 xxxxxxx",
+        ]
+    );
+}
+
+#[test]
+fn prefix_template_from_flag_and_environment() {
+    let out = tempfile::tempdir().unwrap();
+    let o = launch(
+        &[
+            "--nproc-per-node=2",
+            "-t",
+            "1",
+            "--log-line-prefix-template",
+            "[rank${rank}|${role_name}|${local_rank}|$foo]: ",
+        ],
+        "lines",
+        &["3"],
+        out.path(),
+        &[],
+    );
+    let stdout = text(&o.stdout);
+    assert!(
+        stdout.contains("[rank1|default|1|$foo]: r1 line 0 \n"),
+        "{stdout}"
+    );
+    let o = launch(
+        &["--redirect=3", "--tee=3"],
+        "lines",
+        &["2"],
+        out.path(),
+        &[("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE", "[rank${rank}]: ")],
+    );
+    assert!(
+        text(&o.stdout).contains("[rank0]: r0 line 0 \n"),
+        "{}",
+        text(&o.stdout)
+    );
+}
+
+#[test]
+fn a_process_holding_the_pipe_does_not_hang_the_launcher() {
+    let out = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+    let o = launch(&["-t", "3"], "leak-pipe", &[], out.path(), &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "launcher waited for the leaked pipe"
+    );
+    assert!(text(&o.stdout).contains("[default0]:worker 0 done"));
+    let leaker: i32 = std::fs::read_to_string(out.path().join("leaker.0"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    testkit::wait_for(
+        Duration::from_secs(1),
+        "the leaked process to be stopped",
+        || (!testkit::pid_alive(leaker)).then_some(()),
+    );
+}
+
+/// Replaces what changes from run to run: times, pids, hosts, paths.
+fn redact(s: &str) -> String {
+    s.lines()
+        .map(|l| {
+            if let Some((k, _)) = l
+                .split_once(": ")
+                .filter(|(k, _)| k.trim() == "time" || k.trim() == "host")
+            {
+                return format!("{k}: <X>");
+            }
+            match l.find("(pid: ") {
+                Some(i) => {
+                    let end = l[i..].find(')').unwrap() + i;
+                    format!("{}(pid: <PID>{}", &l[..i], &l[end..])
+                }
+                None => l.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn golden_summary_for_sys_exit_3() {
+    let out = tempfile::tempdir().unwrap();
+    let o = launch(
+        &["--nproc-per-node=2"],
+        "exit",
+        &["3", "1"],
+        out.path(),
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(3));
+    let err = text(&o.stderr);
+    let start = err.find("\n====").expect("summary box");
+    let end = err.rfind("====").unwrap() + 4;
+    let expected = "
+============================================================
+worker.py FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : <X>
+  host      : <X>
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: <PID>)  (SIGTERM)
+  error_file: <N/A>
+  traceback : Signal 15 (SIGTERM) received by PID <PID>
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : <X>
+  host      : <X>
+  rank      : 1 (local_rank: 1)
+  exitcode  : 3 (pid: <PID>) 
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+============================================================";
+    // The title is the script as typed: here the helper's full path.
+    let got: String = redact(&err[start..end].replace(&helper(), "worker.py"))
+        .lines()
+        .map(|l| match l.find("received by PID ") {
+            Some(i) => format!("{}received by PID <PID>", &l[..i]),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(got, expected, "\n{got}");
+}
+
+#[test]
+fn golden_summary_for_sigkill() {
+    let out = tempfile::tempdir().unwrap();
+    let o = launch(&[], "signal", &["9", "0"], out.path(), &[]);
+    assert_eq!(o.status.code(), Some(137));
+    let err = text(&o.stderr);
+    assert!(err.contains("  exitcode  : -9 (pid: "), "{err}");
+    assert!(err.contains(")  (SIGKILL)\n"), "{err}");
+    assert!(
+        err.contains("  traceback : Signal 9 (SIGKILL) received by PID "),
+        "{err}"
+    );
+    assert!(err.contains("Failures:\n  <NO_OTHER_FAILURES>\n"), "{err}");
+    assert!(
+        err.contains("Root cause: rank 0 (local_rank 0, pid "),
+        "{err}"
+    );
+    assert!(err.contains("killed by signal 9 (SIGKILL)"), "{err}");
+}
