@@ -122,37 +122,37 @@ async fn main() {
         }
         "fanout" => {
             let n: usize = args[4].parse().unwrap();
-            let mut waiters = vec![];
             let key = format!("/fan{}", std::process::id()).into_bytes();
-            for _ in 0..n {
-                let mut s = connect(&host, port).await;
-                let mut buf = vec![];
-                codec::encode_keys(codec::code::WAIT, &[&key], &mut buf);
-                s.write_all(&buf).await.unwrap();
-                waiters.push(s);
+            // Waiters connect concurrently (torch's server accepts slowly when
+            // connections arrive one after another).
+            let opening: Vec<_> = (0..n)
+                .map(|_| {
+                    let host = host.clone();
+                    let key = key.clone();
+                    tokio::spawn(async move {
+                        let mut s = connect(&host, port).await;
+                        let mut buf = vec![];
+                        codec::encode_keys(codec::code::WAIT, &[&key], &mut buf);
+                        s.write_all(&buf).await.unwrap();
+                        s
+                    })
+                })
+                .collect();
+            let mut waiters = Vec::with_capacity(n);
+            for o in opening {
+                waiters.push(o.await.unwrap());
             }
-            // Every WAIT must be registered before the SET; a PING on a
-            // fresh connection after a pause is the best a client can do.
+            // Every WAIT must be registered before the SET: a server gives no
+            // way to observe that, so the generator pauses.
             tokio::time::sleep(Duration::from_millis(500)).await;
             let mut setter = connect(&host, port).await;
             let tasks: Vec<_> = waiters
                 .into_iter()
-                .map(|mut s| {
-                    tokio::spawn(async move {
-                        s.read_u8().await.unwrap();
-                        Instant::now()
-                    })
-                })
+                .map(|mut s| tokio::spawn(async move { s.read_u8().await.unwrap(); Instant::now() }))
                 .collect();
             tokio::task::yield_now().await;
             let mut buf = vec![];
-            codec::encode(
-                &Request::Set {
-                    key: &key,
-                    value: b"go",
-                },
-                &mut buf,
-            );
+            codec::encode(&Request::Set { key: &key, value: b"go" }, &mut buf);
             let t0 = Instant::now();
             setter.write_all(&buf).await.unwrap();
             let mut last = t0;
@@ -170,9 +170,15 @@ async fn main() {
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
             let before = rss_bytes(pid);
-            let mut conns = vec![];
-            for _ in 0..n {
-                conns.push(connect(&host, port).await);
+            let opening: Vec<_> = (0..n)
+                .map(|_| {
+                    let host = host.clone();
+                    tokio::spawn(async move { connect(&host, port).await })
+                })
+                .collect();
+            let mut conns = Vec::with_capacity(n);
+            for o in opening {
+                conns.push(o.await.unwrap());
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
             let after = rss_bytes(pid);

@@ -42,6 +42,10 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(io::Error::last_os_error());
     }
+    // A larger pipe lets a chatty worker run ahead instead of waking the
+    // tee thread every 64 KiB (best effort: the limit is a sysctl).
+    // SAFETY: plain fcntl on our new descriptor.
+    unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, PIPE_SIZE) };
     // SAFETY: both descriptors are new and owned by nobody else.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
@@ -66,6 +70,9 @@ impl TeeHandle {
     }
 }
 
+const PIPE_SIZE: libc::c_int = 1 << 20;
+const READ_CHUNK: usize = 256 * 1024;
+
 /// Longest partial line held back waiting for its newline; longer ones are
 /// printed as they are.
 const MAX_PENDING: usize = 1 << 20;
@@ -78,7 +85,7 @@ pub fn start(read: OwnedFd, targets: TeeTargets) -> io::Result<TeeHandle> {
 }
 
 fn copy_lines(mut input: File, mut t: TeeTargets) {
-    let mut chunk = vec![0u8; 64 * 1024];
+    let mut chunk = vec![0u8; READ_CHUNK];
     let mut pending: Vec<u8> = Vec::new();
     let mut out: Vec<u8> = Vec::new();
     let prefix = t.prefix.clone().into_bytes();
@@ -93,7 +100,7 @@ fn copy_lines(mut input: File, mut t: TeeTargets) {
         if let Some(f) = t.file.as_mut() {
             let _ = f.write_all(data);
         }
-        let Some(last_nl) = data.iter().rposition(|&b| b == b'\n') else {
+        let Some(last_nl) = memchr::memrchr(b'\n', data) else {
             pending.extend_from_slice(data);
             if pending.len() > MAX_PENDING {
                 let p = std::mem::take(&mut pending);
@@ -107,7 +114,7 @@ fn copy_lines(mut input: File, mut t: TeeTargets) {
                 &mut t,
                 &prefix,
                 &mut out,
-                complete[..complete.len() - 1].split(|&b| b == b'\n'),
+                lines(&complete[..complete.len() - 1]),
             );
         } else {
             pending.extend_from_slice(complete);
@@ -116,7 +123,7 @@ fn copy_lines(mut input: File, mut t: TeeTargets) {
                 &mut t,
                 &prefix,
                 &mut out,
-                p[..p.len() - 1].split(|&b| b == b'\n'),
+                lines(&p[..p.len() - 1]),
             );
         }
         pending.extend_from_slice(rest);
@@ -126,6 +133,40 @@ fn copy_lines(mut input: File, mut t: TeeTargets) {
     }
     if let Some(f) = t.file.as_mut() {
         let _ = f.flush();
+    }
+}
+
+/// Splits on newlines (the last line has none).
+fn lines(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut start = 0;
+    let mut ends = memchr::memchr_iter(b'\n', buf).chain(std::iter::once(buf.len()));
+    std::iter::from_fn(move || {
+        let end = ends.next()?;
+        let line = &buf[start..end];
+        start = end + 1;
+        Some(line)
+    })
+}
+
+/// The launcher's stdout and stderr, written with one `write` per batch of
+/// whole lines (no line buffering to scan the bytes again). The lock keeps
+/// batches of different ranks from interleaving.
+fn console_write(fd: i32, buf: &[u8]) {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    // Flush what Rust's own stdout may hold, so order is kept.
+    let _ = if fd == 1 { io::stdout().flush() } else { io::stderr().flush() };
+    let mut off = 0;
+    while off < buf.len() {
+        // SAFETY: writing from a valid buffer to the process's own stream.
+        let n = unsafe { libc::write(fd, buf[off..].as_ptr().cast(), buf.len() - off) };
+        if n < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        off += n as usize;
     }
 }
 
@@ -151,12 +192,8 @@ fn emit<'a>(
         }
     }
     match t.console {
-        Some(Console::Stdout) => {
-            let _ = io::stdout().lock().write_all(out);
-        }
-        Some(Console::Stderr) => {
-            let _ = io::stderr().lock().write_all(out);
-        }
+        Some(Console::Stdout) => console_write(1, out),
+        Some(Console::Stderr) => console_write(2, out),
         None => {}
     }
     if !filtered.is_empty() {
@@ -169,5 +206,5 @@ fn emit<'a>(
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    needle.is_empty() || hay.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(hay, needle).is_some()
 }
