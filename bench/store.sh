@@ -47,14 +47,14 @@ echo "| measure | torch TCPStore (libuv) | torchrun-rs-store | ours vs torch |"
 echo "| --- | --- | --- | --- |"
 for c in 1 100 1000; do
   start_servers
-  t=$("$LOAD" mix 127.0.0.1 "$TORCH_PORT" "$c" "$SECS")
-  o=$("$LOAD" mix 127.0.0.1 "$OURS_PORT" "$c" "$SECS")
+  read -r t tc < <("$LOAD" mix 127.0.0.1 "$TORCH_PORT" "$c" "$SECS" "$TORCH_PID")
+  read -r o oc < <("$LOAD" mix 127.0.0.1 "$OURS_PORT" "$c" "$SECS" "$OURS_PID")
   row "set/get/add ops/s, $c connections" "$t" "$o" higher
+  row "server CPU µs per op, $c connections" "$tc" "$oc" lower
 done
 start_servers
-median5() { for _ in 1 2 3 4 5; do "$@"; done | sort -g | sed -n 3p; }
-t=$(median5 "$LOAD" fanout 127.0.0.1 "$TORCH_PORT" 1000)
-o=$(median5 "$LOAD" fanout 127.0.0.1 "$OURS_PORT" 1000)
+t=$("$LOAD" fanout 127.0.0.1 "$TORCH_PORT" 1000)
+o=$("$LOAD" fanout 127.0.0.1 "$OURS_PORT" 1000)
 row "1,000 WAITs released by one SET (ms, median of 5)" "$t" "$o" lower
 # torch's server accepts ever more slowly past a few thousand connections
 # (minutes for 10,000), so the side-by-side row uses 1,000; ours alone is

@@ -1,7 +1,8 @@
 //! Load generator for a TCPStore server (ours or torch's), speaking the wire
 //! protocol directly so both servers see identical traffic.
 //!
-//! store-load mix HOST PORT CONNS SECONDS   -> prints ops/s
+//! store-load mix HOST PORT CONNS SECONDS PID -> prints ops/s and the
+//!                                            server's CPU µs per op
 //! store-load fanout HOST PORT WAITERS      -> prints ms from SET to the last waiter released
 //! store-load idle HOST PORT CONNS PID      -> prints server RSS bytes per idle connection
 
@@ -32,7 +33,7 @@ async fn mix_worker(mut s: TcpStream, id: usize, until: Instant) -> u64 {
     let counter = format!("/c{}", id % 64).into_bytes();
     let mut buf = vec![];
     let mut ops = 0u64;
-    let mut reply = vec![0u8; 64];
+    let mut reply = [0u8; 64];
     while Instant::now() < until {
         for op in 0..3 {
             buf.clear();
@@ -75,6 +76,16 @@ async fn mix_worker(mut s: TcpStream, id: usize, until: Instant) -> u64 {
     ops
 }
 
+/// User + system CPU seconds of a process.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = stat.rsplit_once(')').unwrap().1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime), counted from the pid as field 1.
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
@@ -106,6 +117,8 @@ async fn main() {
             for o in opening {
                 streams.push(o.await.unwrap());
             }
+            let pid: u32 = args[6].parse().unwrap();
+            let cpu_before = cpu_seconds(pid);
             let start = Instant::now();
             let until = start + Duration::from_secs_f64(secs);
             let tasks: Vec<_> = streams
@@ -118,48 +131,69 @@ async fn main() {
                 total += t.await.unwrap();
             }
             let elapsed = start.elapsed().as_secs_f64();
-            println!("{:.0}", total as f64 / elapsed);
+            let cpu = cpu_seconds(pid) - cpu_before;
+            println!(
+                "{:.0} {:.2}",
+                total as f64 / elapsed,
+                cpu * 1e6 / total as f64
+            );
         }
         "fanout" => {
             let n: usize = args[4].parse().unwrap();
-            let key = format!("/fan{}", std::process::id()).into_bytes();
-            // Waiters connect concurrently (torch's server accepts slowly when
-            // connections arrive one after another).
+            // Waiters connect once, concurrently (torch's server accepts
+            // slowly); then 5 rounds, each on its own key; the median is printed.
             let opening: Vec<_> = (0..n)
                 .map(|_| {
                     let host = host.clone();
-                    let key = key.clone();
-                    tokio::spawn(async move {
-                        let mut s = connect(&host, port).await;
-                        let mut buf = vec![];
-                        codec::encode_keys(codec::code::WAIT, &[&key], &mut buf);
-                        s.write_all(&buf).await.unwrap();
-                        s
-                    })
+                    tokio::spawn(async move { connect(&host, port).await })
                 })
                 .collect();
             let mut waiters = Vec::with_capacity(n);
             for o in opening {
                 waiters.push(o.await.unwrap());
             }
-            // Every WAIT must be registered before the SET: a server gives no
-            // way to observe that, so the generator pauses.
-            tokio::time::sleep(Duration::from_millis(500)).await;
             let mut setter = connect(&host, port).await;
-            let tasks: Vec<_> = waiters
-                .into_iter()
-                .map(|mut s| tokio::spawn(async move { s.read_u8().await.unwrap(); Instant::now() }))
-                .collect();
-            tokio::task::yield_now().await;
-            let mut buf = vec![];
-            codec::encode(&Request::Set { key: &key, value: b"go" }, &mut buf);
-            let t0 = Instant::now();
-            setter.write_all(&buf).await.unwrap();
-            let mut last = t0;
-            for t in tasks {
-                last = last.max(t.await.unwrap());
+            let mut times = Vec::new();
+            for round in 0..5 {
+                let key = format!("/fan{}-{round}", std::process::id()).into_bytes();
+                let mut buf = vec![];
+                codec::encode_keys(codec::code::WAIT, &[&key], &mut buf);
+                for w in waiters.iter_mut() {
+                    w.write_all(&buf).await.unwrap();
+                }
+                // Every WAIT must be registered before the SET: a server gives
+                // no way to observe that, so the generator pauses.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let tasks: Vec<_> = waiters
+                    .drain(..)
+                    .map(|mut s| {
+                        tokio::spawn(async move {
+                            s.read_u8().await.unwrap();
+                            (s, Instant::now())
+                        })
+                    })
+                    .collect();
+                tokio::task::yield_now().await;
+                buf.clear();
+                codec::encode(
+                    &Request::Set {
+                        key: &key,
+                        value: b"go",
+                    },
+                    &mut buf,
+                );
+                let t0 = Instant::now();
+                setter.write_all(&buf).await.unwrap();
+                let mut last = t0;
+                for t in tasks {
+                    let (s, at) = t.await.unwrap();
+                    last = last.max(at);
+                    waiters.push(s);
+                }
+                times.push((last - t0).as_secs_f64() * 1e3);
             }
-            println!("{:.2}", (last - t0).as_secs_f64() * 1e3);
+            times.sort_by(f64::total_cmp);
+            println!("{:.2}", times[times.len() / 2]);
         }
         "idle" => {
             let n: usize = args[4].parse().unwrap();

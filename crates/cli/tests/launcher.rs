@@ -27,6 +27,7 @@ struct Run {
 struct Done {
     code: Option<i32>,
     signal: Option<i32>,
+    #[allow(dead_code)] // kept for debugging failing tests
     stdout: String,
     stderr: String,
 }

@@ -364,3 +364,39 @@ fn golden_summary_for_sigkill() {
     );
     assert!(err.contains("killed by signal 9 (SIGKILL)"), "{err}");
 }
+
+#[test]
+fn a_malformed_error_file_is_a_note_not_a_crash() {
+    let out = tempfile::tempdir().unwrap();
+    let o = launch(&[], "bad-error-file", &[], out.path(), &[]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("Root Cause (first observed failure):"),
+        "{err}"
+    );
+    assert!(
+        err.contains("Note: error file ") && err.contains("could not be read"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn run_path_runs_the_script_in_a_python_worker() {
+    let out = tempfile::tempdir().unwrap();
+    let o = launch(
+        &["--run-path", "--nproc-per-node=2"],
+        "env",
+        &[],
+        out.path(),
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("env.1.0.json")).unwrap())
+            .unwrap();
+    // sys.argv is the script and its arguments, as with runpy.run_path.
+    assert_eq!(v["argv"][0], helper());
+    assert_eq!(v["argv"][1], "env");
+}

@@ -87,17 +87,52 @@ pub struct Agent<'a> {
     all_groups: Vec<i32>,
     /// A shutdown signal already received (the next one skips the grace).
     stopping: Option<i32>,
+    /// The memory cgroup file with the kernel's OOM-kill counter.
+    oom_counter: Option<PathBuf>,
 }
 
 /// The group of workers of one attempt.
 struct Group {
     workers: Vec<Worker>,
     tees: Vec<TeeHandle>,
+    /// The memory cgroup's OOM-kill count when the group started.
+    oom_kills_at_start: Option<u64>,
+}
+
+impl Worker {
+    fn failure(&self, status: ExitStatus, seq: u64) -> ProcessFailure {
+        let mut f = ProcessFailure::new(
+            self.ranks.local_rank,
+            self.ranks.global_rank,
+            self.pid,
+            status,
+            self.error_file.as_deref(),
+            seq,
+        );
+        f.stderr_file = self.stderr_file.clone();
+        f
+    }
 }
 
 impl Group {
     fn alive(&self) -> impl Iterator<Item = &Worker> {
         self.workers.iter().filter(|w| w.exited.is_none())
+    }
+    /// Records an exit; `None` if the pid is not a live worker of this group
+    /// (an orphaned grandchild reaped as subreaper, or an older attempt).
+    fn mark_exited(&mut self, exit: Exit) -> Option<&Worker> {
+        let w = self
+            .workers
+            .iter_mut()
+            .find(|w| w.pid == exit.pid && w.exited.is_none())?;
+        w.exited = Some(exit.status);
+        Some(w)
+    }
+    /// Sends `sig` to the process group of every live worker.
+    fn signal_alive(&self, sig: i32) {
+        for w in self.alive() {
+            process::signal_group(w.pid, sig);
+        }
     }
     fn all_exited(&self) -> bool {
         self.workers.iter().all(|w| w.exited.is_some())
@@ -136,6 +171,7 @@ impl<'a> Agent<'a> {
             seq: 0,
             all_groups: Vec::new(),
             stopping: None,
+            oom_counter: crate::oom::counter_file(),
         }
     }
 
@@ -231,6 +267,10 @@ impl<'a> Agent<'a> {
         let mut group = Group {
             workers: Vec::new(),
             tees: Vec::new(),
+            oom_kills_at_start: self
+                .oom_counter
+                .as_deref()
+                .and_then(crate::oom::parse_oom_kills),
         };
         for local_rank in 0..nproc {
             let ranks = WorkerRanks {
@@ -365,24 +405,20 @@ impl<'a> Agent<'a> {
     }
 
     fn record_exit(&mut self, group: &mut Group, exit: Exit) -> Option<ProcessFailure> {
-        let w = group
-            .workers
-            .iter_mut()
-            .find(|w| w.pid == exit.pid && w.exited.is_none())?;
-        w.exited = Some(exit.status);
+        let start = group.oom_kills_at_start;
+        let w = group.mark_exited(exit)?;
         if exit.status.success() {
             return None;
         }
         self.seq += 1;
-        let mut f = ProcessFailure::new(
-            w.ranks.local_rank,
-            w.ranks.global_rank,
-            w.pid,
-            exit.status,
-            w.error_file.as_deref(),
-            self.seq,
-        );
-        f.stderr_file = w.stderr_file.clone();
+        let mut f = w.failure(exit.status, self.seq);
+        if exit.status == ExitStatus::Signal(libc::SIGKILL) {
+            let now = self
+                .oom_counter
+                .as_deref()
+                .and_then(crate::oom::parse_oom_kills);
+            f.oom_killed = matches!((start, now), (Some(a), Some(b)) if b > a);
+        }
         Some(f)
     }
 
@@ -414,9 +450,7 @@ impl<'a> Agent<'a> {
                 Some(ev) = self.trap.recv() => match ev {
                     SignalEvent::Forward(sig) => {
                         tracing::warn!("forwarding {} to the workers", signal_name(sig).unwrap_or("signal"));
-                        for w in group.alive() {
-                            process::signal_group(w.pid, sig);
-                        }
+                        group.signal_alive(sig);
                     }
                     SignalEvent::Shutdown(sig) => {
                         tracing::warn!("Received {sig} death signal, shutting down workers");
@@ -437,16 +471,8 @@ impl<'a> Agent<'a> {
             if let Some(st) = w.exited.filter(|s| !s.success()) {
                 if !already {
                     self.seq += 1;
-                    let mut f = ProcessFailure::new(
-                        w.ranks.local_rank,
-                        w.ranks.global_rank,
-                        w.pid,
-                        st,
-                        w.error_file.as_deref(),
-                        self.seq,
-                    );
+                    let mut f = w.failure(st, self.seq);
                     f.terminated_by_launcher = true;
-                    f.stderr_file = w.stderr_file.clone();
                     failures.push(f);
                 }
             }
@@ -475,16 +501,10 @@ impl<'a> Agent<'a> {
         while !group.all_exited() && !escalate {
             tokio::select! {
                 Some(exit) = self.exits.recv() => {
-                    if let Some(w) = group.workers.iter_mut().find(|w| w.pid == exit.pid && w.exited.is_none()) {
-                        w.exited = Some(exit.status);
-                    }
+                    group.mark_exited(exit);
                 }
                 Some(ev) = self.trap.recv() => match ev {
-                    SignalEvent::Forward(s) => {
-                        for w in group.alive() {
-                            process::signal_group(w.pid, s);
-                        }
-                    }
+                    SignalEvent::Forward(s) => group.signal_alive(s),
                     SignalEvent::Shutdown(s) => {
                         if self.stopping.is_some() {
                             tracing::warn!("second signal: killing the workers now");
@@ -492,9 +512,7 @@ impl<'a> Agent<'a> {
                         } else {
                             self.stopping = Some(s);
                             received = Some(s);
-                            for w in group.alive() {
-                                process::signal_group(w.pid, s);
-                            }
+                            group.signal_alive(s);
                         }
                     }
                 },
@@ -516,9 +534,7 @@ impl<'a> Agent<'a> {
             while !group.all_exited() {
                 tokio::select! {
                     Some(exit) = self.exits.recv() => {
-                        if let Some(w) = group.workers.iter_mut().find(|w| w.pid == exit.pid && w.exited.is_none()) {
-                            w.exited = Some(exit.status);
-                        }
+                        group.mark_exited(exit);
                     }
                     _ = tokio::time::sleep_until(hard_deadline) => {
                         tracing::error!("workers did not exit after SIGKILL (uninterruptible sleep?)");

@@ -29,6 +29,8 @@ pub struct ProcessFailure {
     pub stderr_file: Option<PathBuf>,
     /// Stopped by the launcher (a sibling of the root cause).
     pub terminated_by_launcher: bool,
+    /// SIGKILLed while the memory cgroup's OOM-kill counter went up.
+    pub oom_killed: bool,
 }
 
 pub use json::Json;
@@ -57,6 +59,7 @@ impl ProcessFailure {
             seq,
             stderr_file: None,
             terminated_by_launcher: false,
+            oom_killed: false,
         };
         if let Some(path) = error_file.filter(|p| p.is_file()) {
             f.error_file = Some(path.to_path_buf());
@@ -209,9 +212,9 @@ pub fn summary(name: &str, failures: &[ProcessFailure], host: &str) -> String {
 }
 
 /// The cause in words, where it is knowable.
-pub fn reason(f: &ProcessFailure, oom_killed: bool) -> String {
+pub fn reason(f: &ProcessFailure) -> String {
     match f.status {
-        ExitStatus::Signal(9) if oom_killed => {
+        ExitStatus::Signal(9) if f.oom_killed => {
             "killed by the kernel's OOM killer (SIGKILL)".to_string()
         }
         ExitStatus::Signal(s) => format!(

@@ -81,7 +81,7 @@ fn root_cause_details(f: &ProcessFailure) -> String {
         f.global_rank,
         f.local_rank,
         f.pid,
-        failure::reason(f, false)
+        failure::reason(f)
     );
     if let Some(note) = &f.error_note {
         out.push_str(&format!("Note: {note}\n"));
@@ -193,7 +193,11 @@ async fn run(
     let local_addr = config.local_addr.clone().unwrap_or_else(|| host.clone());
     let log_dir = LogDir::create(config.log_dir.as_deref(), &config.run_id)?;
     let run_dir = log_dir.run_dir().map(PathBuf::from);
-    let rdzv = Rendezvous::create(&config, &local_addr).await?;
+    let rdzv = Rendezvous::create(&config, &local_addr).await.map_err(|e| match e {
+        // A bad value (--node-rank out of range, ...) is a usage error.
+        RendezvousError::Config(c) => LaunchError::Config(c),
+        other => LaunchError::Rendezvous(other),
+    })?;
     let mut agent = Agent::new(
         &config,
         program,

@@ -10,6 +10,7 @@
 //! - [`worker_env`]: the environment contract of spec §3.
 //! - [`log_dir`], [`log_stream`]: log files and tee through pipes.
 //! - [`failure`]: error files and the failure summary.
+//! - [`oom`]: telling an OOM kill from other SIGKILLs.
 //! - [`signals`]: signal names and trapping.
 //! - [`host`]: this host's names as Python computes them.
 
@@ -21,6 +22,7 @@ pub mod launch;
 pub mod lifeline;
 pub mod log_dir;
 pub mod log_stream;
+pub mod oom;
 pub mod process;
 pub mod rendezvous;
 pub mod signals;

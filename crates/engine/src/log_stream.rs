@@ -119,12 +119,7 @@ fn copy_lines(mut input: File, mut t: TeeTargets) {
         } else {
             pending.extend_from_slice(complete);
             let p = std::mem::take(&mut pending);
-            emit(
-                &mut t,
-                &prefix,
-                &mut out,
-                lines(&p[..p.len() - 1]),
-            );
+            emit(&mut t, &prefix, &mut out, lines(&p[..p.len() - 1]));
         }
         pending.extend_from_slice(rest);
     }
@@ -155,7 +150,11 @@ fn console_write(fd: i32, buf: &[u8]) {
     static LOCK: Mutex<()> = Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     // Flush what Rust's own stdout may hold, so order is kept.
-    let _ = if fd == 1 { io::stdout().flush() } else { io::stderr().flush() };
+    let _ = if fd == 1 {
+        io::stdout().flush()
+    } else {
+        io::stderr().flush()
+    };
     let mut off = 0;
     while off < buf.len() {
         // SAFETY: writing from a valid buffer to the process's own stream.

@@ -112,6 +112,11 @@ elif mode == "leak-pipe":
         time.sleep(0.01)
     print(f"worker {rank} done", flush=True)
     sys.exit(0)
+elif mode == "bad-error-file":
+    # Writes a malformed error file, then fails.
+    with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+        f.write("{not json")
+    sys.exit(1)
 elif mode == "sleep":
     ready()
     time.sleep(float(args[0]) if args else 60)

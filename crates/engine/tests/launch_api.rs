@@ -1,0 +1,70 @@
+//! torch's launcher API in Rust: a `LaunchConfig` handed to `launch_agent`
+//! (no CLI involved). One test function, because the launcher reaps every
+//! child of its process and must not share the process with other tests
+//! that wait for their own children.
+
+use std::time::Duration;
+
+use engine::{launch_agent, LaunchConfig, RunResult};
+
+fn config(nproc: u32) -> LaunchConfig {
+    LaunchConfig {
+        nproc_per_node: nproc,
+        run_id: "api-test".to_string(),
+        rdzv_backend: "c10d".to_string(),
+        rdzv_endpoint: "localhost:0".to_string(),
+        log_dir: Some(std::path::PathBuf::from("/dev/null")),
+        shutdown_timeout: Duration::from_secs(5),
+        ..LaunchConfig::default()
+    }
+}
+
+/// Runs `sh -c SCRIPT` on every worker.
+fn run_sh(cfg: &LaunchConfig, script: &str) -> engine::LaunchOutcome {
+    launch_agent(cfg, "sh", &["-c".to_string(), script.to_string()]).expect("launch")
+}
+
+#[test]
+fn launch_agent_api() {
+    let out = tempfile::tempdir().unwrap();
+    let dump = format!(
+        "echo \"$TORCHELASTIC_SIGNALS_TO_HANDLE\" > {}/sig.$RANK",
+        out.path().display()
+    );
+
+    // The default signal list reaches every worker.
+    let outcome = run_sh(&config(2), &dump);
+    assert!(matches!(outcome.result, RunResult::Succeeded));
+    assert_eq!(outcome.exit_code(), 0);
+    for r in 0..2 {
+        let got = std::fs::read_to_string(out.path().join(format!("sig.{r}"))).unwrap();
+        assert_eq!(got.trim(), "SIGTERM,SIGINT,SIGHUP,SIGQUIT");
+    }
+
+    // A configured list is exported as given.
+    let mut cfg = config(2);
+    cfg.signals_to_handle = "SIGTERM,SIGUSR1,SIGUSR2".to_string();
+    let outcome = run_sh(&cfg, &dump);
+    assert_eq!(outcome.exit_code(), 0);
+    for r in 0..2 {
+        let got = std::fs::read_to_string(out.path().join(format!("sig.{r}"))).unwrap();
+        assert_eq!(got.trim(), "SIGTERM,SIGUSR1,SIGUSR2");
+    }
+
+    // A failure: the root cause's code, the summary, restarts counted.
+    let mut cfg = config(2);
+    cfg.max_restarts = 1;
+    let outcome = run_sh(&cfg, "[ \"$RANK\" = 1 ] && exit 4; sleep 30");
+    let RunResult::Failed { failures } = &outcome.result else {
+        panic!("expected a failure, got {:?}", outcome.result)
+    };
+    assert_eq!(outcome.exit_code(), 4);
+    let root = &failures[engine::failure::root_cause(failures).unwrap()];
+    assert_eq!((root.global_rank, root.exitcode()), (1, 4));
+    let report = outcome.report().unwrap();
+    assert!(
+        report.contains("Root Cause (first observed failure):"),
+        "{report}"
+    );
+    assert!(report.contains("exited with code 4"), "{report}");
+}
