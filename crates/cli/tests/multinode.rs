@@ -127,3 +127,28 @@ fn a_node_rank_out_of_range_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("--node-rank"), "{err}");
 }
+
+#[test]
+fn a_signal_stops_a_node_waiting_for_the_others() {
+    let port = free_port();
+    let mut waiting = agent(0, 2, port, &[], &["--no-python".into(), "true".into()]);
+    // The node hosts the store and waits for node 1: wait until it listens.
+    testkit::wait_for(
+        std::time::Duration::from_secs(20),
+        "the store to listen",
+        || std::net::TcpStream::connect(("127.0.0.1", port)).ok(),
+    );
+    unsafe { libc::kill(waiting.id() as i32, libc::SIGTERM) };
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = waiting.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "still waiting for the rendezvous after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    assert_eq!(status.code(), Some(143));
+}

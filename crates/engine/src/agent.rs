@@ -189,7 +189,10 @@ impl<'a> Agent<'a> {
             if let Some(SignalEvent::Shutdown(sig)) = self.trap.try_recv() {
                 return Ok(RunResult::Signaled { signal: sig });
             }
-            let assignment = self.rdzv.next_round(self.config).await?;
+            let assignment = tokio::select! {
+                a = self.rdzv.next_round(self.config) => a?,
+                sig = self.trap.next_shutdown() => return Ok(RunResult::Signaled { signal: sig }),
+            };
             let mut group = self.start_group(&assignment)?;
             let outcome = self.monitor(&mut group).await;
             let drain = Instant::now() + PIPE_DRAIN;

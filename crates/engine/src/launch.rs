@@ -159,7 +159,7 @@ async fn run(
     entrypoint: &str,
     args: &[String],
 ) -> Result<LaunchOutcome, LaunchError> {
-    let (trap, warnings) = Trap::install(&config.signals_to_handle, &config.forward_signals);
+    let (mut trap, warnings) = Trap::install(&config.signals_to_handle, &config.forward_signals);
     for w in warnings {
         tracing::warn!(
             "Failed to register signal handler for {}: {}",
@@ -193,7 +193,19 @@ async fn run(
     let local_addr = config.local_addr.clone().unwrap_or_else(|| host.clone());
     let log_dir = LogDir::create(config.log_dir.as_deref(), &config.run_id)?;
     let run_dir = log_dir.run_dir().map(PathBuf::from);
-    let rdzv = Rendezvous::create(&config, &local_addr).await.map_err(|e| match e {
+    // A handled signal stops the launch while it waits for other nodes.
+    let created = tokio::select! {
+        r = Rendezvous::create(&config, &local_addr) => r,
+        sig = trap.next_shutdown() => {
+            return Ok(LaunchOutcome {
+                result: RunResult::Signaled { signal: sig },
+                entrypoint_name: entrypoint_name(entrypoint, args),
+                host,
+                run_dir,
+            });
+        }
+    };
+    let rdzv = created.map_err(|e| match e {
         // A bad value (--node-rank out of range, ...) is a usage error.
         RendezvousError::Config(c) => LaunchError::Config(c),
         other => LaunchError::Rendezvous(other),

@@ -185,6 +185,18 @@ impl Trap {
         self.rx.recv().await
     }
 
+    /// Waits for the next shutdown signal; forward-only signals received
+    /// meanwhile are dropped (there are no workers to forward them to).
+    pub async fn next_shutdown(&mut self) -> i32 {
+        loop {
+            match self.rx.recv().await {
+                Some(SignalEvent::Shutdown(sig)) => return sig,
+                Some(SignalEvent::Forward(_)) => {}
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
     /// A signal already received, without waiting.
     pub fn try_recv(&mut self) -> Option<SignalEvent> {
         self.rx.try_recv().ok()
