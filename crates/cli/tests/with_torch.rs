@@ -127,8 +127,11 @@ fn shape(key: &str, value: &str, run_id: &str) -> String {
         "TORCHELASTIC_ERROR_FILE" => {
             // <tmp>/torchelastic_XXXXXXXX/<RUN_ID>_XXXXXXXX/attempt_0/<r>/error.json
             let parts: Vec<&str> = v.rsplit('/').take(5).collect();
-            let (id, suffix) = parts[3].rsplit_once('_').unwrap();
-            assert!(id == "<RUN_ID>" || id == "none", "{v}");
+            // The random suffix may itself contain '_' (Python's mkdtemp alphabet).
+            let suffix = parts[3]
+                .strip_prefix("<RUN_ID>_")
+                .or_else(|| parts[3].strip_prefix("none_"))
+                .unwrap_or_else(|| panic!("run dir of {v}"));
             assert_eq!(suffix.len(), 8, "{v}");
             assert!(
                 parts[4].starts_with("torchelastic_") && parts[4].len() == 21,
