@@ -10,6 +10,8 @@
 //! store, with the same keys and JSON values, so heterogeneous
 //! `--nproc-per-node` and several roles rank exactly as with torchrun.
 
+pub mod dynamic;
+
 use std::time::Duration;
 
 use tcpstore::{BindAddr, Client, ConnectOptions, Server, ServerHandle};

@@ -1,0 +1,628 @@
+//! The c10d dynamic rendezvous as a pure state machine (spec §8.3): the
+//! shared state, the decision table of the join, exit and keep-alive
+//! operations, the mutations, and the eviction of dead nodes. No I/O and no
+//! clock of its own: the caller passes `now` (seconds since the epoch, UTC).
+//!
+//! The state is stored in our own JSON encoding, not Python pickle: Python
+//! torchrun agents cannot join a torchrun-rs rendezvous.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::failure::json::{self, Json};
+
+/// A node: address, pid, and a per-process counter. Ordered by address
+/// string, then pid: that order gives the ranks.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Node {
+    pub addr: String,
+    pub pid: u32,
+    pub local_id: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct State {
+    pub round: u64,
+    pub complete: bool,
+    /// Last-call deadline (set once `min_nodes` participants are in).
+    pub deadline: Option<f64>,
+    pub closed: bool,
+    /// Node → rank (0 until the round completes).
+    pub participants: BTreeMap<Node, u32>,
+    /// Nodes that want into the next round (they trigger a re-rendezvous).
+    pub wait_list: BTreeSet<Node>,
+    /// Nodes beyond `max_nodes`, waiting as spares.
+    pub redundancy_list: BTreeSet<Node>,
+    pub last_heartbeats: BTreeMap<Node, f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    pub min_nodes: u32,
+    pub max_nodes: u32,
+    pub last_call_timeout: f64,
+    pub keep_alive_interval: f64,
+    pub keep_alive_max_attempt: u32,
+}
+
+impl Settings {
+    /// A node without a heartbeat for this long is dead.
+    pub fn dead_after(&self) -> f64 {
+        self.keep_alive_interval * f64::from(self.keep_alive_max_attempt)
+    }
+}
+
+/// What an operation does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    KeepAlive,
+    AddToParticipants,
+    AddToWaitList,
+    AddToRedundancyList,
+    RemoveFromParticipants,
+    RemoveFromWaitList,
+    RemoveFromRedundancyList,
+    MarkComplete,
+    MarkClosed,
+    /// Nothing to change: wait for others, then look again.
+    Sync,
+    Finish,
+    ErrorClosed,
+    ErrorTimeout,
+    /// A spare learns that the job is over: exit 0.
+    GracefulExit,
+}
+
+/// Within this window after the join deadline a node still undoes its
+/// membership (torch's rollback period).
+const ROLLBACK_WINDOW: f64 = 5.0;
+
+/// The join operation's decision table (spec §8.3), rows in order.
+pub fn join_action(s: &State, node: &Node, now: f64, join_deadline: f64, cfg: &Settings) -> Action {
+    let is_participant = s.participants.contains_key(node);
+    let is_waiting = s.wait_list.contains(node);
+    let is_spare = s.redundancy_list.contains(node);
+    let n = s.participants.len() as u32;
+    if s.closed {
+        return if is_spare {
+            Action::GracefulExit
+        } else {
+            Action::ErrorClosed
+        };
+    }
+    if is_spare {
+        if n >= cfg.max_nodes {
+            return keep_alive_or_sync(s, node, now, cfg);
+        }
+        return Action::RemoveFromRedundancyList;
+    }
+    if s.complete && is_participant {
+        return Action::Finish;
+    }
+    if now > join_deadline {
+        let rollback = now <= join_deadline + ROLLBACK_WINDOW;
+        if rollback && is_participant {
+            return Action::RemoveFromParticipants;
+        }
+        if rollback && is_waiting {
+            return Action::RemoveFromWaitList;
+        }
+        return Action::ErrorTimeout;
+    }
+    if s.complete {
+        if n < cfg.max_nodes {
+            if !is_waiting {
+                return Action::AddToWaitList;
+            }
+        } else if !is_waiting {
+            return Action::AddToRedundancyList;
+        }
+    } else if is_participant {
+        if n >= cfg.min_nodes && n <= cfg.max_nodes && s.deadline.is_some_and(|d| now >= d) {
+            return Action::MarkComplete;
+        }
+    } else {
+        return Action::AddToParticipants;
+    }
+    keep_alive_or_sync(s, node, now, cfg)
+}
+
+fn keep_alive_or_sync(s: &State, node: &Node, now: f64, cfg: &Settings) -> Action {
+    match s.last_heartbeats.get(node) {
+        Some(&hb) if now - hb < cfg.keep_alive_interval => Action::Sync,
+        _ => Action::KeepAlive,
+    }
+}
+
+/// Leaving the current round (before re-joining, or on the way out).
+pub fn exit_action(s: &State, node: &Node, now: f64, deadline: f64) -> Action {
+    if s.participants.contains_key(node) {
+        if now > deadline {
+            Action::ErrorTimeout
+        } else {
+            Action::RemoveFromParticipants
+        }
+    } else {
+        Action::Finish
+    }
+}
+
+/// Closing the rendezvous for everyone.
+pub fn close_action(s: &State, now: f64, deadline: f64) -> Action {
+    if s.closed {
+        Action::Finish
+    } else if now > deadline {
+        Action::ErrorTimeout
+    } else {
+        Action::MarkClosed
+    }
+}
+
+/// Applies a mutating action.
+pub fn apply(s: &mut State, node: &Node, action: Action, now: f64, cfg: &Settings) {
+    match action {
+        Action::KeepAlive => {
+            s.last_heartbeats.insert(node.clone(), now);
+        }
+        Action::AddToParticipants => {
+            s.wait_list.remove(node);
+            s.participants.insert(node.clone(), 0);
+            s.last_heartbeats.insert(node.clone(), now);
+            let n = s.participants.len() as u32;
+            if n == cfg.min_nodes {
+                s.deadline = Some(now + cfg.last_call_timeout);
+            }
+            if n == cfg.max_nodes {
+                mark_complete(s);
+            }
+        }
+        Action::MarkComplete => mark_complete(s),
+        Action::AddToWaitList => {
+            s.redundancy_list.remove(node);
+            s.wait_list.insert(node.clone());
+            s.last_heartbeats.insert(node.clone(), now);
+        }
+        Action::AddToRedundancyList => {
+            s.redundancy_list.insert(node.clone());
+            s.last_heartbeats.insert(node.clone(), now);
+        }
+        Action::RemoveFromParticipants => {
+            s.participants.remove(node);
+            s.last_heartbeats.remove(node);
+            after_participant_loss(s, cfg);
+        }
+        Action::RemoveFromWaitList => {
+            s.wait_list.remove(node);
+            s.last_heartbeats.remove(node);
+        }
+        Action::RemoveFromRedundancyList => {
+            s.redundancy_list.remove(node);
+            s.last_heartbeats.remove(node);
+        }
+        Action::MarkClosed => s.closed = true,
+        Action::Sync
+        | Action::Finish
+        | Action::ErrorClosed
+        | Action::ErrorTimeout
+        | Action::GracefulExit => {}
+    }
+}
+
+fn mark_complete(s: &mut State) {
+    s.complete = true;
+    s.deadline = None;
+    for (rank, r) in s.participants.values_mut().enumerate() {
+        *r = rank as u32;
+    }
+}
+
+/// An emptied complete round starts the next one; an incomplete round that
+/// fell below `min_nodes` loses its last-call deadline.
+fn after_participant_loss(s: &mut State, cfg: &Settings) {
+    if s.complete && s.participants.is_empty() {
+        s.complete = false;
+        s.round += 1;
+    } else if !s.complete && (s.participants.len() as u32) < cfg.min_nodes {
+        s.deadline = None;
+    }
+}
+
+/// Evicts every node whose last heartbeat is older than the dead-node
+/// window. Returns the evicted participants.
+pub fn sanitize(s: &mut State, now: f64, cfg: &Settings) -> Vec<Node> {
+    let dead: Vec<Node> = s
+        .last_heartbeats
+        .iter()
+        .filter(|(_, &hb)| now - hb > cfg.dead_after())
+        .map(|(n, _)| n.clone())
+        .collect();
+    let mut lost = Vec::new();
+    for n in &dead {
+        s.last_heartbeats.remove(n);
+        s.wait_list.remove(n);
+        s.redundancy_list.remove(n);
+        if s.participants.remove(n).is_some() {
+            lost.push(n.clone());
+        }
+    }
+    if !lost.is_empty() {
+        after_participant_loss(s, cfg);
+    }
+    lost
+}
+
+fn node_json(n: &Node) -> Json {
+    Json::Array(vec![
+        Json::Str(n.addr.clone()),
+        Json::Num(f64::from(n.pid)),
+        Json::Num(f64::from(n.local_id)),
+    ])
+}
+
+fn node_from(j: &Json) -> Option<Node> {
+    let Json::Array(a) = j else { return None };
+    match a.as_slice() {
+        [Json::Str(addr), Json::Num(pid), Json::Num(id)] => Some(Node {
+            addr: addr.clone(),
+            pid: *pid as u32,
+            local_id: *id as u32,
+        }),
+        _ => None,
+    }
+}
+
+fn num(j: Option<&Json>) -> Option<f64> {
+    match j? {
+        Json::Num(n) => Some(*n),
+        _ => None,
+    }
+}
+
+impl State {
+    pub fn encode(&self) -> String {
+        let pairs = |m: &BTreeMap<Node, f64>| {
+            Json::Array(
+                m.iter()
+                    .map(|(n, v)| Json::Array(vec![node_json(n), Json::Num(*v)]))
+                    .collect(),
+            )
+        };
+        Json::Object(vec![
+            ("round".into(), Json::Num(self.round as f64)),
+            ("complete".into(), Json::Bool(self.complete)),
+            (
+                "deadline".into(),
+                self.deadline.map_or(Json::Null, Json::Num),
+            ),
+            ("closed".into(), Json::Bool(self.closed)),
+            (
+                "participants".into(),
+                Json::Array(
+                    self.participants
+                        .iter()
+                        .map(|(n, r)| Json::Array(vec![node_json(n), Json::Num(f64::from(*r))]))
+                        .collect(),
+                ),
+            ),
+            (
+                "wait_list".into(),
+                Json::Array(self.wait_list.iter().map(node_json).collect()),
+            ),
+            (
+                "redundancy_list".into(),
+                Json::Array(self.redundancy_list.iter().map(node_json).collect()),
+            ),
+            ("last_heartbeats".into(), pairs(&self.last_heartbeats)),
+        ])
+        .to_string()
+    }
+
+    pub fn decode(text: &str) -> Option<State> {
+        let j = json::parse(text).ok()?;
+        let list = |k: &str| -> Option<Vec<Json>> {
+            match j.get(k)? {
+                Json::Array(a) => Some(a.clone()),
+                _ => None,
+            }
+        };
+        let pair = |e: &Json| -> Option<(Node, f64)> {
+            let Json::Array(p) = e else { return None };
+            match p.as_slice() {
+                [n, Json::Num(v)] => Some((node_from(n)?, *v)),
+                _ => None,
+            }
+        };
+        Some(State {
+            round: num(j.get("round"))? as u64,
+            complete: matches!(j.get("complete")?, Json::Bool(true)),
+            deadline: num(j.get("deadline")),
+            closed: matches!(j.get("closed")?, Json::Bool(true)),
+            participants: list("participants")?
+                .iter()
+                .map(|e| pair(e).map(|(n, r)| (n, r as u32)))
+                .collect::<Option<_>>()?,
+            wait_list: list("wait_list")?
+                .iter()
+                .map(node_from)
+                .collect::<Option<_>>()?,
+            redundancy_list: list("redundancy_list")?
+                .iter()
+                .map(node_from)
+                .collect::<Option<_>>()?,
+            last_heartbeats: list("last_heartbeats")?
+                .iter()
+                .map(pair)
+                .collect::<Option<_>>()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(addr: &str, pid: u32) -> Node {
+        Node {
+            addr: addr.into(),
+            pid,
+            local_id: 0,
+        }
+    }
+
+    fn cfg(min: u32, max: u32) -> Settings {
+        Settings {
+            min_nodes: min,
+            max_nodes: max,
+            last_call_timeout: 30.0,
+            keep_alive_interval: 5.0,
+            keep_alive_max_attempt: 3,
+        }
+    }
+
+    fn with_participants(nodes: &[&Node], complete: bool, now: f64) -> State {
+        let mut s = State::default();
+        for (i, n) in nodes.iter().enumerate() {
+            s.participants.insert((*n).clone(), i as u32);
+            s.last_heartbeats.insert((*n).clone(), now);
+        }
+        s.complete = complete;
+        s
+    }
+
+    const NOW: f64 = 1000.0;
+    const JOIN_DEADLINE: f64 = 1600.0;
+
+    #[test]
+    fn row1_closed() {
+        let a = node("a", 1);
+        let mut s = State {
+            closed: true,
+            ..State::default()
+        };
+        assert_eq!(
+            join_action(&s, &a, NOW, JOIN_DEADLINE, &cfg(1, 2)),
+            Action::ErrorClosed
+        );
+        s.redundancy_list.insert(a.clone());
+        assert_eq!(
+            join_action(&s, &a, NOW, JOIN_DEADLINE, &cfg(1, 2)),
+            Action::GracefulExit
+        );
+    }
+
+    #[test]
+    fn row2_spare() {
+        let (a, b, c) = (node("a", 1), node("b", 1), node("c", 1));
+        let mut s = with_participants(&[&a, &b], true, NOW);
+        s.redundancy_list.insert(c.clone());
+        s.last_heartbeats.insert(c.clone(), NOW - 1.0);
+        assert_eq!(
+            join_action(&s, &c, NOW, JOIN_DEADLINE, &cfg(1, 2)),
+            Action::Sync
+        );
+        s.last_heartbeats.insert(c.clone(), NOW - 6.0);
+        assert_eq!(
+            join_action(&s, &c, NOW, JOIN_DEADLINE, &cfg(1, 2)),
+            Action::KeepAlive
+        );
+        s.participants.remove(&b);
+        assert_eq!(
+            join_action(&s, &c, NOW, JOIN_DEADLINE, &cfg(1, 2)),
+            Action::RemoveFromRedundancyList
+        );
+    }
+
+    #[test]
+    fn row3_complete_participant_finishes() {
+        let a = node("a", 1);
+        let s = with_participants(&[&a], true, NOW);
+        assert_eq!(
+            join_action(&s, &a, NOW, JOIN_DEADLINE, &cfg(1, 2)),
+            Action::Finish
+        );
+    }
+
+    #[test]
+    fn row4_join_deadline_with_rollback() {
+        let (a, b) = (node("a", 1), node("b", 1));
+        let mut s = with_participants(&[&a], false, NOW);
+        s.wait_list.insert(b.clone());
+        let c = cfg(2, 2);
+        assert_eq!(
+            join_action(&s, &a, 1002.0, 1000.0, &c),
+            Action::RemoveFromParticipants
+        );
+        assert_eq!(
+            join_action(&s, &b, 1002.0, 1000.0, &c),
+            Action::RemoveFromWaitList
+        );
+        assert_eq!(
+            join_action(&s, &a, 1006.0, 1000.0, &c),
+            Action::ErrorTimeout
+        );
+        assert_eq!(
+            join_action(&s, &node("z", 1), 1002.0, 1000.0, &c),
+            Action::ErrorTimeout
+        );
+    }
+
+    #[test]
+    fn row5_complete_round_newcomers_wait_or_are_spares() {
+        let (a, b, c) = (node("a", 1), node("b", 1), node("c", 1));
+        let s = with_participants(&[&a], true, NOW);
+        assert_eq!(
+            join_action(&s, &b, NOW, JOIN_DEADLINE, &cfg(1, 2)),
+            Action::AddToWaitList
+        );
+        let s = with_participants(&[&a, &b], true, NOW);
+        assert_eq!(
+            join_action(&s, &c, NOW, JOIN_DEADLINE, &cfg(1, 2)),
+            Action::AddToRedundancyList
+        );
+        let mut s = with_participants(&[&a], true, NOW);
+        s.wait_list.insert(b.clone());
+        s.last_heartbeats.insert(b.clone(), NOW);
+        assert_eq!(
+            join_action(&s, &b, NOW, JOIN_DEADLINE, &cfg(1, 2)),
+            Action::Sync
+        );
+    }
+
+    #[test]
+    fn row6_last_call_completes() {
+        let (a, b) = (node("a", 1), node("b", 1));
+        let mut s = with_participants(&[&a, &b], false, NOW);
+        s.deadline = Some(NOW + 1.0);
+        let c = cfg(2, 3);
+        assert_eq!(join_action(&s, &a, NOW, JOIN_DEADLINE, &c), Action::Sync);
+        assert_eq!(
+            join_action(&s, &a, NOW + 1.0, JOIN_DEADLINE, &c),
+            Action::MarkComplete
+        );
+    }
+
+    #[test]
+    fn row7_newcomer_joins_incomplete_round() {
+        let s = State::default();
+        assert_eq!(
+            join_action(&s, &node("a", 1), NOW, JOIN_DEADLINE, &cfg(1, 2)),
+            Action::AddToParticipants
+        );
+    }
+
+    #[test]
+    fn row8_keep_alive_when_due() {
+        let (a, b) = (node("a", 1), node("b", 1));
+        let mut s = with_participants(&[&a, &b], false, NOW);
+        s.last_heartbeats.insert(a.clone(), NOW - 6.0);
+        assert_eq!(
+            join_action(&s, &a, NOW, JOIN_DEADLINE, &cfg(3, 3)),
+            Action::KeepAlive
+        );
+        assert_eq!(
+            join_action(&s, &b, NOW, JOIN_DEADLINE, &cfg(3, 3)),
+            Action::Sync
+        );
+    }
+
+    #[test]
+    fn joining_max_completes_with_ranks_by_address_then_pid() {
+        let c = cfg(1, 3);
+        let mut s = State::default();
+        for n in [
+            node("127.0.0.3", 5),
+            node("127.0.0.2", 9),
+            node("127.0.0.2", 7),
+        ] {
+            let a = join_action(&s, &n, NOW, JOIN_DEADLINE, &c);
+            apply(&mut s, &n, a, NOW, &c);
+        }
+        assert!(s.complete && s.deadline.is_none());
+        let ranks: Vec<(String, u32, u32)> = s
+            .participants
+            .iter()
+            .map(|(n, r)| (n.addr.clone(), n.pid, *r))
+            .collect();
+        assert_eq!(
+            ranks,
+            vec![
+                ("127.0.0.2".into(), 7, 0),
+                ("127.0.0.2".into(), 9, 1),
+                ("127.0.0.3".into(), 5, 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn min_nodes_sets_the_last_call_deadline() {
+        let c = cfg(2, 4);
+        let mut s = State::default();
+        apply(&mut s, &node("a", 1), Action::AddToParticipants, NOW, &c);
+        assert_eq!(s.deadline, None);
+        apply(&mut s, &node("b", 1), Action::AddToParticipants, NOW, &c);
+        assert_eq!(s.deadline, Some(NOW + 30.0));
+    }
+
+    #[test]
+    fn leaving_an_emptied_complete_round_starts_the_next() {
+        let a = node("a", 1);
+        let c = cfg(1, 1);
+        let mut s = with_participants(&[&a], true, NOW);
+        assert_eq!(
+            exit_action(&s, &a, NOW, JOIN_DEADLINE),
+            Action::RemoveFromParticipants
+        );
+        apply(&mut s, &a, Action::RemoveFromParticipants, NOW, &c);
+        assert_eq!((s.round, s.complete), (1, false));
+        assert_eq!(exit_action(&s, &a, NOW, JOIN_DEADLINE), Action::Finish);
+    }
+
+    #[test]
+    fn dead_nodes_are_evicted() {
+        let (a, b, w) = (node("a", 1), node("b", 1), node("w", 1));
+        let c = cfg(1, 3);
+        let mut s = with_participants(&[&a, &b], true, NOW);
+        s.wait_list.insert(w.clone());
+        s.last_heartbeats.insert(w.clone(), NOW - 100.0);
+        s.last_heartbeats.insert(b.clone(), NOW - 16.0);
+        let lost = sanitize(&mut s, NOW, &c);
+        assert_eq!(lost, vec![b.clone()]);
+        assert!(s.wait_list.is_empty());
+        assert_eq!(s.participants.len(), 1);
+        assert!(
+            s.complete,
+            "survivors keep their round; the agent restarts them"
+        );
+        s.last_heartbeats.insert(a.clone(), NOW - 16.0);
+        sanitize(&mut s, NOW, &c);
+        assert_eq!((s.round, s.complete), (1, false));
+    }
+
+    #[test]
+    fn close() {
+        let s = State::default();
+        assert_eq!(close_action(&s, NOW, JOIN_DEADLINE), Action::MarkClosed);
+        assert_eq!(
+            close_action(&s, JOIN_DEADLINE + 1.0, JOIN_DEADLINE),
+            Action::ErrorTimeout
+        );
+        let s = State {
+            closed: true,
+            ..State::default()
+        };
+        assert_eq!(close_action(&s, NOW, JOIN_DEADLINE), Action::Finish);
+    }
+
+    #[test]
+    fn state_round_trips_through_its_encoding() {
+        let (a, b, c) = (node("127.0.0.2", 1), node("host_x", 2), node("::1", 3));
+        let mut s = with_participants(&[&a, &b], true, NOW);
+        s.wait_list.insert(c.clone());
+        s.redundancy_list.insert(node("z", 9));
+        s.deadline = Some(1234.5);
+        s.round = 7;
+        let back = State::decode(&s.encode()).unwrap();
+        assert_eq!(back, s);
+        assert!(State::decode("{}").is_none());
+        assert!(State::decode("garbage").is_none());
+    }
+}
