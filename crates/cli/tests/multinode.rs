@@ -152,3 +152,197 @@ fn a_signal_stops_a_node_waiting_for_the_others() {
     };
     assert_eq!(status.code(), Some(143));
 }
+
+/// A c10d agent on its own loopback address (127.0.0.N).
+fn c10d_agent(n: u8, nnodes: &str, nproc: u32, port: u16, conf: &str, script: &[String]) -> Child {
+    Command::new(BIN)
+        .args([
+            &format!("--nnodes={nnodes}"),
+            &format!("--nproc-per-node={nproc}"),
+            "--rdzv-backend=c10d",
+            &format!("--rdzv-endpoint=127.0.0.2:{port}"),
+            "--rdzv-id=elastic-test",
+            &format!("--local-addr=127.0.0.{n}"),
+            &format!("--rdzv-conf={conf}"),
+            "-t",
+            "3",
+        ])
+        .args(script)
+        .env("PYTHON_EXEC", testkit::torch_python())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finish(c: Child) -> (Option<i32>, String, String) {
+    let out = c.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Reads a child's stdout until a line containing `needle` appears.
+fn wait_line(
+    c: &mut Child,
+    needle: &str,
+) -> (std::io::BufReader<std::process::ChildStdout>, String) {
+    use std::io::BufRead;
+    let mut r = std::io::BufReader::new(c.stdout.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            r.read_line(&mut line).unwrap() > 0,
+            "stdout closed before {needle:?}: {seen}"
+        );
+        seen.push_str(&line);
+        if line.contains(needle) {
+            return (r, seen);
+        }
+    }
+}
+
+fn elastic(want: u32) -> Vec<String> {
+    vec![helper("elastic_job.py"), want.to_string()]
+}
+
+const FAST: &str = "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=2";
+
+#[test]
+fn two_c10d_nodes_run_one_gloo_job() {
+    let port = free_port();
+    let a = c10d_agent(2, "2", 2, port, FAST, &[helper("torch_job.py")]);
+    let b = c10d_agent(3, "2", 2, port, FAST, &[helper("torch_job.py")]);
+    let (ca, oa, ea) = finish(a);
+    let (cb, ob, eb) = finish(b);
+    assert_eq!((ca, cb), (Some(0), Some(0)), "{ea}\n{eb}");
+    let all = oa + &ob;
+    for r in 0..4 {
+        assert!(all.contains(&format!("rank {r} restart 0 sum 10")), "{all}");
+    }
+}
+
+#[test]
+fn a_late_node_grows_the_world_without_using_a_restart() {
+    let port = free_port();
+    let mut a = c10d_agent(2, "2:3", 1, port, FAST, &elastic(3));
+    let b = c10d_agent(3, "2:3", 1, port, FAST, &elastic(3));
+    // The first two form a world of 2 and run.
+    let (ra, seen_a) = wait_line(&mut a, "world 2");
+    assert!(seen_a.contains("restart 0"), "{seen_a}");
+    let c = c10d_agent(4, "2:3", 1, port, FAST, &elastic(3));
+    let (cc, oc, ec) = finish(c);
+    let (cb, ob, eb) = finish(b);
+    let status = a.wait().unwrap();
+    let mut oa = String::new();
+    std::io::Read::read_to_string(&mut { ra }, &mut oa).unwrap();
+    assert_eq!(
+        (status.code(), cb, cc),
+        (Some(0), Some(0), Some(0)),
+        "{eb}\n{ec}"
+    );
+    let all = seen_a + &oa + &ob + &oc;
+    for r in 0..3 {
+        assert!(
+            all.contains(&format!("rank {r} world 3 restart 0 master 127.0.0.2:")),
+            "{all}"
+        );
+    }
+}
+
+#[test]
+fn survivors_of_a_killed_node_re_form_a_smaller_world() {
+    let port = free_port();
+    let mut a = c10d_agent(2, "2:3", 1, port, FAST, &elastic(2));
+    let mut b = c10d_agent(3, "2:3", 1, port, FAST, &elastic(2));
+    let mut c = c10d_agent(4, "2:3", 1, port, FAST, &elastic(2));
+    let (ra, seen_a) = wait_line(&mut a, "world 3");
+    let (rb, seen_b) = wait_line(&mut b, "world 3");
+    let (_rc, _) = wait_line(&mut c, "world 3");
+    unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+    c.wait().unwrap();
+    let t0 = std::time::Instant::now();
+    let (sa, sb) = (a.wait().unwrap(), b.wait().unwrap());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut { ra }, &mut rest).unwrap();
+    std::io::Read::read_to_string(&mut { rb }, &mut rest).unwrap();
+    assert_eq!((sa.code(), sb.code()), (Some(0), Some(0)), "{rest}");
+    let all = seen_a + &seen_b + &rest;
+    assert!(
+        all.contains("rank 0 world 2 restart 0") && all.contains("rank 1 world 2 restart 0"),
+        "{all}"
+    );
+    eprintln!("survivors finished {:?} after the node died", t0.elapsed());
+}
+
+/// Reads a child's stderr until a line containing `needle` appears.
+fn wait_err_line(c: &mut Child, needle: &str) -> std::io::BufReader<std::process::ChildStderr> {
+    use std::io::BufRead;
+    let mut r = std::io::BufReader::new(c.stderr.take().unwrap());
+    loop {
+        let mut line = String::new();
+        assert!(
+            r.read_line(&mut line).unwrap() > 0,
+            "stderr closed before {needle:?}"
+        );
+        if line.contains(needle) {
+            return r;
+        }
+    }
+}
+
+#[test]
+fn a_spare_replaces_a_lost_node() {
+    let port = free_port();
+    // Nodes 2 and 3 (one worker each) form the world; node 4 (two workers)
+    // arrives beyond --nnodes max and waits as a spare.
+    let mut a = c10d_agent(2, "2:2", 1, port, FAST, &elastic(3));
+    let mut b = c10d_agent(3, "2:2", 1, port, FAST, &elastic(3));
+    let (ra, seen_a) = wait_line(&mut a, "world 2");
+    let (_rb, _) = wait_line(&mut b, "world 2");
+    let mut c = c10d_agent(4, "2:2", 2, port, FAST, &elastic(3));
+    let mut ec = wait_err_line(&mut c, "waiting as a spare");
+    unsafe { libc::kill(b.id() as i32, libc::SIGKILL) };
+    b.wait().unwrap();
+    let (rc, seen_c) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_line(&mut c, "world 3")
+    }))
+    .unwrap_or_else(|_| {
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(&mut ec, &mut err);
+        panic!("the spare never ran in a world of 3; its stderr:\n{err}")
+    });
+    let (sa, sc) = (a.wait().unwrap(), c.wait().unwrap());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut { ra }, &mut rest).unwrap();
+    std::io::Read::read_to_string(&mut { rc }, &mut rest).unwrap();
+    assert_eq!((sa.code(), sc.code()), (Some(0), Some(0)), "{rest}");
+    assert!((seen_a + &seen_c + &rest).contains("world 3 restart 0"));
+}
+
+#[test]
+fn a_spare_exits_0_when_the_job_ends() {
+    let port = free_port();
+    let out = tempfile::tempdir().unwrap();
+    let job = vec![
+        helper("worker.py"),
+        "until-file".into(),
+        out.path().display().to_string(),
+    ];
+    let a = c10d_agent(2, "1:1", 1, port, FAST, &job);
+    // The job runs; a second node arrives and waits as a spare.
+    testkit::wait_for(
+        std::time::Duration::from_secs(30),
+        "the job's worker",
+        || out.path().join("pid.0").exists().then_some(()),
+    );
+    let mut spare = c10d_agent(3, "1:1", 1, port, FAST, &job);
+    let _e = wait_err_line(&mut spare, "waiting as a spare");
+    std::fs::write(out.path().join("go"), "").unwrap();
+    let (ca, _, ea) = finish(a);
+    let (cs, _, es) = finish(spare);
+    assert_eq!((ca, cs), (Some(0), Some(0)), "{ea}\n{es}");
+}

@@ -143,6 +143,8 @@ enum Outcome {
     Succeeded,
     Failed(Vec<ProcessFailure>),
     Signaled(i32),
+    /// Nodes joined or left: re-form the group without using a restart.
+    Regroup,
 }
 
 impl<'a> Agent<'a> {
@@ -190,7 +192,14 @@ impl<'a> Agent<'a> {
                 return Ok(RunResult::Signaled { signal: sig });
             }
             let assignment = tokio::select! {
-                a = self.rdzv.next_round(self.config) => a?,
+                a = self.rdzv.next_round(self.config) => match a {
+                    Ok(a) => a,
+                    Err(crate::rendezvous::RendezvousError::GracefulExit) => {
+                        tracing::warn!("[{role}] the job ended while this node waited as a spare; exiting");
+                        return Ok(RunResult::Succeeded);
+                    }
+                    Err(e) => return Err(e.into()),
+                },
                 sig = self.trap.next_shutdown() => return Ok(RunResult::Signaled { signal: sig }),
             };
             let mut group = self.start_group(&assignment)?;
@@ -205,6 +214,7 @@ impl<'a> Agent<'a> {
                     return Ok(RunResult::Succeeded);
                 }
                 Outcome::Signaled(sig) => return Ok(RunResult::Signaled { signal: sig }),
+                Outcome::Regroup => continue,
                 Outcome::Failed(failures) => {
                     let remaining = self.config.max_restarts - self.restart_count;
                     if remaining > 0 {
@@ -429,11 +439,34 @@ impl<'a> Agent<'a> {
     /// stopped), or a shutdown signal stops it.
     async fn monitor(&mut self, group: &mut Group) -> Outcome {
         let mut failures = Vec::new();
+        let mut membership = self.rdzv.poll_interval().map(|every| {
+            let mut t = tokio::time::interval(every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
         loop {
             if group.all_exited() {
                 return Outcome::Succeeded;
             }
+            let tick = async {
+                match membership.as_mut() {
+                    Some(t) => {
+                        t.tick().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
             tokio::select! {
+                _ = tick => match self.rdzv.membership_changed().await {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        if let Some(sig) = self.stop_group(group, libc::SIGTERM, RESTART_GRACE).await {
+                            return Outcome::Signaled(sig);
+                        }
+                        return Outcome::Regroup;
+                    }
+                    Err(e) => tracing::warn!("rendezvous check failed: {e}"),
+                },
                 Some(exit) = self.exits.recv() => {
                     if let Some(f) = self.record_exit(group, exit) {
                         tracing::error!(

@@ -117,6 +117,12 @@ elif mode == "bad-error-file":
     with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
         f.write("{not json")
     sys.exit(1)
+elif mode == "until-file":
+    # Runs until the test creates OUTDIR/go, then exits 0.
+    ready()
+    while not os.path.exists(os.path.join(outdir, "go")):
+        time.sleep(0.01)
+    sys.exit(0)
 elif mode == "sleep":
     ready()
     time.sleep(float(args[0]) if args else 60)

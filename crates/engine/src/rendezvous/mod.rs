@@ -10,6 +10,7 @@
 //! store, with the same keys and JSON values, so heterogeneous
 //! `--nproc-per-node` and several roles rank exactly as with torchrun.
 
+pub mod c10d;
 pub mod dynamic;
 
 use std::time::Duration;
@@ -42,6 +43,15 @@ pub enum RendezvousError {
     Unsupported(String),
     #[error("malformed rank assignment {0:?} in the store")]
     BadAssignment(String),
+    #[error("malformed rendezvous state in the store: {0:?}")]
+    BadState(String),
+    #[error("the rendezvous is closed: the job has ended or is ending")]
+    Closed,
+    #[error("timed out joining the rendezvous (join_timeout in --rdzv-conf)")]
+    JoinTimeout,
+    /// This node was a spare and the job ended: not an error for the user.
+    #[error("the job ended while this node waited as a spare")]
+    GracefulExit,
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
 }
@@ -63,6 +73,8 @@ pub struct Assignment {
 enum Kind {
     Static,
     C10dLocal,
+    /// c10d across nodes: the dynamic rendezvous.
+    C10d,
 }
 
 pub struct Rendezvous {
@@ -76,6 +88,15 @@ pub struct Rendezvous {
     master_port: u16,
     round: u32,
     run_id: String,
+    /// Key prefix of the current round.
+    round_prefix: String,
+    /// c10d across nodes: the rendezvous state machine's driver.
+    dynamic: Option<c10d::DynamicRdzv>,
+    /// c10d across nodes: this agent's store for its workers, published as
+    /// MASTER_ADDR:MASTER_PORT in the rounds where it has group rank 0.
+    worker_store: Option<ServerHandle>,
+    local_addr: String,
+    poll_interval: Option<Duration>,
 }
 
 /// One node's role info, as torch serialises it.
@@ -149,10 +170,12 @@ impl Rendezvous {
     ) -> Result<Rendezvous, RendezvousError> {
         match config.rdzv_backend.as_str() {
             "static" => Self::create_static(config).await,
-            "c10d" if config.max_nodes == 1 => Self::create_c10d_local(config, local_addr).await,
-            "c10d" => Err(RendezvousError::Unsupported(
-                "--rdzv-backend=c10d with more than one node is not implemented yet in torchrun-rs; use --rdzv-backend=static with --node-rank, --master-addr and --master-port".to_string(),
-            )),
+            // --standalone (and plain single-node runs): a private store on
+            // a free port, no rendezvous traffic to speak of.
+            "c10d" if config.max_nodes == 1 && parse_endpoint(&config.rdzv_endpoint, Some(29400))?.1 == Some(0) => {
+                Self::create_c10d_local(config, local_addr).await
+            }
+            "c10d" => Self::create_c10d(config, local_addr).await,
             other => Err(RendezvousError::Unsupported(format!(
                 "--rdzv-backend: '{other}' is not supported by torchrun-rs (expected static or c10d)"
             ))),
@@ -190,6 +213,115 @@ impl Rendezvous {
             master_port,
             round: 0,
             run_id: config.run_id.clone(),
+            round_prefix: String::new(),
+            dynamic: None,
+            worker_store: None,
+            local_addr: local_addr.to_string(),
+            poll_interval: None,
+        })
+    }
+
+    async fn create_c10d(
+        config: &LaunchConfig,
+        local_addr: &str,
+    ) -> Result<Rendezvous, RendezvousError> {
+        let (host, port) = parse_endpoint(&config.rdzv_endpoint, Some(29400))?;
+        let port = port.unwrap_or(29400);
+        let read_timeout = config.rdzv_secs("read_timeout", 60)?;
+        let explicit_host = match config.rdzv_configs.get("is_host") {
+            None => None,
+            Some(v) => Some(parse_bool(v).ok_or_else(|| {
+                crate::config::ConfigError::new(
+                    "--rdzv-conf",
+                    format!("is_host={v}: expected true or false"),
+                )
+            })?),
+        };
+        // The store lives on the endpoint's machine. With --local-addr given
+        // (several agents on one machine, each with its own address), only
+        // the agent at the endpoint's address hosts it.
+        let hosting = explicit_host.unwrap_or_else(|| match &config.local_addr {
+            Some(addr) => same_host(addr, &host),
+            None => host_is_local(&host),
+        });
+        let mut server = None;
+        if hosting {
+            match Server::bind(BindAddr::Any(port)) {
+                Ok(s) => server = Some(s.spawn()),
+                // Several agents on one machine share one endpoint: the
+                // first hosts, the others are clients (as torch does).
+                Err(e) if explicit_host.is_none() => {
+                    tracing::info!("not hosting the rendezvous store ({e}); joining it as a client")
+                }
+                Err(source) => return Err(RendezvousError::Bind { port, source }),
+            }
+        }
+        let (chost, cport) = match &server {
+            Some(s) => ("127.0.0.1".to_string(), s.port()),
+            None => (host.clone(), port),
+        };
+        let connect = |h: String| async move {
+            Client::connect(&h, cport, connect_options(read_timeout))
+                .await
+                .map_err(|source| RendezvousError::Connect {
+                    addr: format!("{h}:{cport}"),
+                    source,
+                })
+        };
+        let client = connect(chost.clone()).await?;
+        let state_client = connect(chost).await?;
+        let cfg = dynamic::Settings {
+            min_nodes: config.min_nodes,
+            max_nodes: config.max_nodes,
+            last_call_timeout: config.rdzv_secs("last_call_timeout", 30)?.as_secs_f64(),
+            keep_alive_interval: config.rdzv_secs("keep_alive_interval", 5)?.as_secs_f64(),
+            keep_alive_max_attempt: match config.rdzv_configs.get("keep_alive_max_attempt") {
+                None => 3,
+                Some(v) => v.parse().ok().filter(|&n: &u32| n > 0).ok_or_else(|| {
+                    crate::config::ConfigError::new(
+                        "--rdzv-conf",
+                        format!("keep_alive_max_attempt={v}: expected a positive integer"),
+                    )
+                })?,
+            },
+        };
+        let node = dynamic::Node {
+            addr: local_addr.to_string(),
+            pid: std::process::id(),
+            local_id: 0,
+        };
+        let dynamic = c10d::DynamicRdzv::new(
+            state_client,
+            &config.run_id,
+            node,
+            cfg,
+            config.rdzv_secs("join_timeout", 600)?.as_secs_f64(),
+            config.rdzv_secs("close_timeout", 30)?.as_secs_f64(),
+        );
+        let worker_store = Server::bind(BindAddr::Any(0))
+            .map_err(|source| RendezvousError::Bind { port: 0, source })?
+            .spawn();
+        let keep_alive = Duration::from_secs_f64(cfg.keep_alive_interval / 2.0);
+        Ok(Rendezvous {
+            kind: Kind::C10d,
+            server,
+            client,
+            group_rank: 0,
+            group_world_size: 0,
+            master_addr: String::new(),
+            master_port: 0,
+            round: 0,
+            run_id: config.run_id.clone(),
+            round_prefix: String::new(),
+            dynamic: Some(dynamic),
+            worker_store: Some(worker_store),
+            local_addr: local_addr.to_string(),
+            poll_interval: Some(
+                config
+                    .monitor_interval
+                    .max(Duration::from_millis(200))
+                    .min(keep_alive),
+            ),
         })
     }
 
@@ -287,15 +419,65 @@ impl Rendezvous {
             master_port,
             round: 0,
             run_id: config.run_id.clone(),
+            round_prefix: String::new(),
+            dynamic: None,
+            worker_store: None,
+            local_addr: String::new(),
+            poll_interval: None,
         })
     }
 
-    /// Store key prefix of the current round.
-    fn prefix(&self) -> String {
-        match self.kind {
-            Kind::Static => self.run_id.clone(),
-            Kind::C10dLocal => format!("torch.rendezvous.{}.{}", self.run_id, self.round),
+    /// How often to check membership while workers run (c10d across nodes).
+    pub fn poll_interval(&self) -> Option<Duration> {
+        self.poll_interval
+    }
+
+    /// While workers run: whether the group must re-form (nodes waiting to
+    /// join, or a node of this round gone). Also keeps our heartbeat fresh.
+    pub async fn membership_changed(&mut self) -> Result<bool, RendezvousError> {
+        match &mut self.dynamic {
+            Some(d) => d.membership_changed().await,
+            None => Ok(false),
         }
+    }
+
+    /// c10d across nodes: joins the next round; the round's rank-0 agent
+    /// publishes its own worker store, and everyone reads it. Returns the
+    /// round's key prefix.
+    async fn join_dynamic(&mut self) -> Result<String, RendezvousError> {
+        let d = self.dynamic.as_mut().expect("c10d rendezvous");
+        let joined = d.next_rendezvous().await?;
+        self.group_rank = joined.rank;
+        self.group_world_size = joined.world_size;
+        let prefix = format!("torch.rendezvous.{}.{}", self.run_id, joined.round);
+        tracing::info!(
+            "joined round {} of rendezvous '{}' as rank {} in a world of size {}",
+            joined.round,
+            self.run_id,
+            joined.rank,
+            joined.world_size
+        );
+        let c = &mut self.client;
+        if joined.rank == 0 {
+            let store = self.worker_store.as_ref().expect("worker store");
+            // Nothing of an earlier round's workers survives into this one.
+            store.retain_keys(|_| false);
+            c.set(&format!("{prefix}/MASTER_ADDR"), self.local_addr.as_bytes())
+                .await?;
+            c.set(
+                &format!("{prefix}/MASTER_PORT"),
+                store.port().to_string().as_bytes(),
+            )
+            .await?;
+        }
+        self.master_addr =
+            String::from_utf8_lossy(&c.get(&format!("{prefix}/MASTER_ADDR")).await?).into_owned();
+        let port =
+            String::from_utf8_lossy(&c.get(&format!("{prefix}/MASTER_PORT")).await?).into_owned();
+        self.master_port = port
+            .parse()
+            .map_err(|_| RendezvousError::BadAssignment(format!("MASTER_PORT={port}")))?;
+        Ok(prefix)
     }
 
     /// Runs one round: publishes the master address (c10d) and assigns ranks.
@@ -303,6 +485,10 @@ impl Rendezvous {
         &mut self,
         config: &LaunchConfig,
     ) -> Result<Assignment, RendezvousError> {
+        if self.kind == Kind::C10d {
+            let prefix = self.join_dynamic().await?;
+            return self.assign(config, prefix).await;
+        }
         if self.round > 0 && self.group_world_size == 1 {
             // The workers' keys of the last attempt (process-group addresses,
             // barriers) must not be read by the next one: torch's workers do
@@ -315,10 +501,13 @@ impl Rendezvous {
                 });
             }
         }
-        let prefix = self.prefix();
+        let prefix = match self.kind {
+            Kind::C10dLocal => format!("torch.rendezvous.{}.{}", self.run_id, self.round),
+            _ => self.run_id.clone(),
+        };
         self.round += 1;
-        let c = &mut self.client;
         if self.kind == Kind::C10dLocal {
+            let c = &mut self.client;
             c.set(
                 &format!("{prefix}/MASTER_ADDR"),
                 self.master_addr.as_bytes(),
@@ -330,6 +519,17 @@ impl Rendezvous {
             )
             .await?;
         }
+        self.assign(config, prefix).await
+    }
+
+    /// torch's `_assign_worker_ranks` through the store under `prefix`.
+    async fn assign(
+        &mut self,
+        config: &LaunchConfig,
+        prefix: String,
+    ) -> Result<Assignment, RendezvousError> {
+        self.round_prefix = prefix.clone();
+        let c = &mut self.client;
         let me = RoleInfo {
             role: config.role.clone(),
             rank: self.group_rank,
@@ -395,12 +595,21 @@ impl Rendezvous {
     }
 
     /// After the workers finished: on success, the exit barrier keeps the
-    /// store's host alive until every node is done (errors only logged).
+    /// store's host alive until every node is done (errors only logged);
+    /// then (c10d across nodes) the rendezvous is closed for everyone.
     pub async fn finish(&mut self, success: bool) {
-        if !success || self.group_world_size == 1 {
-            return;
+        if success && self.group_world_size > 1 {
+            self.exit_barrier().await;
         }
-        let prefix = format!("{}/torchelastic/agent/terminal_state", self.prefix());
+        if let Some(d) = &mut self.dynamic {
+            if let Err(e) = d.close().await {
+                tracing::warn!("could not close the rendezvous: {e}");
+            }
+        }
+    }
+
+    async fn exit_barrier(&mut self) {
+        let prefix = format!("{}/torchelastic/agent/terminal_state", self.round_prefix);
         let timeout = Duration::from_secs(300);
         let result: Result<(), tcpstore::ClientError> = async {
             let n = self.client.add(&format!("{prefix}/num_members"), 1).await?;
@@ -419,9 +628,12 @@ impl Rendezvous {
         }
     }
 
-    /// Stops hosting the store (if hosted here).
+    /// Stops hosting the stores (if hosted here).
     pub async fn shutdown(self) {
         if let Some(s) = self.server {
+            s.shutdown().await;
+        }
+        if let Some(s) = self.worker_store {
             s.shutdown().await;
         }
     }
@@ -431,9 +643,64 @@ impl Rendezvous {
     }
 }
 
+/// torch's `get_as_bool` spellings.
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "true" | "t" | "yes" | "y" => Some(true),
+        "0" | "false" | "f" | "no" | "n" => Some(false),
+        _ => None,
+    }
+}
+
+/// Whether two host names or addresses name the same host (by their
+/// addresses, no reverse DNS).
+fn same_host(a: &str, b: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    if a == b {
+        return true;
+    }
+    let ips = |h: &str| -> Vec<std::net::IpAddr> {
+        (h, 0)
+            .to_socket_addrs()
+            .map(|it| it.map(|s| s.ip()).collect())
+            .unwrap_or_default()
+    };
+    let (x, y) = (ips(a), ips(b));
+    x.iter().any(|ip| y.contains(ip))
+}
+
+/// Whether `host` names this machine: `localhost`, this host's names, or an
+/// address that a socket can be bound to here. No reverse DNS.
+fn host_is_local(host: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    if host == "localhost" || host == crate::host::hostname() {
+        return true;
+    }
+    let Ok(addrs) = (host, 0).to_socket_addrs() else {
+        return false;
+    };
+    addrs
+        .into_iter()
+        .any(|a| a.ip().is_loopback() || std::net::UdpSocket::bind((a.ip(), 0)).is_ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_hosts() {
+        assert!(host_is_local("localhost"));
+        assert!(host_is_local("127.0.0.1"));
+        assert!(host_is_local("127.0.0.3"));
+        assert!(!host_is_local("192.0.2.1"));
+        assert_eq!(parse_bool("Yes"), Some(true));
+        assert_eq!(parse_bool("0"), Some(false));
+        assert_eq!(parse_bool("maybe"), None);
+        assert!(same_host("127.0.0.2", "127.0.0.2"));
+        assert!(!same_host("127.0.0.2", "127.0.0.3"));
+        assert!(same_host("localhost", "127.0.0.1"));
+    }
 
     fn ri(role: &str, rank: u32, n: u32) -> RoleInfo {
         RoleInfo {
