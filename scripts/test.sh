@@ -3,6 +3,10 @@
 # (idempotently; caches live under ~/.cache/torchrun-rs), then runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The network-cut test puts an agent in a network namespace of its own.
+if ! command -v ip >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null
+fi
 VENV="$(bash scripts/setup-python.sh)"
 export TORCHRUN_RS_PYTHON="$VENV/bin/python"
 export PATH="$VENV/bin:$PATH"

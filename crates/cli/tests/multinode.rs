@@ -346,3 +346,129 @@ fn a_spare_exits_0_when_the_job_ends() {
     let (cs, _, es) = finish(spare);
     assert_eq!((ca, cs), (Some(0), Some(0)), "{ea}\n{es}");
 }
+
+/// A network namespace joined to this one by a veth pair: a test host of
+/// our own, whose link can be cut. Removed on drop.
+struct TestHost {
+    ns: String,
+    host_if: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2) is needed");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl TestHost {
+    /// Host side `10.213.<net>.1`, namespace side `10.213.<net>.2`.
+    fn new(net: u8) -> TestHost {
+        let id = std::process::id() % 100_000;
+        let t = TestHost {
+            ns: format!("trs{id}"),
+            host_if: format!("trsh{id}"),
+        };
+        let peer = format!("trsn{id}");
+        ip(&["netns", "add", &t.ns]);
+        ip(&[
+            "link", "add", &t.host_if, "type", "veth", "peer", "name", &peer,
+        ]);
+        ip(&["link", "set", &peer, "netns", &t.ns]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.213.{net}.1/24"),
+            "dev",
+            &t.host_if,
+        ]);
+        ip(&["link", "set", &t.host_if, "up"]);
+        ip(&[
+            "netns",
+            "exec",
+            &t.ns,
+            "ip",
+            "addr",
+            "add",
+            &format!("10.213.{net}.2/24"),
+            "dev",
+            &peer,
+        ]);
+        ip(&["netns", "exec", &t.ns, "ip", "link", "set", &peer, "up"]);
+        ip(&["netns", "exec", &t.ns, "ip", "link", "set", "lo", "up"]);
+        t
+    }
+
+    fn cut(&self) {
+        ip(&["link", "set", &self.host_if, "down"]);
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+#[test]
+fn a_node_cut_off_the_network_is_evicted_and_the_rest_re_form() {
+    let net = 7;
+    let remote = TestHost::new(net);
+    let port = free_port();
+    let out = tempfile::tempdir().unwrap();
+    let endpoint = format!("--rdzv-endpoint=10.213.{net}.1:{port}");
+    let agent_at = |addr: &str, ns: Option<&str>| {
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        cmd.args([
+            "--nnodes=2:3",
+            "--nproc-per-node=1",
+            "--rdzv-backend=c10d",
+            &endpoint,
+            "--rdzv-id=netcut",
+            &format!("--local-addr={addr}"),
+            &format!("--rdzv-conf={FAST}"),
+        ])
+        .arg(helper("worker.py"))
+        .args(["until-world", &out.path().display().to_string(), "2"])
+        .env("PYTHON_EXEC", "python3")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    let a = agent_at(&format!("10.213.{net}.1"), None);
+    let b = agent_at("127.0.0.3", None);
+    let mut c = agent_at(&format!("10.213.{net}.2"), Some(&remote.ns));
+    // All three run in one world of 3.
+    testkit::wait_for(std::time::Duration::from_secs(60), "a world of 3", || {
+        (0..3)
+            .all(|r| out.path().join(format!("env.{r}.0.json")).exists())
+            .then_some(())
+    });
+    remote.cut();
+    // The two left evict the silent node and finish in a world of 2.
+    let (ca, _, ea) = finish(a);
+    let (cb, _, eb) = finish(b);
+    assert_eq!((ca, cb), (Some(0), Some(0)), "{ea}\n{eb}");
+    assert!(
+        ea.contains("stopped sending heartbeats") || eb.contains("stopped sending heartbeats"),
+        "{ea}\n{eb}"
+    );
+    let _ = c.kill();
+    let _ = c.wait();
+}

@@ -123,6 +123,12 @@ elif mode == "until-file":
     while not os.path.exists(os.path.join(outdir, "go")):
         time.sleep(0.01)
     sys.exit(0)
+elif mode == "until-world":
+    # Exits 0 in a world of the given size; otherwise waits to be re-formed.
+    ready()
+    if os.environ["WORLD_SIZE"] == args[0]:
+        sys.exit(0)
+    time.sleep(300)
 elif mode == "sleep":
     ready()
     time.sleep(float(args[0]) if args else 60)
