@@ -472,3 +472,28 @@ fn a_node_cut_off_the_network_is_evicted_and_the_rest_re_form() {
     let _ = c.kill();
     let _ = c.wait();
 }
+
+#[test]
+fn an_unreachable_endpoint_is_a_clear_error() {
+    let port = free_port();
+    let out = Command::new(BIN)
+        .args([
+            "--nnodes=2",
+            "--rdzv-backend=c10d",
+            &format!("--rdzv-endpoint=127.0.0.9:{port}"),
+            "--rdzv-conf=is_host=false,read_timeout=1",
+            "--no-python",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot reach the rendezvous store at 127.0.0.9:{port}"
+        )),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+}

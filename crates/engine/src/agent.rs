@@ -89,6 +89,8 @@ pub struct Agent<'a> {
     stopping: Option<i32>,
     /// The memory cgroup file with the kernel's OOM-kill counter.
     oom_counter: Option<PathBuf>,
+    /// The last membership check could not reach the rendezvous store.
+    rdzv_failing: bool,
 }
 
 /// The group of workers of one attempt.
@@ -174,6 +176,7 @@ impl<'a> Agent<'a> {
             all_groups: Vec::new(),
             stopping: None,
             oom_counter: crate::oom::counter_file(),
+            rdzv_failing: false,
         }
     }
 
@@ -458,14 +461,23 @@ impl<'a> Agent<'a> {
             };
             tokio::select! {
                 _ = tick => match self.rdzv.membership_changed().await {
-                    Ok(false) => {}
+                    Ok(false) => {
+                        if std::mem::take(&mut self.rdzv_failing) {
+                            tracing::warn!("the rendezvous store answers again");
+                        }
+                    }
                     Ok(true) => {
                         if let Some(sig) = self.stop_group(group, libc::SIGTERM, RESTART_GRACE).await {
                             return Outcome::Signaled(sig);
                         }
                         return Outcome::Regroup;
                     }
-                    Err(e) => tracing::warn!("rendezvous check failed: {e}"),
+                    Err(e) => {
+                        // Said once, not at every check; the workers keep running.
+                        if !std::mem::replace(&mut self.rdzv_failing, true) {
+                            tracing::warn!("cannot reach the rendezvous store ({e}); the workers keep running, membership changes are not seen until it answers");
+                        }
+                    }
                 },
                 Some(exit) = self.exits.recv() => {
                     if let Some(f) = self.record_exit(group, exit) {

@@ -60,6 +60,9 @@ impl Default for ConnectOptions {
     }
 }
 
+/// Longest wait for a server's answer to VALIDATE + PING.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Largest reply value the client accepts.
 const MAX_REPLY: u64 = 1 << 31;
 
@@ -92,7 +95,19 @@ impl Client {
             format!("{host}:{port}")
         };
         loop {
-            let last = match Self::try_connect(&addr).await {
+            // A peer that accepts but never answers the handshake (not a
+            // store) must not hang us: each try is bounded too.
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let attempt =
+                tokio::time::timeout(remaining.min(HANDSHAKE_TIMEOUT), Self::try_connect(&addr))
+                    .await;
+            let attempt = attempt.unwrap_or_else(|_| {
+                Err(ClientError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no answer to the TCPStore handshake (is this port a TCPStore?)",
+                )))
+            });
+            let last = match attempt {
                 Ok(stream) => {
                     return Ok(Client {
                         stream,

@@ -209,3 +209,21 @@ fn gloo_process_group_bootstraps_through_our_server() {
     std::io::Read::read_exact(&mut probe, &mut n).unwrap();
     assert!(i64::from_le_bytes(n) >= 2, "no keys written by the workers");
 }
+
+#[tokio::test]
+async fn a_port_that_is_not_a_store_is_a_clear_error_not_a_hang() {
+    // Something that accepts connections and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let opts = ConnectOptions {
+        timeout: Duration::from_secs(1),
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(200),
+    };
+    let err = Client::connect("127.0.0.1", port, opts)
+        .await
+        .err()
+        .expect("not a store");
+    assert!(err.to_string().contains("handshake"), "{err}");
+    drop(listener);
+}
