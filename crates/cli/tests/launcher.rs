@@ -11,10 +11,7 @@ use testkit::{pid_alive, wait_for};
 const BIN: &str = env!("CARGO_BIN_EXE_torchrun-rs");
 
 fn helper() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/helpers/worker.py")
-        .display()
-        .to_string()
+    testkit::cli_helper("worker.py")
 }
 
 struct Run {

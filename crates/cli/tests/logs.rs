@@ -8,10 +8,7 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_torchrun-rs");
 
 fn helper() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/helpers/worker.py")
-        .display()
-        .to_string()
+    testkit::cli_helper("worker.py")
 }
 
 fn launch(flags: &[&str], mode: &str, args: &[&str], out: &Path, env: &[(&str, &str)]) -> Output {

@@ -1,16 +1,11 @@
 //! Several agents on this machine forming one job with the static backend.
 
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 const BIN: &str = env!("CARGO_BIN_EXE_torchrun-rs");
 
 fn helper(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/helpers")
-        .join(name)
-        .display()
-        .to_string()
+    testkit::cli_helper(name)
 }
 
 fn free_port() -> u16 {

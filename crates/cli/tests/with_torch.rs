@@ -2,17 +2,13 @@
 //! the real `torchrun` for the environment contract.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_torchrun-rs");
 
 fn helper(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/helpers")
-        .join(name)
-        .display()
-        .to_string()
+    testkit::cli_helper(name)
 }
 
 fn python() -> PathBuf {

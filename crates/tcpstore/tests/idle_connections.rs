@@ -2,9 +2,8 @@
 //! and its memory stays bounded (a guard against per-connection buffers
 //! being kept; the benchmark measures the real figure).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn rss_kib(pid: u32) -> u64 {
@@ -24,17 +23,11 @@ fn ping(s: &mut TcpStream, nonce: u32) {
 
 #[test]
 fn ten_thousand_idle_connections() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_torchrun-rs-store"))
-        .args(["--port", "0", "--host", "127.0.0.1"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port: u16 = line.trim().rsplit(':').next().unwrap().parse().unwrap();
-    let pid = child.id();
+    let store = testkit::StoreProcess::start(
+        env!("CARGO_BIN_EXE_torchrun-rs-store"),
+        &["--host", "127.0.0.1"],
+    );
+    let (port, pid) = (store.port, store.pid());
 
     let mut probe = TcpStream::connect(("127.0.0.1", port)).unwrap();
     probe
@@ -69,6 +62,4 @@ fn ten_thousand_idle_connections() {
     );
     drop(idle);
     ping(&mut probe, 4);
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -16,38 +16,13 @@ fn python_fixture(name: &str) -> PathBuf {
 }
 
 /// Our standalone store binary on a kernel-chosen port.
-struct OurStore {
-    child: Child,
-    port: u16,
-}
-
-impl OurStore {
-    fn start() -> OurStore {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_torchrun-rs-store"))
-            .args(["--port", "0"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        // "torchrun-rs-store listening on [::]:PORT"
-        let port = line.trim().rsplit(':').next().unwrap().parse().unwrap();
-        OurStore { child, port }
-    }
-}
-
-impl Drop for OurStore {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn our_store() -> testkit::StoreProcess {
+    testkit::StoreProcess::start(env!("CARGO_BIN_EXE_torchrun-rs-store"), &[])
 }
 
 #[test]
 fn torch_client_drives_our_server() {
-    let store = OurStore::start();
+    let store = our_store();
     let out = Command::new(testkit::torch_python())
         .arg(python_fixture("store_ops.py"))
         .args(["127.0.0.1", &store.port.to_string()])
@@ -63,7 +38,7 @@ fn torch_client_drives_our_server() {
 
 #[test]
 fn torch_client_over_ipv6_loopback() {
-    let store = OurStore::start();
+    let store = our_store();
     let out = Command::new(testkit::torch_python())
         .args(["-c", "import sys, torch.distributed as d; s=d.TCPStore('::1', int(sys.argv[1]), is_master=False); s.set('x','y'); print(s.get('x').decode())"])
         .arg(store.port.to_string())
@@ -173,7 +148,7 @@ async fn our_client_connect_gives_up_at_its_deadline() {
 
 #[test]
 fn gloo_process_group_bootstraps_through_our_server() {
-    let store = OurStore::start();
+    let store = our_store();
     let world = 2;
     let workers: Vec<Child> = (0..world)
         .map(|rank| {

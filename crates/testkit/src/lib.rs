@@ -64,3 +64,55 @@ pub fn pid_alive(pid: i32) -> bool {
         Err(_) => false,
     }
 }
+
+/// A helper program of the launcher's tests (`crates/cli/tests/helpers`).
+pub fn cli_helper(name: &str) -> String {
+    repo_root()
+        .join("crates/cli/tests/helpers")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// A `torchrun-rs-store` process on a kernel-chosen port; killed on drop.
+pub struct StoreProcess {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl StoreProcess {
+    /// Starts `bin` (the test's `CARGO_BIN_EXE_torchrun-rs-store`) with
+    /// `--port 0` and `extra` arguments, and reads the port it printed.
+    pub fn start(bin: &str, extra: &[&str]) -> StoreProcess {
+        use std::io::BufRead;
+        let mut child = Command::new(bin)
+            .args(["--port", "0"])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start torchrun-rs-store");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read the bound address");
+        // "torchrun-rs-store listening on [::]:PORT"
+        let port = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("a port");
+        StoreProcess { child, port }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for StoreProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -155,14 +155,45 @@ pub fn assign_ranks(infos: &[RoleInfo]) -> Vec<[u32; 4]> {
         .collect()
 }
 
-fn connect_options(timeout: Duration) -> ConnectOptions {
-    ConnectOptions {
+/// Connects to a store, retrying until `timeout`.
+async fn connect_store(
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<Client, RendezvousError> {
+    let opts = ConnectOptions {
         timeout,
         ..ConnectOptions::default()
-    }
+    };
+    Client::connect(host, port, opts)
+        .await
+        .map_err(|source| RendezvousError::Connect {
+            addr: format!("{host}:{port}"),
+            source,
+        })
 }
 
 impl Rendezvous {
+    /// A rendezvous of `kind` with nothing assigned yet.
+    fn with(kind: Kind, server: Option<ServerHandle>, client: Client, run_id: &str) -> Rendezvous {
+        Rendezvous {
+            kind,
+            server,
+            client,
+            group_rank: 0,
+            group_world_size: 1,
+            master_addr: String::new(),
+            master_port: 0,
+            round: 0,
+            run_id: run_id.to_string(),
+            round_prefix: String::new(),
+            dynamic: None,
+            worker_store: None,
+            local_addr: String::new(),
+            poll_interval: None,
+        }
+    }
+
     /// Sets up the store for `config`: hosts it or connects to it.
     pub async fn create(
         config: &LaunchConfig,
@@ -187,12 +218,7 @@ impl Rendezvous {
             .map_err(|source| RendezvousError::Bind { port, source })?;
         let handle = server.spawn();
         let bound = handle.port();
-        let client = Client::connect("127.0.0.1", bound, connect_options(Duration::from_secs(30)))
-            .await
-            .map_err(|source| RendezvousError::Connect {
-                addr: format!("127.0.0.1:{bound}"),
-                source,
-            })?;
+        let client = connect_store("127.0.0.1", bound, Duration::from_secs(30)).await?;
         Ok((handle, client))
     }
 
@@ -204,20 +230,10 @@ impl Rendezvous {
         let (server, client) = Self::host(port.unwrap_or(29400)).await?;
         let master_port = server.port();
         Ok(Rendezvous {
-            kind: Kind::C10dLocal,
-            server: Some(server),
-            client,
-            group_rank: 0,
-            group_world_size: 1,
             master_addr: local_addr.to_string(),
             master_port,
-            round: 0,
-            run_id: config.run_id.clone(),
-            round_prefix: String::new(),
-            dynamic: None,
-            worker_store: None,
             local_addr: local_addr.to_string(),
-            poll_interval: None,
+            ..Self::with(Kind::C10dLocal, Some(server), client, &config.run_id)
         })
     }
 
@@ -260,16 +276,8 @@ impl Rendezvous {
             Some(s) => ("127.0.0.1".to_string(), s.port()),
             None => (host.clone(), port),
         };
-        let connect = |h: String| async move {
-            Client::connect(&h, cport, connect_options(read_timeout))
-                .await
-                .map_err(|source| RendezvousError::Connect {
-                    addr: format!("{h}:{cport}"),
-                    source,
-                })
-        };
-        let client = connect(chost.clone()).await?;
-        let state_client = connect(chost).await?;
+        let client = connect_store(&chost, cport, read_timeout).await?;
+        let state_client = connect_store(&chost, cport, read_timeout).await?;
         let cfg = dynamic::Settings {
             min_nodes: config.min_nodes,
             max_nodes: config.max_nodes,
@@ -303,16 +311,6 @@ impl Rendezvous {
             .spawn();
         let keep_alive = Duration::from_secs_f64(cfg.keep_alive_interval / 2.0);
         Ok(Rendezvous {
-            kind: Kind::C10d,
-            server,
-            client,
-            group_rank: 0,
-            group_world_size: 0,
-            master_addr: String::new(),
-            master_port: 0,
-            round: 0,
-            run_id: config.run_id.clone(),
-            round_prefix: String::new(),
             dynamic: Some(dynamic),
             worker_store: Some(worker_store),
             local_addr: local_addr.to_string(),
@@ -322,6 +320,7 @@ impl Rendezvous {
                     .max(Duration::from_millis(200))
                     .min(keep_alive),
             ),
+            ..Self::with(Kind::C10d, server, client, &config.run_id)
         })
     }
 
@@ -364,12 +363,7 @@ impl Rendezvous {
             let (s, c) = Self::host(port).await?;
             (Some(s), c)
         } else {
-            let c = Client::connect(&host, port, connect_options(timeout))
-                .await
-                .map_err(|source| RendezvousError::Connect {
-                    addr: format!("{host}:{port}"),
-                    source,
-                })?;
+            let c = connect_store(&host, port, timeout).await?;
             (None, c)
         };
         let master_port = server.as_ref().map_or(port, |s| s.port());
@@ -410,20 +404,11 @@ impl Rendezvous {
             client.add("init/", 1).await?;
         }
         Ok(Rendezvous {
-            kind: Kind::Static,
-            server,
-            client,
             group_rank: rank,
             group_world_size: nodes,
             master_addr: host,
             master_port,
-            round: 0,
-            run_id: config.run_id.clone(),
-            round_prefix: String::new(),
-            dynamic: None,
-            worker_store: None,
-            local_addr: String::new(),
-            poll_interval: None,
+            ..Self::with(Kind::Static, server, client, &config.run_id)
         })
     }
 
