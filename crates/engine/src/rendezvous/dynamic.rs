@@ -33,6 +33,11 @@ pub struct State {
     /// Nodes beyond `max_nodes`, waiting as spares.
     pub redundancy_list: BTreeSet<Node>,
     pub last_heartbeats: BTreeMap<Node, f64>,
+    /// How many nodes are re-forming the group after a membership change (the
+    /// live nodes when the first participant left). A round that reaches it
+    /// completes at once instead of waiting out the last call: the survivors
+    /// of a lost node, or a grown group, restart promptly.
+    pub expected: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -117,7 +122,11 @@ pub fn join_action(s: &State, node: &Node, now: f64, join_deadline: f64, cfg: &S
             return Action::AddToRedundancyList;
         }
     } else if is_participant {
-        if n >= cfg.min_nodes && n <= cfg.max_nodes && s.deadline.is_some_and(|d| now >= d) {
+        let everyone_back = s.expected.is_some_and(|e| n >= e);
+        if n >= cfg.min_nodes
+            && n <= cfg.max_nodes
+            && (everyone_back || s.deadline.is_some_and(|d| now >= d))
+        {
             return Action::MarkComplete;
         }
     } else {
@@ -186,6 +195,11 @@ pub fn apply(s: &mut State, node: &Node, action: Action, now: f64, cfg: &Setting
             s.last_heartbeats.insert(node.clone(), now);
         }
         Action::RemoveFromParticipants => {
+            if s.complete && s.expected.is_none() {
+                // The first to leave a running group: everyone alive now is
+                // expected back.
+                s.expected = Some((s.participants.len() + s.wait_list.len()) as u32);
+            }
             s.participants.remove(node);
             s.last_heartbeats.remove(node);
             after_participant_loss(s, cfg);
@@ -210,6 +224,7 @@ pub fn apply(s: &mut State, node: &Node, action: Action, now: f64, cfg: &Setting
 fn mark_complete(s: &mut State) {
     s.complete = true;
     s.deadline = None;
+    s.expected = None;
     for (rank, r) in s.participants.values_mut().enumerate() {
         *r = rank as u32;
     }
@@ -312,6 +327,11 @@ impl State {
                 Json::Array(self.redundancy_list.iter().map(node_json).collect()),
             ),
             ("last_heartbeats".into(), pairs(&self.last_heartbeats)),
+            (
+                "expected".into(),
+                self.expected
+                    .map_or(Json::Null, |e| Json::Num(f64::from(e))),
+            ),
         ])
         .to_string()
     }
@@ -352,6 +372,7 @@ impl State {
                 .iter()
                 .map(pair)
                 .collect::<Option<_>>()?,
+            expected: num(j.get("expected")).map(|e| e as u32),
         })
     }
 }
@@ -577,6 +598,32 @@ mod tests {
     }
 
     #[test]
+    fn a_regrouping_round_completes_once_everyone_is_back() {
+        let (a, b, c) = (node("a", 1), node("b", 1), node("c", 1));
+        let cf = cfg(2, 3);
+        // a and b run; c died and was evicted.
+        let mut s = with_participants(&[&a, &b], true, NOW);
+        apply(&mut s, &a, Action::RemoveFromParticipants, NOW, &cf);
+        assert_eq!(s.expected, Some(2));
+        apply(&mut s, &b, Action::RemoveFromParticipants, NOW, &cf);
+        assert_eq!((s.round, s.complete), (1, false));
+        apply(&mut s, &a, Action::AddToParticipants, NOW, &cf);
+        apply(&mut s, &b, Action::AddToParticipants, NOW, &cf);
+        // Both survivors are back: no 30 s last call.
+        assert_eq!(
+            join_action(&s, &a, NOW, JOIN_DEADLINE, &cf),
+            Action::MarkComplete
+        );
+        apply(&mut s, &a, Action::MarkComplete, NOW, &cf);
+        assert_eq!(s.expected, None);
+        // A late joiner waiting makes the leaver expect it too.
+        let mut s = with_participants(&[&a, &b], true, NOW);
+        s.wait_list.insert(c.clone());
+        apply(&mut s, &a, Action::RemoveFromParticipants, NOW, &cf);
+        assert_eq!(s.expected, Some(3));
+    }
+
+    #[test]
     fn dead_nodes_are_evicted() {
         let (a, b, w) = (node("a", 1), node("b", 1), node("w", 1));
         let c = cfg(1, 3);
@@ -620,6 +667,7 @@ mod tests {
         s.redundancy_list.insert(node("z", 9));
         s.deadline = Some(1234.5);
         s.round = 7;
+        s.expected = Some(3);
         let back = State::decode(&s.encode()).unwrap();
         assert_eq!(back, s);
         assert!(State::decode("{}").is_none());
