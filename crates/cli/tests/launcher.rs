@@ -512,3 +512,24 @@ fn help_exits_0() {
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("--nproc-per-node"));
 }
+
+#[test]
+fn module_mode_runs_python_dash_m() {
+    let out = Command::new(BIN)
+        .args(["--nproc-per-node=2", "-m", "this"])
+        .env("PYTHON_EXEC", "python3")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.matches("Beautiful is better than ugly.").count(),
+        2,
+        "{stdout}"
+    );
+}
