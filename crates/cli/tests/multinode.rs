@@ -179,25 +179,31 @@ fn finish(c: Child) -> (Option<i32>, String, String) {
     )
 }
 
-/// Reads a child's stdout until a line containing `needle` appears.
-fn wait_line(
-    c: &mut Child,
-    needle: &str,
-) -> (std::io::BufReader<std::process::ChildStdout>, String) {
+/// Reads `r` until a line containing `needle` appears; returns the reader
+/// (for the rest) and what was read.
+fn read_until_line<R: std::io::Read>(r: R, needle: &str) -> (std::io::BufReader<R>, String) {
     use std::io::BufRead;
-    let mut r = std::io::BufReader::new(c.stdout.take().unwrap());
+    let mut r = std::io::BufReader::new(r);
     let mut seen = String::new();
     loop {
         let mut line = String::new();
         assert!(
             r.read_line(&mut line).unwrap() > 0,
-            "stdout closed before {needle:?}: {seen}"
+            "stream closed before {needle:?}: {seen}"
         );
         seen.push_str(&line);
         if line.contains(needle) {
             return (r, seen);
         }
     }
+}
+
+/// Reads a child's stdout until a line containing `needle` appears.
+fn wait_line(
+    c: &mut Child,
+    needle: &str,
+) -> (std::io::BufReader<std::process::ChildStdout>, String) {
+    read_until_line(c.stdout.take().unwrap(), needle)
 }
 
 fn elastic(want: u32) -> Vec<String> {
@@ -275,18 +281,7 @@ fn survivors_of_a_killed_node_re_form_a_smaller_world() {
 
 /// Reads a child's stderr until a line containing `needle` appears.
 fn wait_err_line(c: &mut Child, needle: &str) -> std::io::BufReader<std::process::ChildStderr> {
-    use std::io::BufRead;
-    let mut r = std::io::BufReader::new(c.stderr.take().unwrap());
-    loop {
-        let mut line = String::new();
-        assert!(
-            r.read_line(&mut line).unwrap() > 0,
-            "stderr closed before {needle:?}"
-        );
-        if line.contains(needle) {
-            return r;
-        }
-    }
+    read_until_line(c.stderr.take().unwrap(), needle).0
 }
 
 #[test]
