@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 if ! command -v ip >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null
 fi
+# Store tests hold thousands of connections.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 VENV="$(bash scripts/setup-python.sh)"
 export TORCHRUN_RS_PYTHON="$VENV/bin/python"
 export PATH="$VENV/bin:$PATH"

@@ -23,6 +23,7 @@ fn ping(s: &mut TcpStream, nonce: u32) {
 
 #[test]
 fn ten_thousand_idle_connections() {
+    testkit::raise_fd_limit();
     let store = testkit::StoreProcess::start(
         env!("CARGO_BIN_EXE_torchrun-rs-store"),
         &["--host", "127.0.0.1"],

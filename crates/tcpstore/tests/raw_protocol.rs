@@ -409,6 +409,7 @@ fn stalled_half_frame_does_not_block_others() {
 
 #[test]
 fn many_idle_connections_keep_the_server_responsive() {
+    testkit::raise_fd_limit();
     let srv = start();
     let n = 1_000;
     let idle: Vec<TcpStream> = (0..n)

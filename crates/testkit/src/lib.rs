@@ -116,3 +116,20 @@ impl Drop for StoreProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Raises this process's open-file soft limit to its hard limit, for tests
+/// that hold thousands of connections (a shell's default soft limit may be
+/// 1024).
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
