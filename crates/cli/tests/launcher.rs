@@ -533,3 +533,27 @@ fn module_mode_runs_python_dash_m() {
         "{stdout}"
     );
 }
+
+#[test]
+fn a_signal_outside_the_handled_list_still_leaves_no_process_behind() {
+    // SIGTERM is not handled here: it kills the launcher the default way,
+    // where torchrun would orphan its workers.
+    let run = start(
+        &["--nproc-per-node=2", "--signals-to-handle=SIGINT"],
+        "double-fork",
+        &[],
+    );
+    let mut pids = vec![];
+    for r in 0..2 {
+        pids.push(run.pid_of(&format!("pid.{r}")));
+        pids.push(run.pid_of(&format!("daemon.{r}")));
+    }
+    run.signal(libc::SIGTERM);
+    let (done, _dir) = run.finish();
+    assert_eq!(done.signal, Some(libc::SIGTERM), "{}", done.stderr);
+    wait_for(
+        Duration::from_secs(1),
+        "every worker and descendant to be gone",
+        || pids.iter().all(|&p| !pid_alive(p)).then_some(()),
+    );
+}

@@ -360,6 +360,7 @@ fn golden_summary_for_sigkill() {
         "{err}"
     );
     assert!(err.contains("killed by signal 9 (SIGKILL)"), "{err}");
+    assert!(err.contains("Worker logs: "), "{err}");
 }
 
 #[test]

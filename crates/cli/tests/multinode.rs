@@ -8,6 +8,11 @@ fn helper(name: &str) -> String {
     testkit::cli_helper(name)
 }
 
+/// A worker that does nothing: `--no-python true`.
+fn noop_job() -> Vec<String> {
+    vec!["--no-python".into(), "true".into()]
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -93,15 +98,9 @@ fn heterogeneous_static_nodes_rank_like_torch() {
 #[test]
 fn a_missing_static_node_is_named() {
     let port = free_port();
-    let out = agent(
-        0,
-        3,
-        port,
-        &["--rdzv-conf=timeout=1"],
-        &["--no-python".into(), "true".into()],
-    )
-    .wait_with_output()
-    .unwrap();
+    let out = agent(0, 3, port, &["--rdzv-conf=timeout=1"], &noop_job())
+        .wait_with_output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("missing node ranks: 1, 2"), "{err}");
@@ -109,15 +108,9 @@ fn a_missing_static_node_is_named() {
 
 #[test]
 fn a_node_rank_out_of_range_is_a_usage_error() {
-    let out = agent(
-        2,
-        2,
-        free_port(),
-        &[],
-        &["--no-python".into(), "true".into()],
-    )
-    .wait_with_output()
-    .unwrap();
+    let out = agent(2, 2, free_port(), &[], &noop_job())
+        .wait_with_output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("--node-rank"), "{err}");
@@ -126,7 +119,7 @@ fn a_node_rank_out_of_range_is_a_usage_error() {
 #[test]
 fn a_signal_stops_a_node_waiting_for_the_others() {
     let port = free_port();
-    let mut waiting = agent(0, 2, port, &[], &["--no-python".into(), "true".into()]);
+    let mut waiting = agent(0, 2, port, &[], &noop_job());
     // The node hosts the store and waits for node 1: wait until it listens.
     testkit::wait_for(
         std::time::Duration::from_secs(20),

@@ -27,11 +27,14 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-#[test]
-fn gloo_all_reduce_across_two_workers() {
+/// Runs torch_job.py on two workers (tee'd) and checks both all-reduced
+/// on attempt `restart`.
+fn assert_gloo_job(flags: &[&str], job_args: &[&str], restart: u32) {
     let out = run(Command::new(BIN)
         .args(["--nproc-per-node=2", "-t", "3"])
-        .arg(helper("torch_job.py")));
+        .args(flags)
+        .arg(helper("torch_job.py"))
+        .args(job_args));
     let stdout = text(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -39,37 +42,20 @@ fn gloo_all_reduce_across_two_workers() {
         "{stdout}\n{}",
         text(&out.stderr)
     );
-    assert!(
-        stdout.contains("[default0]:rank 0 restart 0 sum 3"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("[default1]:rank 1 restart 0 sum 3"),
-        "{stdout}"
-    );
+    for r in 0..2 {
+        let line = format!("[default{r}]:rank {r} restart {restart} sum 3");
+        assert!(stdout.contains(&line), "{stdout}");
+    }
+}
+
+#[test]
+fn gloo_all_reduce_across_two_workers() {
+    assert_gloo_job(&[], &[], 0);
 }
 
 #[test]
 fn gloo_job_restarts_after_a_deliberate_failure() {
-    let out = run(Command::new(BIN)
-        .args(["--nproc-per-node=2", "--max-restarts=1", "-t", "3"])
-        .arg(helper("torch_job.py"))
-        .args(["fail-once", "1"]));
-    let stdout = text(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{stdout}\n{}",
-        text(&out.stderr)
-    );
-    assert!(
-        stdout.contains("[default0]:rank 0 restart 1 sum 3"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("[default1]:rank 1 restart 1 sum 3"),
-        "{stdout}"
-    );
+    assert_gloo_job(&["--max-restarts=1"], &["fail-once", "1"], 1);
 }
 
 #[test]

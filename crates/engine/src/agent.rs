@@ -519,9 +519,7 @@ impl<'a> Agent<'a> {
             if let Some(st) = w.exited.filter(|s| !s.success()) {
                 if !already {
                     self.seq += 1;
-                    let mut f = w.failure(st, self.seq);
-                    f.terminated_by_launcher = true;
-                    failures.push(f);
+                    failures.push(w.failure(st, self.seq));
                 }
             }
         }

@@ -27,8 +27,6 @@ pub struct ProcessFailure {
     pub seq: u64,
     /// The worker's redirected stderr, if any.
     pub stderr_file: Option<PathBuf>,
-    /// Stopped by the launcher (a sibling of the root cause).
-    pub terminated_by_launcher: bool,
     /// SIGKILLed while the memory cgroup's OOM-kill counter went up.
     pub oom_killed: bool,
 }
@@ -58,7 +56,6 @@ impl ProcessFailure {
             timestamp: now,
             seq,
             stderr_file: None,
-            terminated_by_launcher: false,
             oom_killed: false,
         };
         if let Some(path) = error_file.filter(|p| p.is_file()) {

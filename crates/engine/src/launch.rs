@@ -69,6 +69,9 @@ impl LaunchOutcome {
                 if let Some(i) = failure::root_cause(failures) {
                     out.push_str(&root_cause_details(&failures[i]));
                 }
+                if let Some(dir) = &self.run_dir {
+                    out.push_str(&format!("Worker logs: {}\n", dir.display()));
+                }
                 Some(out)
             }
         }

@@ -69,11 +69,6 @@ impl LogDir {
         })
     }
 
-    /// A log directory that writes nothing (`--log-dir /dev/null`).
-    pub fn disabled() -> LogDir {
-        LogDir { run_dir: None }
-    }
-
     pub fn run_dir(&self) -> Option<&Path> {
         self.run_dir.as_deref()
     }

@@ -9,7 +9,7 @@
 //! and an empty signal mask, wires its stdio, and execs.
 
 use std::collections::BTreeMap;
-use std::ffi::{CString, OsStr};
+use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -302,9 +302,4 @@ pub fn become_subreaper() {
 pub fn create_file(path: &Path) -> io::Result<OwnedFd> {
     let f = std::fs::File::create(path)?;
     Ok(f.into())
-}
-
-/// An `OsStr` as lossy UTF-8, for messages.
-pub fn display(s: &OsStr) -> String {
-    s.to_string_lossy().into_owned()
 }

@@ -64,10 +64,6 @@ impl DynamicRdzv {
         }
     }
 
-    pub fn client(&mut self) -> &mut Client {
-        &mut self.client
-    }
-
     async fn read(&mut self) -> Result<(), RendezvousError> {
         let raw = self.client.get_now(&self.key).await?;
         self.adopt(raw)

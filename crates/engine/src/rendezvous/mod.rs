@@ -622,10 +622,6 @@ impl Rendezvous {
             s.shutdown().await;
         }
     }
-
-    pub fn master(&self) -> (&str, u16) {
-        (&self.master_addr, self.master_port)
-    }
 }
 
 /// torch's `get_as_bool` spellings.
