@@ -598,7 +598,9 @@ impl<'a> Agent<'a> {
         for &pg in &self.all_groups {
             process::signal_group(pg, libc::SIGKILL);
         }
-        if !self.all_groups.is_empty() {
+        if lifeline::stop_descendants().is_some() {
+            lifeline::disarm();
+        } else if !self.all_groups.is_empty() {
             lifeline::sweep(lifeline::marker());
         }
     }

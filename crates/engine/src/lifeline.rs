@@ -9,17 +9,24 @@
 //! read returns end-of-file and the guardian kills every process that carries
 //! this job's marker in its environment ([`MARKER_VAR`], which every worker
 //! and hence every descendant inherits), then exits.
+//!
+//! Scanning every process's environment is costly on a busy host (hundreds
+//! of agents on one machine would each scan all the others), so it is only
+//! the last resort: a launcher that ends normally stops its own subtree (it
+//! is a child subreaper, so every descendant still alive is in it) and then
+//! [`disarm`]s the guardian, which exits without scanning.
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// Environment variable that tags every process of a job.
 pub const MARKER_VAR: &str = "TORCHRUN_RS_JOB";
 
 /// The launcher's end of the lifeline, held for the life of the process.
 struct Lifeline {
-    _write: OwnedFd,
+    write: OwnedFd,
     marker: String,
+    guardian: i32,
 }
 
 static LIFELINE: std::sync::OnceLock<Lifeline> = std::sync::OnceLock::new();
@@ -68,8 +75,9 @@ pub fn start() -> io::Result<i32> {
     unsafe { libc::close(fds[0]) };
     let _ = LIFELINE.set(Lifeline {
         // SAFETY: fds[1] is open and owned by nobody else.
-        _write: unsafe { OwnedFd::from_raw_fd(fds[1]) },
+        write: unsafe { OwnedFd::from_raw_fd(fds[1]) },
         marker,
+        guardian: pid,
     });
     Ok(pid)
 }
@@ -95,12 +103,7 @@ fn guardian_main(read_fd: i32, marker: &str) -> ! {
         for fd in 0..3 {
             libc::dup2(null, fd);
         }
-        let max = libc::sysconf(libc::_SC_OPEN_MAX).clamp(0, 65536) as i32;
-        for fd in 3..max {
-            if fd != read_fd {
-                libc::close(fd);
-            }
-        }
+        close_all_but(read_fd);
         libc::prctl(
             libc::PR_SET_NAME,
             c"torchrun-rs-guard".as_ptr() as libc::c_ulong,
@@ -109,6 +112,7 @@ fn guardian_main(read_fd: i32, marker: &str) -> ! {
             0,
         );
         let mut buf = [0u8; 64];
+        let mut disarmed = false;
         loop {
             let n = libc::read(read_fd, buf.as_mut_ptr().cast(), buf.len());
             if n == 0 {
@@ -117,11 +121,93 @@ fn guardian_main(read_fd: i32, marker: &str) -> ! {
             if n < 0 && *libc::__errno_location() != libc::EINTR {
                 break;
             }
+            if n > 0 && buf[..n as usize].contains(&DISARM) {
+                disarmed = true;
+            }
+        }
+        if !disarmed {
+            sweep(marker);
         }
     }
-    sweep(marker);
     // SAFETY: terminate without running the parent's destructors.
     unsafe { libc::_exit(0) }
+}
+
+/// The byte that tells the guardian the launcher left nothing behind.
+const DISARM: u8 = b'c';
+
+/// Tells the guardian that no process of the job is left, so it exits
+/// without scanning. Call only once nothing else will be started.
+pub fn disarm() {
+    if let Some(l) = LIFELINE.get() {
+        // SAFETY: writing one byte to a pipe we own.
+        unsafe { libc::write(l.write.as_raw_fd(), [DISARM].as_ptr().cast(), 1) };
+    }
+}
+
+/// Kills every live descendant of this process but the guardian, until none
+/// is left. As a child subreaper the launcher inherits every orphan of its
+/// subtree, so this reaches daemons that left their process group without
+/// scanning the whole host. Returns `None` where the kernel does not list
+/// children (`/proc/<pid>/task/<tid>/children`); then use [`sweep`].
+///
+/// Only a launcher that started the guardian owns its whole subtree; a
+/// program embedding the engine may have children of its own, so there this
+/// returns `None` too.
+pub fn stop_descendants() -> Option<usize> {
+    let guardian = LIFELINE.get()?.guardian;
+    let me = std::process::id() as i32;
+    let mut killed = 0;
+    for _ in 0..100 {
+        let found: Vec<i32> = descendants(me)?
+            .into_iter()
+            .filter(|&p| p != guardian && !is_zombie(p))
+            .collect();
+        if found.is_empty() {
+            return Some(killed);
+        }
+        for pid in &found {
+            // SAFETY: plain syscall.
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
+        killed += found.len();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Some(killed)
+}
+
+/// Every process below `root`, breadth first.
+fn descendants(root: i32) -> Option<Vec<i32>> {
+    let mut out = Vec::new();
+    let mut queue = vec![root];
+    while let Some(pid) = queue.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            // Gone while we looked: it has no children to list.
+            continue;
+        };
+        for t in tasks.flatten() {
+            let path = t.path().join("children");
+            match std::fs::read_to_string(&path) {
+                Ok(list) => {
+                    for c in list.split_whitespace().filter_map(|c| c.parse().ok()) {
+                        out.push(c);
+                        queue.push(c);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound && pid == root => return None,
+                Err(_) => {}
+            }
+        }
+    }
+    Some(out)
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        // The state follows the parenthesized command name.
+        s.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+    })
 }
 
 /// Kills every process whose environment carries `MARKER_VAR=marker`, again
@@ -161,4 +247,24 @@ pub fn marked_processes(needle: &[u8], except: i32) -> Vec<i32> {
             env.split(|&b| b == 0).any(|kv| kv == needle)
         })
         .collect()
+}
+
+/// Closes every descriptor from 3 up except `keep`. `close_range` costs one
+/// system call; the loop over the whole descriptor table it replaces cost
+/// milliseconds per launcher when the open-file limit is high.
+unsafe fn close_all_but(keep: i32) {
+    let ranges = [(3, keep - 1), (keep + 1, i32::MAX)];
+    for (lo, hi) in ranges {
+        if lo > hi {
+            continue;
+        }
+        let r = libc::syscall(libc::SYS_close_range, lo as u32, hi as u32, 0u32);
+        if r != 0 {
+            // Kernels before 5.9: close one by one.
+            let max = libc::sysconf(libc::_SC_OPEN_MAX).clamp(0, 1 << 20) as i32;
+            for fd in lo..hi.min(max.saturating_sub(1)).saturating_add(1) {
+                libc::close(fd);
+            }
+        }
+    }
 }
