@@ -1,22 +1,46 @@
-//! The c10d rendezvous over the store: the shared [`State`] lives under the
-//! key `torch.rendezvous.<run_id>` and changes only by compare-and-set, so
-//! every agent acts on the latest state or retries.
+//! The c10d rendezvous over the store.
+//!
+//! Keys, all under `K = torch.rendezvous.<run_id>`:
+//! - `K`: the shared [`State`], changed only by compare-and-set;
+//! - `K.requests.<epoch>`: the request log; a node asks to join or leave by
+//!   appending a line, and whoever writes the state next applies every
+//!   pending request at once ([`dynamic::drain`]);
+//! - `K.version`: bumped after every state write, so a running agent learns
+//!   of a change by reading a number instead of the whole state;
+//! - `K.wake.<round>`: set when that round completes or the rendezvous
+//!   closes; waiting agents block on it instead of polling;
+//! - `K.hb.<node>`: each node's heartbeat counter, bumped by a background
+//!   task. Each agent watches a few of the others (the next ones in node
+//!   order) and times their counters with its own clock.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tcpstore::Client;
+use tcpstore::{Client, ClientError};
 
-use super::dynamic::{self, Action, Node, Settings, State};
+use super::dynamic::{self, Action, Node, Request, Settings, State};
 use super::RendezvousError;
 
-/// How often an agent waiting for others looks at the state again.
-const POLL: Duration = Duration::from_millis(100);
+/// How many other nodes each agent watches for missing heartbeats. Each node
+/// is thus watched by this many others; if all of them die together, their
+/// own watchers evict them first and the ring closes over the rest.
+const WATCHED: usize = 3;
+
+/// How often watched heartbeat counters are read, at most.
+const WATCH_EVERY: f64 = 1.0;
 
 pub fn now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Heartbeat counters of the watched nodes and when (by this agent's clock)
+/// each last moved.
+#[derive(Default)]
+struct Liveness {
+    seen: HashMap<Node, (i64, f64)>,
+    next_check: f64,
 }
 
 /// One agent's view of the dynamic rendezvous.
@@ -30,8 +54,16 @@ pub struct DynamicRdzv {
     /// The raw value last read or written: the CAS token.
     token: Vec<u8>,
     state: State,
+    /// `K.version` as read just before `state`.
+    version: i64,
     /// The round this node is a participant of, with its participants.
     joined: Option<(u64, BTreeMap<Node, u32>)>,
+    liveness: Liveness,
+    heartbeat: Option<tokio::task::JoinHandle<()>>,
+    /// The running operation's deadline (join or close timeout).
+    op_deadline: f64,
+    /// Whether the user was told this node waits as a spare.
+    spare_noted: bool,
 }
 
 /// The outcome of joining.
@@ -42,29 +74,73 @@ pub struct Joined {
     pub world_size: u32,
 }
 
+impl Drop for DynamicRdzv {
+    fn drop(&mut self) {
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
+        }
+    }
+}
+
 impl DynamicRdzv {
+    /// `heartbeat_client` is a connection of its own: the heartbeat task
+    /// keeps this node alive in everyone's eyes whatever the agent is doing
+    /// (stopping workers, writing logs) and only stops with the process.
     pub fn new(
-        client: Client,
+        mut client: Client,
+        heartbeat_client: Client,
         run_id: &str,
         node: Node,
         cfg: Settings,
         join_timeout: f64,
         close_timeout: f64,
     ) -> Self {
+        // Heartbeat counters are read with `add(key, 0)`, which never
+        // blocks; no read here waits on a key.
+        client.set_timeout(Duration::from_secs(5));
+        let key = format!("torch.rendezvous.{run_id}");
+        let heartbeat = tokio::spawn(beat(
+            heartbeat_client,
+            hb_key(&key, &node),
+            Duration::from_secs_f64(cfg.keep_alive_interval),
+        ));
         DynamicRdzv {
             client,
-            key: format!("torch.rendezvous.{run_id}"),
+            key,
             node,
             cfg,
             join_timeout,
             close_timeout,
             token: Vec::new(),
             state: State::default(),
+            version: 0,
             joined: None,
+            liveness: Liveness::default(),
+            heartbeat: Some(heartbeat),
+            op_deadline: f64::INFINITY,
+            spare_noted: false,
         }
     }
 
+    fn log_key(&self, epoch: u64) -> String {
+        format!("{}.requests.{epoch}", self.key)
+    }
+
+    fn version_key(&self) -> String {
+        format!("{}.version", self.key)
+    }
+
+    fn wake_key(&self, round: u64) -> String {
+        format!("{}.wake.{round}", self.key)
+    }
+
+    async fn read_version(&mut self) -> Result<i64, RendezvousError> {
+        let k = self.version_key();
+        Ok(self.client.add(&k, 0).await?)
+    }
+
     async fn read(&mut self) -> Result<(), RendezvousError> {
+        self.version = self.read_version().await?;
         let raw = self.client.get_now(&self.key).await?;
         self.adopt(raw)
     }
@@ -81,64 +157,240 @@ impl DynamicRdzv {
         Ok(())
     }
 
-    /// Writes `new` if nobody changed the state since our last read.
+    /// Writes `new` if nobody changed the state since our last read, then
+    /// tells the others: the version moves, and a round that completed or a
+    /// rendezvous that closed wakes those blocked on it.
     async fn cas(&mut self, new: &State) -> Result<bool, RendezvousError> {
         let desired = new.encode().into_bytes();
         let got = self
             .client
             .compare_set(&self.key, &self.token, &desired)
             .await?;
-        let won = got == desired;
-        if won || !got.is_empty() {
-            self.adopt(got)?;
-        } else {
-            // Key absent and our token non-empty: the store echoed our
-            // expectation. Read what is really there.
-            self.read().await?;
+        if got != desired {
+            if got.is_empty() {
+                // Key absent and our token non-empty: the store echoed our
+                // expectation. Read what is really there.
+                self.read().await?;
+            } else {
+                self.adopt(got)?;
+            }
+            return Ok(false);
         }
-        Ok(won)
+        let old = std::mem::take(&mut self.state);
+        self.adopt(got)?;
+        let k = self.version_key();
+        self.client.add(&k, 1).await?;
+        let s = &self.state;
+        let mut wake = Vec::new();
+        if s.complete && !(old.complete && old.round == s.round) {
+            wake.push(s.round);
+        }
+        if s.closed && !old.closed {
+            wake.extend([s.round, s.round + 1]);
+        }
+        if s.epoch != old.epoch {
+            // Best effort: a late append to the old log is noticed by its
+            // author, who appends again.
+            let k = self.log_key(old.epoch);
+            self.client.delete_key(&k).await?;
+        }
+        for r in wake {
+            let k = self.wake_key(r);
+            self.client.set(&k, b"1").await?;
+        }
+        Ok(true)
     }
 
-    /// Runs an operation until it finishes: read, evict the dead, decide,
-    /// apply, compare-and-set; `Sync` waits a moment and looks again.
+    /// Nodes this agent watches: the next [`WATCHED`] after it, in node
+    /// order, among every node the state knows.
+    fn watch_set(&self) -> Vec<Node> {
+        let s = &self.state;
+        let all: BTreeSet<&Node> = s
+            .participants
+            .keys()
+            .chain(&s.wait_list)
+            .chain(&s.redundancy_list)
+            .filter(|n| **n != self.node)
+            .collect();
+        let after = all.iter().filter(|n| ***n > self.node);
+        let before = all.iter().filter(|n| ***n < self.node);
+        after
+            .chain(before)
+            .take(WATCHED)
+            .map(|n| (*n).clone())
+            .collect()
+    }
+
+    /// Reads the watched heartbeat counters if due. Returns whether one of
+    /// them has not moved for the dead-node window.
+    async fn check_liveness(&mut self, t: f64) -> Result<bool, RendezvousError> {
+        if t < self.liveness.next_check {
+            return Ok(false);
+        }
+        self.liveness.next_check = t + WATCH_EVERY.min(self.cfg.keep_alive_interval);
+        let watched = self.watch_set();
+        let mut seen = HashMap::with_capacity(watched.len());
+        for n in watched {
+            let count = self.client.add(&hb_key(&self.key, &n), 0).await?;
+            let since = match self.liveness.seen.get(&n) {
+                Some(&(c, at)) if c == count => at,
+                _ => t,
+            };
+            seen.insert(n, (count, since));
+        }
+        self.liveness.seen = seen;
+        Ok(self.dead_watched(t))
+    }
+
+    fn dead_watched(&self, t: f64) -> bool {
+        self.liveness
+            .seen
+            .values()
+            .any(|&(_, at)| t - at > self.cfg.dead_after())
+    }
+
+    /// Fills the state's heartbeat times from what this agent saw: a node it
+    /// does not watch counts as alive (its watchers judge it).
+    fn observe(&self, s: &mut State, t: f64) {
+        let nodes: Vec<Node> = s
+            .participants
+            .keys()
+            .chain(&s.wait_list)
+            .chain(&s.redundancy_list)
+            .cloned()
+            .collect();
+        s.last_heartbeats = nodes
+            .into_iter()
+            .map(|n| {
+                let at = self.liveness.seen.get(&n).map_or(t, |&(_, at)| at);
+                (n, at)
+            })
+            .collect();
+    }
+
+    /// Whether this node's request is already reflected in the state.
+    fn reflected(&self, r: &Request) -> bool {
+        let s = &self.state;
+        match r {
+            Request::Join(n) => {
+                s.participants.contains_key(n)
+                    || s.wait_list.contains(n)
+                    || s.redundancy_list.contains(n)
+            }
+            Request::Leave(n) => !s.participants.contains_key(n),
+        }
+    }
+
+    async fn append(&mut self, r: &Request) -> Result<u64, RendezvousError> {
+        let epoch = self.state.epoch;
+        let k = self.log_key(epoch);
+        self.client.append(&k, r.line().as_bytes()).await?;
+        Ok(epoch)
+    }
+
+    /// Runs an operation until it finishes: post `request` (if any), then
+    /// read, apply pending requests, evict the dead, decide, write; `Sync`
+    /// blocks until the state may have moved on.
     async fn run_op(
         &mut self,
+        request: Option<Request>,
         op: impl Fn(&State, &Node, f64) -> Action,
     ) -> Result<Action, RendezvousError> {
         self.read().await?;
+        let mut posted = match &request {
+            Some(r) => Some((r.clone(), self.append(r).await?)),
+            None => None,
+        };
         loop {
-            let t = now();
-            let mut next = self.state.clone();
-            let evicted = !dynamic::sanitize(&mut next, t, &self.cfg).is_empty();
-            let action = op(&next, &self.node, t);
-            match action {
-                Action::Finish | Action::GracefulExit => {
-                    if evicted {
-                        let _ = self.cas(&next).await?;
-                    }
-                    return Ok(action);
+            if let Some((r, epoch)) = &posted {
+                // Appended to a log that was retired before anyone read our
+                // line: append again to the current one.
+                if self.state.epoch != *epoch && !self.reflected(r) {
+                    let r = r.clone();
+                    let epoch = self.append(&r).await?;
+                    posted = Some((r, epoch));
                 }
+            }
+            let t = now();
+            // Judge the watched nodes on fresh counters, not on what was
+            // seen before a long pause (stopping workers, say).
+            self.check_liveness(t).await?;
+            let log_key = self.log_key(self.state.epoch);
+            let log = self.client.get_now(&log_key).await?;
+            let mut next = self.state.clone();
+            dynamic::drain(&mut next, &log, t, &self.cfg);
+            self.observe(&mut next, t);
+            if !dynamic::sanitize(&mut next, t, &self.cfg).is_empty() {
+                dynamic::settle(&mut next, t, &self.cfg);
+            }
+            // This node's own heartbeat is the background task's business.
+            next.last_heartbeats.insert(self.node.clone(), t);
+            let action = op(&next, &self.node, t);
+            let mutation = !matches!(
+                action,
+                Action::Sync
+                    | Action::KeepAlive
+                    | Action::Finish
+                    | Action::GracefulExit
+                    | Action::ErrorClosed
+                    | Action::ErrorTimeout
+            );
+            if mutation {
+                dynamic::apply(&mut next, &self.node, action, t, &self.cfg);
+            }
+            if next.encode().as_bytes() != self.token.as_slice() {
+                // A lost race re-read the state: decide again on it.
+                if !self.cas(&next).await? || mutation {
+                    continue;
+                }
+            }
+            if !self.spare_noted && self.state.redundancy_list.contains(&self.node) {
+                self.spare_noted = true;
+                tracing::warn!(
+                    "waiting as a spare: the job already has its maximum of {} nodes",
+                    self.cfg.max_nodes
+                );
+            }
+            match action {
                 Action::ErrorClosed => return Err(RendezvousError::Closed),
                 Action::ErrorTimeout => return Err(RendezvousError::JoinTimeout),
-                Action::Sync => {
-                    if evicted {
-                        self.cas(&next).await?;
-                        continue;
-                    }
-                    tokio::time::sleep(POLL).await;
+                Action::Finish | Action::GracefulExit => return Ok(action),
+                _ => {
+                    self.wait_for_change(t).await?;
                     self.read().await?;
                 }
-                mutation => {
-                    dynamic::apply(&mut next, &self.node, mutation, t, &self.cfg);
-                    // Lost races just loop: the state was re-read.
-                    let won = self.cas(&next).await?;
-                    if won && mutation == Action::AddToRedundancyList {
-                        tracing::warn!(
-                            "waiting as a spare: the job already has its maximum of {} nodes",
-                            self.cfg.max_nodes
-                        );
-                    }
-                }
+            }
+        }
+    }
+
+    /// Blocks until the state may need this node again: the round it waits
+    /// for completes or the rendezvous closes (store-pushed), a watched node
+    /// dies, the last call or join deadline passes, or anything else moved.
+    async fn wait_for_change(&mut self, t0: f64) -> Result<(), RendezvousError> {
+        let s = &self.state;
+        let in_round = s.participants.contains_key(&self.node) && !s.complete;
+        let round = if in_round { s.round } else { s.round + 1 };
+        let deadline = s.deadline.filter(|_| in_round);
+        let key = self.wake_key(round);
+        loop {
+            let t = now();
+            let mut until = self.liveness.next_check.max(t0).min(self.op_deadline);
+            if let Some(d) = deadline {
+                until = until.min(d);
+            }
+            let timeout = Duration::from_secs_f64((until - t).clamp(0.01, 5.0));
+            match self.client.wait(&[key.as_str()], timeout).await {
+                Ok(()) => return Ok(()),
+                Err(ClientError::WaitTimeout { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let t = now();
+            if self.check_liveness(t).await?
+                || deadline.is_some_and(|d| t >= d)
+                || t >= self.op_deadline
+                || self.read_version().await? != self.version
+            {
+                return Ok(());
             }
         }
     }
@@ -147,11 +399,20 @@ impl DynamicRdzv {
     /// node's rank and the world of the completed round.
     pub async fn next_rendezvous(&mut self) -> Result<Joined, RendezvousError> {
         let deadline = now() + self.join_timeout;
-        self.run_op(|s, n, t| dynamic::exit_action(s, n, t, deadline))
+        self.op_deadline = deadline;
+        if self.state.participants.contains_key(&self.node) {
+            let leave = Request::Leave(self.node.clone());
+            self.run_op(Some(leave), |s, n, t| {
+                dynamic::exit_action(s, n, t, deadline)
+            })
             .await?;
+        }
         let cfg = self.cfg;
+        let join = Request::Join(self.node.clone());
         let joined = self
-            .run_op(move |s, n, t| dynamic::join_action(s, n, t, deadline, &cfg))
+            .run_op(Some(join), move |s, n, t| {
+                dynamic::join_action(s, n, t, deadline, &cfg)
+            })
             .await;
         let action = match joined {
             // The finishing nodes closed the rendezvous and the store's host
@@ -180,24 +441,26 @@ impl DynamicRdzv {
         })
     }
 
-    /// While workers run: keeps this node's heartbeat fresh, evicts dead
-    /// nodes, and tells whether the group must re-form (nodes waiting to
-    /// join, or a participant of our round gone).
+    /// While workers run: evicts dead watched nodes, and tells whether the
+    /// group must re-form (nodes waiting to join, or a participant of our
+    /// round gone). Reads the whole state only when its version moved.
     pub async fn membership_changed(&mut self) -> Result<bool, RendezvousError> {
-        self.read().await?;
         let t = now();
-        let mut next = self.state.clone();
-        let evicted = dynamic::sanitize(&mut next, t, &self.cfg);
-        let heartbeat_due = next
-            .last_heartbeats
-            .get(&self.node)
-            .is_none_or(|&hb| t - hb >= self.cfg.keep_alive_interval);
-        if heartbeat_due && next.participants.contains_key(&self.node) {
-            dynamic::apply(&mut next, &self.node, Action::KeepAlive, t, &self.cfg);
+        let dead = self.check_liveness(t).await?;
+        if !dead && self.read_version().await? == self.version {
+            return Ok(false);
         }
-        if !evicted.is_empty() || heartbeat_due {
-            // A lost race is fine: the next poll tries again.
-            self.cas(&next).await?;
+        self.read().await?;
+        let mut evicted = Vec::new();
+        if dead {
+            let mut next = self.state.clone();
+            self.observe(&mut next, t);
+            evicted = dynamic::sanitize(&mut next, t, &self.cfg);
+            if !evicted.is_empty() {
+                dynamic::settle(&mut next, t, &self.cfg);
+                // A lost race is fine: the next check tries again.
+                self.cas(&next).await?;
+            }
         }
         let Some((round, members)) = &self.joined else {
             return Ok(false);
@@ -230,8 +493,28 @@ impl DynamicRdzv {
     /// Marks the rendezvous closed: later joiners fail, spares exit 0.
     pub async fn close(&mut self) -> Result<(), RendezvousError> {
         let deadline = now() + self.close_timeout;
-        self.run_op(|s, _, t| dynamic::close_action(s, t, deadline))
+        self.op_deadline = deadline;
+        self.run_op(None, |s, _, t| dynamic::close_action(s, t, deadline))
             .await?;
         Ok(())
+    }
+}
+
+fn hb_key(key: &str, n: &Node) -> String {
+    format!("{key}.hb.{}.{}.{}", n.addr, n.pid, n.local_id)
+}
+
+/// Bumps this node's heartbeat counter every `every` until aborted. A store
+/// that does not answer is retried at the next beat: the agent's own store
+/// calls report the outage.
+async fn beat(mut client: Client, key: String, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = client.add(&key, 1).await {
+            tracing::debug!("heartbeat not sent: {e}");
+            return;
+        }
     }
 }

@@ -5,6 +5,16 @@
 //!
 //! The state is stored in our own JSON encoding, not Python pickle: Python
 //! torchrun agents cannot join a torchrun-rs rendezvous.
+//!
+//! Joins and leaves are requests appended to a log next to the state
+//! ([`Request`]); whichever agent writes the state next applies every pending
+//! request at once ([`drain`]). Hundreds of agents arriving together thus
+//! cost a handful of state writes, not one contended write each.
+//!
+//! Heartbeats are not part of the shared state: each agent observes the
+//! others' heartbeat counters with its own clock and passes what it saw in
+//! [`State::last_heartbeats`], so clocks that differ between nodes cannot
+//! make a live node look dead.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -32,7 +42,12 @@ pub struct State {
     pub wait_list: BTreeSet<Node>,
     /// Nodes beyond `max_nodes`, waiting as spares.
     pub redundancy_list: BTreeSet<Node>,
+    /// When this agent last saw each node's heartbeat move, by its own clock.
+    /// Local: not encoded.
     pub last_heartbeats: BTreeMap<Node, f64>,
+    /// Which request log is current, and how many of its bytes are applied.
+    pub epoch: u64,
+    pub applied: u64,
     /// How many nodes are re-forming the group after a membership change (the
     /// live nodes when the first participant left). A round that reaches it
     /// completes at once instead of waiting out the last call: the survivors
@@ -241,6 +256,115 @@ fn after_participant_loss(s: &mut State, cfg: &Settings) {
     }
 }
 
+/// A change of membership that a node asks for by appending it to the
+/// request log; see [`drain`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Join(Node),
+    Leave(Node),
+}
+
+impl Request {
+    /// One line of the log.
+    pub fn line(&self) -> String {
+        let (tag, n) = match self {
+            Request::Join(n) => ("J", n),
+            Request::Leave(n) => ("L", n),
+        };
+        let mut j = vec![Json::Str(tag.into())];
+        if let Json::Array(a) = node_json(n) {
+            j.extend(a);
+        }
+        format!("{}\n", Json::Array(j))
+    }
+
+    fn parse(line: &str) -> Option<Request> {
+        let Json::Array(a) = json::parse(line).ok()? else {
+            return None;
+        };
+        let (tag, rest) = a.split_first()?;
+        let node = node_from(&Json::Array(rest.to_vec()))?;
+        match tag {
+            Json::Str(t) if t == "J" => Some(Request::Join(node)),
+            Json::Str(t) if t == "L" => Some(Request::Leave(node)),
+            _ => None,
+        }
+    }
+}
+
+/// A log this long, once fully applied, is replaced by a fresh one (the next
+/// epoch), so that reading it stays cheap however long the job runs.
+pub const LOG_COMPACT_BYTES: u64 = 16 * 1024;
+
+/// Applies the requests of `log` (the current epoch's log as read) that the
+/// state has not applied yet, in order, then [`settle`]s. Malformed lines are
+/// skipped. Returns how many requests were applied.
+pub fn drain(s: &mut State, log: &[u8], now: f64, cfg: &Settings) -> usize {
+    // Requests are appended whole; read up to the last complete line.
+    let end = log.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) as u64;
+    let start = s.applied.min(end);
+    let mut applied = 0;
+    for line in log[start as usize..end as usize].split(|&b| b == b'\n') {
+        let Some(req) = std::str::from_utf8(line).ok().and_then(Request::parse) else {
+            continue;
+        };
+        applied += 1;
+        match req {
+            Request::Join(n) => admit(s, &n, now, cfg),
+            Request::Leave(n) => {
+                if exit_action(s, &n, now, f64::INFINITY) == Action::RemoveFromParticipants {
+                    apply(s, &n, Action::RemoveFromParticipants, now, cfg);
+                }
+            }
+        }
+    }
+    s.applied = end;
+    if end >= LOG_COMPACT_BYTES {
+        s.epoch += 1;
+        s.applied = 0;
+    }
+    settle(s, now, cfg);
+    applied
+}
+
+/// Takes `n` as far into the rendezvous as the join table allows without
+/// waiting: participant, waiting for the next round, or spare.
+fn admit(s: &mut State, n: &Node, now: f64, cfg: &Settings) {
+    // A spare may step to the wait list and on into the round: three moves.
+    for _ in 0..3 {
+        match join_action(s, n, now, f64::INFINITY, cfg) {
+            a @ (Action::AddToParticipants
+            | Action::AddToWaitList
+            | Action::AddToRedundancyList
+            | Action::RemoveFromRedundancyList) => apply(s, n, a, now, cfg),
+            _ => return,
+        }
+    }
+}
+
+/// After any change: nodes waiting for a round (and spares, when the round
+/// has room) move in, and a round that has everyone it expects completes.
+pub fn settle(s: &mut State, now: f64, cfg: &Settings) {
+    let waiting: Vec<Node> = s
+        .wait_list
+        .iter()
+        .chain(&s.redundancy_list)
+        .cloned()
+        .collect();
+    for n in &waiting {
+        admit(s, n, now, cfg);
+    }
+    let n = s.participants.len() as u32;
+    if !s.complete
+        && !s.closed
+        && n >= cfg.min_nodes
+        && n <= cfg.max_nodes
+        && (s.expected.is_some_and(|e| n >= e) || s.deadline.is_some_and(|d| now >= d))
+    {
+        mark_complete(s);
+    }
+}
+
 /// Evicts every node whose last heartbeat is older than the dead-node
 /// window. Returns the evicted participants.
 pub fn sanitize(s: &mut State, now: f64, cfg: &Settings) -> Vec<Node> {
@@ -294,13 +418,6 @@ fn num(j: Option<&Json>) -> Option<f64> {
 
 impl State {
     pub fn encode(&self) -> String {
-        let pairs = |m: &BTreeMap<Node, f64>| {
-            Json::Array(
-                m.iter()
-                    .map(|(n, v)| Json::Array(vec![node_json(n), Json::Num(*v)]))
-                    .collect(),
-            )
-        };
         Json::Object(vec![
             ("round".into(), Json::Num(self.round as f64)),
             ("complete".into(), Json::Bool(self.complete)),
@@ -326,7 +443,8 @@ impl State {
                 "redundancy_list".into(),
                 Json::Array(self.redundancy_list.iter().map(node_json).collect()),
             ),
-            ("last_heartbeats".into(), pairs(&self.last_heartbeats)),
+            ("epoch".into(), Json::Num(self.epoch as f64)),
+            ("applied".into(), Json::Num(self.applied as f64)),
             (
                 "expected".into(),
                 self.expected
@@ -368,10 +486,9 @@ impl State {
                 .iter()
                 .map(node_from)
                 .collect::<Option<_>>()?,
-            last_heartbeats: list("last_heartbeats")?
-                .iter()
-                .map(pair)
-                .collect::<Option<_>>()?,
+            last_heartbeats: BTreeMap::new(),
+            epoch: num(j.get("epoch"))? as u64,
+            applied: num(j.get("applied"))? as u64,
             expected: num(j.get("expected")).map(|e| e as u32),
         })
     }
@@ -668,9 +785,143 @@ mod tests {
         s.deadline = Some(1234.5);
         s.round = 7;
         s.expected = Some(3);
+        s.epoch = 2;
+        s.applied = 77;
         let back = State::decode(&s.encode()).unwrap();
+        // Heartbeats are each agent's own observation, not shared.
+        s.last_heartbeats.clear();
         assert_eq!(back, s);
         assert!(State::decode("{}").is_none());
         assert!(State::decode("garbage").is_none());
+    }
+
+    fn log(reqs: &[Request]) -> Vec<u8> {
+        reqs.iter()
+            .map(Request::line)
+            .collect::<String>()
+            .into_bytes()
+    }
+
+    #[test]
+    fn requests_round_trip_through_log_lines() {
+        for r in [
+            Request::Join(node("127.0.0.2", 42)),
+            Request::Leave(node("::1", 7)),
+        ] {
+            let line = r.line();
+            assert!(line.ends_with('\n'));
+            assert_eq!(Request::parse(line.trim_end()), Some(r));
+        }
+        assert_eq!(Request::parse("[\"X\",\"a\",1,0]"), None);
+        assert_eq!(Request::parse("garbage"), None);
+    }
+
+    #[test]
+    fn one_drain_admits_every_pending_join_and_completes_the_round() {
+        let c = cfg(3, 3);
+        let nodes = [
+            node("127.0.0.4", 1),
+            node("127.0.0.2", 1),
+            node("127.0.0.3", 1),
+        ];
+        let mut s = State::default();
+        let l = log(&nodes.iter().cloned().map(Request::Join).collect::<Vec<_>>());
+        assert_eq!(drain(&mut s, &l, NOW, &c), 3);
+        assert!(s.complete);
+        assert_eq!(s.applied, l.len() as u64);
+        let ranks: Vec<(&str, u32)> = s
+            .participants
+            .iter()
+            .map(|(n, r)| (n.addr.as_str(), *r))
+            .collect();
+        assert_eq!(
+            ranks,
+            vec![("127.0.0.2", 0), ("127.0.0.3", 1), ("127.0.0.4", 2)]
+        );
+        // Draining the same log again changes nothing.
+        let before = s.clone();
+        assert_eq!(drain(&mut s, &l, NOW, &c), 0);
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn drain_skips_applied_bytes_malformed_lines_and_a_torn_tail() {
+        let c = cfg(1, 4);
+        let (a, b) = (node("a", 1), node("b", 1));
+        let mut s = State::default();
+        let mut l = log(&[Request::Join(a.clone())]);
+        drain(&mut s, &l, NOW, &c);
+        l.extend_from_slice(b"not json\n");
+        l.extend(log(&[Request::Join(b.clone())]));
+        let torn = b"[\"J\",\"c\"";
+        l.extend_from_slice(torn);
+        assert_eq!(drain(&mut s, &l, NOW, &c), 1);
+        assert!(s.participants.contains_key(&b));
+        assert!(!s.participants.contains_key(&node("c", 0)));
+        assert_eq!(s.applied as usize, l.len() - torn.len());
+    }
+
+    #[test]
+    fn drained_leaves_start_the_next_round_and_promote_the_wait_list() {
+        let c = cfg(2, 3);
+        let (a, b, w) = (node("a", 1), node("b", 1), node("w", 1));
+        let mut s = with_participants(&[&a, &b], true, NOW);
+        s.wait_list.insert(w.clone());
+        let l = log(&[Request::Leave(a.clone()), Request::Leave(b.clone())]);
+        drain(&mut s, &l, NOW, &c);
+        assert_eq!((s.round, s.complete, s.expected), (1, false, Some(3)));
+        assert!(
+            s.participants.contains_key(&w),
+            "the waiting node moves into round 1"
+        );
+        let mut l2 = l.clone();
+        l2.extend(log(&[Request::Join(a.clone()), Request::Join(b.clone())]));
+        drain(&mut s, &l2, NOW, &c);
+        assert!(s.complete && s.participants.len() == 3);
+    }
+
+    #[test]
+    fn a_join_to_a_running_round_waits_and_beyond_max_is_a_spare() {
+        let c = cfg(1, 2);
+        let (a, b, x, y) = (node("a", 1), node("b", 1), node("x", 1), node("y", 1));
+        let mut s = with_participants(&[&a], true, NOW);
+        drain(&mut s, &log(&[Request::Join(x.clone())]), NOW, &c);
+        assert!(s.wait_list.contains(&x));
+        let mut s = with_participants(&[&a, &b], true, NOW);
+        drain(&mut s, &log(&[Request::Join(y.clone())]), NOW, &c);
+        assert!(s.redundancy_list.contains(&y));
+        // A participant evicted: the spare steps to the wait list.
+        s.participants.remove(&b);
+        settle(&mut s, NOW, &c);
+        assert!(s.wait_list.contains(&y) && s.redundancy_list.is_empty());
+    }
+
+    #[test]
+    fn a_long_log_moves_to_the_next_epoch() {
+        let c = cfg(1, 1000);
+        let reqs: Vec<Request> = (0..800)
+            .map(|i| Request::Join(node("127.0.0.9", i)))
+            .collect();
+        let l = log(&reqs);
+        assert!(l.len() as u64 >= LOG_COMPACT_BYTES);
+        let mut s = State::default();
+        drain(&mut s, &l, NOW, &c);
+        assert_eq!((s.epoch, s.applied, s.participants.len()), (1, 0, 800));
+    }
+
+    #[test]
+    fn settle_completes_at_the_last_call_or_when_everyone_expected_is_back() {
+        let c = cfg(2, 4);
+        let (a, b) = (node("a", 1), node("b", 1));
+        let mut s = with_participants(&[&a, &b], false, NOW);
+        s.deadline = Some(NOW + 30.0);
+        settle(&mut s, NOW, &c);
+        assert!(!s.complete);
+        settle(&mut s, NOW + 30.0, &c);
+        assert!(s.complete);
+        let mut s = with_participants(&[&a, &b], false, NOW);
+        s.expected = Some(2);
+        settle(&mut s, NOW, &c);
+        assert!(s.complete);
     }
 }

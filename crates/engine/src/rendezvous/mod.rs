@@ -278,6 +278,7 @@ impl Rendezvous {
         };
         let client = connect_store(&chost, cport, read_timeout).await?;
         let state_client = connect_store(&chost, cport, read_timeout).await?;
+        let heartbeat_client = connect_store(&chost, cport, read_timeout).await?;
         let cfg = dynamic::Settings {
             min_nodes: config.min_nodes,
             max_nodes: config.max_nodes,
@@ -300,6 +301,7 @@ impl Rendezvous {
         };
         let dynamic = c10d::DynamicRdzv::new(
             state_client,
+            heartbeat_client,
             &config.run_id,
             node,
             cfg,
