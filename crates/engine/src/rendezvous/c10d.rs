@@ -146,6 +146,10 @@ impl DynamicRdzv {
     }
 
     fn adopt(&mut self, raw: Vec<u8>) -> Result<(), RendezvousError> {
+        if raw == self.token && !raw.is_empty() {
+            // Unchanged: keep the decoded copy.
+            return Ok(());
+        }
         self.state = if raw.is_empty() {
             State::default()
         } else {

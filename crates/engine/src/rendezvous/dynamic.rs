@@ -3,7 +3,7 @@
 //! operations, the mutations, and the eviction of dead nodes. No I/O and no
 //! clock of its own: the caller passes `now` (seconds since the epoch, UTC).
 //!
-//! The state is stored in our own JSON encoding, not Python pickle: Python
+//! The state is stored in our own text encoding, not Python pickle: Python
 //! torchrun agents cannot join a torchrun-rs rendezvous.
 //!
 //! Joins and leaves are requests appended to a log next to the state
@@ -17,8 +17,6 @@
 //! make a live node look dead.
 
 use std::collections::{BTreeMap, BTreeSet};
-
-use crate::failure::json::{self, Json};
 
 /// A node: address, pid, and a per-process counter. Ordered by address
 /// string, then pid: that order gives the ranks.
@@ -265,28 +263,21 @@ pub enum Request {
 }
 
 impl Request {
-    /// One line of the log.
+    /// One line of the log: `J|L <pid> <local_id> <addr>`.
     pub fn line(&self) -> String {
         let (tag, n) = match self {
-            Request::Join(n) => ("J", n),
-            Request::Leave(n) => ("L", n),
+            Request::Join(n) => ('J', n),
+            Request::Leave(n) => ('L', n),
         };
-        let mut j = vec![Json::Str(tag.into())];
-        if let Json::Array(a) = node_json(n) {
-            j.extend(a);
-        }
-        format!("{}\n", Json::Array(j))
+        format!("{tag} {}\n", node_text(n))
     }
 
     fn parse(line: &str) -> Option<Request> {
-        let Json::Array(a) = json::parse(line).ok()? else {
-            return None;
-        };
-        let (tag, rest) = a.split_first()?;
-        let node = node_from(&Json::Array(rest.to_vec()))?;
+        let (tag, node) = line.split_once(' ')?;
+        let node = node_parse(node)?;
         match tag {
-            Json::Str(t) if t == "J" => Some(Request::Join(node)),
-            Json::Str(t) if t == "L" => Some(Request::Leave(node)),
+            "J" => Some(Request::Join(node)),
+            "L" => Some(Request::Leave(node)),
             _ => None,
         }
     }
@@ -389,108 +380,99 @@ pub fn sanitize(s: &mut State, now: f64, cfg: &Settings) -> Vec<Node> {
     lost
 }
 
-fn node_json(n: &Node) -> Json {
-    Json::Array(vec![
-        Json::Str(n.addr.clone()),
-        Json::Num(f64::from(n.pid)),
-        Json::Num(f64::from(n.local_id)),
-    ])
+/// `<pid> <local_id> <addr>`: the address last, so that it may hold any
+/// character but a line break.
+fn node_text(n: &Node) -> String {
+    format!("{} {} {}", n.pid, n.local_id, n.addr)
 }
 
-fn node_from(j: &Json) -> Option<Node> {
-    let Json::Array(a) = j else { return None };
-    match a.as_slice() {
-        [Json::Str(addr), Json::Num(pid), Json::Num(id)] => Some(Node {
-            addr: addr.clone(),
-            pid: *pid as u32,
-            local_id: *id as u32,
-        }),
-        _ => None,
-    }
+fn node_parse(text: &str) -> Option<Node> {
+    let mut f = text.splitn(3, ' ');
+    let pid = f.next()?.parse().ok()?;
+    let local_id = f.next()?.parse().ok()?;
+    let addr = f.next().filter(|a| !a.is_empty() && !a.contains('\n'))?;
+    Some(Node {
+        addr: addr.to_string(),
+        pid,
+        local_id,
+    })
 }
 
-fn num(j: Option<&Json>) -> Option<f64> {
-    match j? {
-        Json::Num(n) => Some(*n),
-        _ => None,
-    }
-}
+/// First line of an encoded state; a format change gets a new tag.
+const STATE_TAG: &str = "torchrun-rs-rdzv/1";
 
 impl State {
+    /// A compact line format (hundreds of agents read it at every change):
+    /// a header line of `name=value` fields, then one line per node, `P
+    /// <rank> <node>` for participants, `W <node>` waiting, `S <node>` spare.
     pub fn encode(&self) -> String {
-        Json::Object(vec![
-            ("round".into(), Json::Num(self.round as f64)),
-            ("complete".into(), Json::Bool(self.complete)),
-            (
-                "deadline".into(),
-                self.deadline.map_or(Json::Null, Json::Num),
-            ),
-            ("closed".into(), Json::Bool(self.closed)),
-            (
-                "participants".into(),
-                Json::Array(
-                    self.participants
-                        .iter()
-                        .map(|(n, r)| Json::Array(vec![node_json(n), Json::Num(f64::from(*r))]))
-                        .collect(),
-                ),
-            ),
-            (
-                "wait_list".into(),
-                Json::Array(self.wait_list.iter().map(node_json).collect()),
-            ),
-            (
-                "redundancy_list".into(),
-                Json::Array(self.redundancy_list.iter().map(node_json).collect()),
-            ),
-            ("epoch".into(), Json::Num(self.epoch as f64)),
-            ("applied".into(), Json::Num(self.applied as f64)),
-            (
-                "expected".into(),
-                self.expected
-                    .map_or(Json::Null, |e| Json::Num(f64::from(e))),
-            ),
-        ])
-        .to_string()
+        use std::fmt::Write;
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        let mut out = format!(
+            "{STATE_TAG} round={} complete={} closed={} deadline={} expected={} epoch={} applied={}\n",
+            self.round,
+            u8::from(self.complete),
+            u8::from(self.closed),
+            opt(self.deadline.map(|d| d.to_string())),
+            opt(self.expected.map(|e| e.to_string())),
+            self.epoch,
+            self.applied,
+        );
+        for (n, r) in &self.participants {
+            let _ = writeln!(out, "P {r} {}", node_text(n));
+        }
+        for n in &self.wait_list {
+            let _ = writeln!(out, "W {}", node_text(n));
+        }
+        for n in &self.redundancy_list {
+            let _ = writeln!(out, "S {}", node_text(n));
+        }
+        out
     }
 
     pub fn decode(text: &str) -> Option<State> {
-        let j = json::parse(text).ok()?;
-        let list = |k: &str| -> Option<Vec<Json>> {
-            match j.get(k)? {
-                Json::Array(a) => Some(a.clone()),
-                _ => None,
+        let mut lines = text.lines();
+        let mut header = lines.next()?.split(' ');
+        if header.next()? != STATE_TAG {
+            return None;
+        }
+        let mut s = State::default();
+        let mut seen = 0;
+        for field in header {
+            let (k, v) = field.split_once('=')?;
+            let opt = v != "-";
+            match k {
+                "round" => s.round = v.parse().ok()?,
+                "complete" => s.complete = v == "1",
+                "closed" => s.closed = v == "1",
+                "deadline" => s.deadline = if opt { Some(v.parse().ok()?) } else { None },
+                "expected" => s.expected = if opt { Some(v.parse().ok()?) } else { None },
+                "epoch" => s.epoch = v.parse().ok()?,
+                "applied" => s.applied = v.parse().ok()?,
+                _ => return None,
             }
-        };
-        let pair = |e: &Json| -> Option<(Node, f64)> {
-            let Json::Array(p) = e else { return None };
-            match p.as_slice() {
-                [n, Json::Num(v)] => Some((node_from(n)?, *v)),
-                _ => None,
+            seen += 1;
+        }
+        if seen != 7 {
+            return None;
+        }
+        for line in lines {
+            let (tag, rest) = line.split_once(' ')?;
+            match tag {
+                "P" => {
+                    let (rank, node) = rest.split_once(' ')?;
+                    s.participants.insert(node_parse(node)?, rank.parse().ok()?);
+                }
+                "W" => {
+                    s.wait_list.insert(node_parse(rest)?);
+                }
+                "S" => {
+                    s.redundancy_list.insert(node_parse(rest)?);
+                }
+                _ => return None,
             }
-        };
-        Some(State {
-            round: num(j.get("round"))? as u64,
-            complete: matches!(j.get("complete")?, Json::Bool(true)),
-            deadline: num(j.get("deadline")),
-            closed: matches!(j.get("closed")?, Json::Bool(true)),
-            participants: list("participants")?
-                .iter()
-                .map(|e| pair(e).map(|(n, r)| (n, r as u32)))
-                .collect::<Option<_>>()?,
-            wait_list: list("wait_list")?
-                .iter()
-                .map(node_from)
-                .collect::<Option<_>>()?,
-            redundancy_list: list("redundancy_list")?
-                .iter()
-                .map(node_from)
-                .collect::<Option<_>>()?,
-            last_heartbeats: BTreeMap::new(),
-            epoch: num(j.get("epoch"))? as u64,
-            applied: num(j.get("applied"))? as u64,
-            expected: num(j.get("expected")).map(|e| e as u32),
-        })
+        }
+        Some(s)
     }
 }
 
@@ -793,6 +775,10 @@ mod tests {
         assert_eq!(back, s);
         assert!(State::decode("{}").is_none());
         assert!(State::decode("garbage").is_none());
+        let text = s.encode();
+        assert!(State::decode(&text.replace("round=7", "round=x")).is_none());
+        assert!(State::decode(&text.replace("epoch=2 ", "")).is_none());
+        assert!(State::decode(&format!("{text}Q 1 0 a\n")).is_none());
     }
 
     fn log(reqs: &[Request]) -> Vec<u8> {
@@ -812,7 +798,8 @@ mod tests {
             assert!(line.ends_with('\n'));
             assert_eq!(Request::parse(line.trim_end()), Some(r));
         }
-        assert_eq!(Request::parse("[\"X\",\"a\",1,0]"), None);
+        assert_eq!(Request::parse("X 1 0 a"), None);
+        assert_eq!(Request::parse("J 1 0 "), None);
         assert_eq!(Request::parse("garbage"), None);
     }
 
@@ -853,7 +840,7 @@ mod tests {
         drain(&mut s, &l, NOW, &c);
         l.extend_from_slice(b"not json\n");
         l.extend(log(&[Request::Join(b.clone())]));
-        let torn = b"[\"J\",\"c\"";
+        let torn = b"J 12";
         l.extend_from_slice(torn);
         assert_eq!(drain(&mut s, &l, NOW, &c), 1);
         assert!(s.participants.contains_key(&b));
@@ -899,14 +886,14 @@ mod tests {
     #[test]
     fn a_long_log_moves_to_the_next_epoch() {
         let c = cfg(1, 1000);
-        let reqs: Vec<Request> = (0..800)
+        let reqs: Vec<Request> = (0..1000)
             .map(|i| Request::Join(node("127.0.0.9", i)))
             .collect();
         let l = log(&reqs);
         assert!(l.len() as u64 >= LOG_COMPACT_BYTES);
         let mut s = State::default();
         drain(&mut s, &l, NOW, &c);
-        assert_eq!((s.epoch, s.applied, s.participants.len()), (1, 0, 800));
+        assert_eq!((s.epoch, s.applied, s.participants.len()), (1, 0, 1000));
     }
 
     #[test]
