@@ -3,9 +3,13 @@
 # (idempotently; caches live under ~/.cache/torchrun-rs), then runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The network-cut test puts an agent in a network namespace of its own.
-if ! command -v ip >/dev/null 2>&1; then
-  apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null
+# The network-cut test puts an agent in a network namespace of its own; the
+# clock-skew test runs agents under faketime.
+missing=()
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v faketime >/dev/null 2>&1 || missing+=(faketime)
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 # Store tests hold thousands of connections.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true

@@ -143,13 +143,41 @@ fn a_signal_stops_a_node_waiting_for_the_others() {
 
 /// A c10d agent on its own loopback address (127.0.0.N).
 fn c10d_agent(n: u8, nnodes: &str, nproc: u32, port: u16, conf: &str, script: &[String]) -> Child {
-    Command::new(BIN)
+    c10d_command(
+        BIN,
+        &[],
+        n,
+        nnodes,
+        nproc,
+        port,
+        conf,
+        "elastic-test",
+        script,
+    )
+}
+
+/// The command line of a c10d agent, run as `program prefix.. BIN flags..`
+/// (`program` is BIN itself, or a wrapper such as `faketime`).
+#[allow(clippy::too_many_arguments)]
+fn c10d_command(
+    program: &str,
+    prefix: &[&str],
+    n: u8,
+    nnodes: &str,
+    nproc: u32,
+    port: u16,
+    conf: &str,
+    run_id: &str,
+    script: &[String],
+) -> Child {
+    Command::new(program)
+        .args(prefix)
         .args([
             &format!("--nnodes={nnodes}"),
             &format!("--nproc-per-node={nproc}"),
             "--rdzv-backend=c10d",
             &format!("--rdzv-endpoint=127.0.0.2:{port}"),
-            "--rdzv-id=elastic-test",
+            &format!("--rdzv-id={run_id}"),
             &format!("--local-addr=127.0.0.{n}"),
             &format!("--rdzv-conf={conf}"),
             "-t",
@@ -161,6 +189,18 @@ fn c10d_agent(n: u8, nnodes: &str, nproc: u32, port: u16, conf: &str, script: &[
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
+}
+
+/// `torchrun-rs-store`, built beside this test's launcher by the workspace
+/// build (`scripts/test.sh` builds every target first).
+fn store_bin() -> String {
+    let bin = std::path::Path::new(BIN).with_file_name("torchrun-rs-store");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        bin.display()
+    );
+    bin.display().to_string()
 }
 
 fn finish(c: Child) -> (Option<i32>, String, String) {
@@ -479,4 +519,117 @@ fn an_unreachable_endpoint_is_a_clear_error() {
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "one line: {err}");
+}
+
+#[test]
+fn clocks_that_differ_between_nodes_do_not_evict_anyone() {
+    // Heartbeats every second, a node is dead after 2 s without one; the
+    // three nodes' clocks differ by 20 s and the job runs for 4 s.
+    assert!(
+        Command::new("faketime").arg("--version").output().is_ok(),
+        "this test needs faketime (apt-get install faketime; scripts/test.sh does)"
+    );
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let job: Vec<String> = vec![
+        helper("worker.py"),
+        "sleep".into(),
+        dir.path().display().to_string(),
+        "4".into(),
+    ];
+    let conf = "keep_alive_interval=1,keep_alive_max_attempt=2";
+    let agents: Vec<Child> = [(2, "+0s"), (3, "+10s"), (4, "-10s")]
+        .into_iter()
+        .map(|(n, offset)| {
+            c10d_command(
+                "faketime",
+                &["-f", offset, BIN],
+                n,
+                "3",
+                1,
+                port,
+                conf,
+                "skew",
+                &job,
+            )
+        })
+        .collect();
+    for a in agents {
+        let (code, out, err) = finish(a);
+        assert_eq!(code, Some(0), "{out}\n{err}");
+        assert!(!err.contains("stopped sending heartbeats"), "{err}");
+        assert!(!err.contains("restart"), "no restart expected: {err}");
+    }
+}
+
+#[test]
+fn two_jobs_with_different_ids_share_one_store() {
+    let store = testkit::StoreProcess::start(&store_bin(), &[]);
+    let conf = format!("{FAST},is_host=false");
+    let start = |n: u8, id: &str| {
+        c10d_command(
+            BIN,
+            &[],
+            n,
+            "2",
+            2,
+            store.port,
+            &conf,
+            id,
+            &[helper("torch_job.py")],
+        )
+    };
+    let agents = [
+        ("job-a", start(2, "job-a")),
+        ("job-b", start(4, "job-b")),
+        ("job-a", start(3, "job-a")),
+        ("job-b", start(5, "job-b")),
+    ];
+    let mut out = std::collections::BTreeMap::<&str, String>::new();
+    for (id, a) in agents {
+        let (code, o, e) = finish(a);
+        assert_eq!(code, Some(0), "{id}: {e}");
+        *out.entry(id).or_default() += &o;
+    }
+    for (id, o) in out {
+        // Each job is a world of 4 (2 nodes x 2) of its own.
+        for r in 0..4 {
+            assert!(
+                o.contains(&format!("rank {r} restart 0 sum 10")),
+                "{id}: {o}"
+            );
+        }
+        assert_eq!(o.matches("sum 10").count(), 4, "{id}: {o}");
+    }
+}
+
+#[test]
+fn a_rendezvous_store_that_dies_mid_job_does_not_stop_the_workers() {
+    let store = testkit::StoreProcess::start(&store_bin(), &[]);
+    let conf = format!("{FAST},is_host=false");
+    let dir = tempfile::tempdir().unwrap();
+    let job = vec![
+        helper("worker.py"),
+        "until-file".into(),
+        dir.path().display().to_string(),
+    ];
+    let a = c10d_command(BIN, &[], 2, "2", 1, store.port, &conf, "dies", &job);
+    let b = c10d_command(BIN, &[], 3, "2", 1, store.port, &conf, "dies", &job);
+    testkit::wait_for(
+        std::time::Duration::from_secs(60),
+        "both workers running",
+        || (dir.path().join("pid.0").exists() && dir.path().join("pid.1").exists()).then_some(()),
+    );
+    drop(store);
+    // The agents notice (their membership checks fail) but the workers,
+    // which talk to their own round's store, carry on and finish.
+    let mut agents = [a, b];
+    let _noticed: Vec<_> = agents
+        .iter_mut()
+        .map(|a| wait_err_line(a, "cannot reach the rendezvous store"))
+        .collect();
+    std::fs::write(dir.path().join("go"), "").unwrap();
+    for mut a in agents {
+        assert_eq!(a.wait().unwrap().code(), Some(0));
+    }
 }
