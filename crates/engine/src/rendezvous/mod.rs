@@ -163,6 +163,9 @@ async fn connect_store(
 ) -> Result<Client, RendezvousError> {
     let opts = ConnectOptions {
         timeout,
+        // Agents start together and the host binds within milliseconds:
+        // retry soon, then back off (x1.5 per try).
+        initial_backoff: Duration::from_millis(10),
         ..ConnectOptions::default()
     };
     Client::connect(host, port, opts)
