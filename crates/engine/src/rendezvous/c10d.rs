@@ -522,3 +522,81 @@ async fn beat(mut client: Client, key: String, every: Duration) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tcpstore::{BindAddr, ConnectOptions, Server};
+
+    async fn agent(port: u16, i: u32, n: u32) -> DynamicRdzv {
+        let connect = || Client::connect("127.0.0.1", port, ConnectOptions::default());
+        let (c, hb) = (connect().await.unwrap(), connect().await.unwrap());
+        let node = Node {
+            // Host names as long as real ones: the requests of the two
+            // rounds (about 30 KB) outgrow one log.
+            addr: format!("node-{i:04}.cluster.example.com"),
+            pid: 1000 + i,
+            local_id: 0,
+        };
+        let cfg = Settings {
+            min_nodes: n,
+            max_nodes: n,
+            last_call_timeout: 30.0,
+            keep_alive_interval: 5.0,
+            keep_alive_max_attempt: 3,
+        };
+        DynamicRdzv::new(c, hb, "many", node, cfg, 60.0, 30.0)
+    }
+
+    /// Every agent of a round: distinct ranks 0..n, one world, one round.
+    async fn all_join(agents: Vec<DynamicRdzv>) -> (Vec<DynamicRdzv>, Vec<Joined>) {
+        let tasks: Vec<_> = agents
+            .into_iter()
+            .map(|mut a| {
+                tokio::spawn(async move {
+                    let j = a.next_rendezvous().await.unwrap();
+                    (a, j)
+                })
+            })
+            .collect();
+        let mut out = (Vec::new(), Vec::new());
+        for t in tasks {
+            let (a, j) = t.await.unwrap();
+            out.0.push(a);
+            out.1.push(j);
+        }
+        out
+    }
+
+    fn assert_one_world(joined: &[Joined], round: u64) {
+        let n = joined.len() as u32;
+        let mut ranks: Vec<u32> = joined.iter().map(|j| j.rank).collect();
+        ranks.sort_unstable();
+        assert_eq!(ranks, (0..n).collect::<Vec<_>>());
+        assert!(joined.iter().all(|j| j.world_size == n && j.round == round));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hundreds_of_agents_join_and_re_form_through_the_request_log() {
+        let server = Server::bind(BindAddr::Any(0)).unwrap().spawn();
+        let n = 300;
+        let mut agents = Vec::new();
+        for i in 0..n {
+            agents.push(agent(server.port(), i, n).await);
+        }
+        let run = async {
+            let (agents, joined) = all_join(agents).await;
+            assert_one_world(&joined, 0);
+            // Everyone leaves and re-joins at once (a restart): 600 more
+            // requests, enough to move the log to its next epoch midway.
+            let (mut agents, joined) = all_join(agents).await;
+            assert_one_world(&joined, 1);
+            agents[0].read().await.unwrap();
+            assert!(agents[0].state.epoch >= 1, "the log was compacted");
+        };
+        tokio::time::timeout(Duration::from_secs(120), run)
+            .await
+            .expect("300 agents re-formed within 120 s");
+        server.shutdown().await;
+    }
+}
