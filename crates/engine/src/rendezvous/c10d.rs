@@ -508,18 +508,36 @@ fn hb_key(key: &str, n: &Node) -> String {
     format!("{key}.hb.{}.{}.{}", n.addr, n.pid, n.local_id)
 }
 
-/// Bumps this node's heartbeat counter every `every` until aborted. A store
-/// that does not answer is retried at the next beat: the agent's own store
-/// calls report the outage.
+/// Bumps this node's heartbeat counter every `every` until aborted. A lost
+/// connection is re-opened at the next beat: a node must not be evicted
+/// (and evicted again after every re-join) for one dropped connection.
 async fn beat(mut client: Client, key: String, every: Duration) {
+    let peer = client.peer_addr().ok();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut broken = false;
     loop {
         tick.tick().await;
-        if let Err(e) = client.add(&key, 1).await {
-            tracing::debug!("heartbeat not sent: {e}");
-            return;
+        if broken {
+            let Some(peer) = peer else { return };
+            let opts = tcpstore::ConnectOptions {
+                timeout: every,
+                ..Default::default()
+            };
+            match Client::connect(&peer.ip().to_string(), peer.port(), opts).await {
+                Ok(c) => client = c,
+                Err(_) => continue,
+            }
         }
+        broken = match client.add(&key, 1).await {
+            Ok(_) => false,
+            Err(e) => {
+                if !broken {
+                    tracing::debug!("heartbeat not sent: {e}");
+                }
+                true
+            }
+        };
     }
 }
 
