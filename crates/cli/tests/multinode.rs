@@ -375,6 +375,7 @@ fn a_spare_exits_0_when_the_job_ends() {
 struct TestHost {
     ns: String,
     host_if: String,
+    peer_if: String,
 }
 
 fn ip(args: &[&str]) {
@@ -393,11 +394,13 @@ impl TestHost {
     /// Host side `10.213.<net>.1`, namespace side `10.213.<net>.2`.
     fn new(net: u8) -> TestHost {
         let id = std::process::id() % 100_000;
+        // Names carry `net` too: tests of one process run side by side.
         let t = TestHost {
-            ns: format!("trs{id}"),
-            host_if: format!("trsh{id}"),
+            ns: format!("trs{id}n{net}"),
+            host_if: format!("trsh{id}n{net}"),
+            peer_if: format!("trsn{id}n{net}"),
         };
-        let peer = format!("trsn{id}");
+        let peer = t.peer_if.clone();
         ip(&["netns", "add", &t.ns]);
         ip(&[
             "link", "add", &t.host_if, "type", "veth", "peer", "name", &peer,
@@ -494,6 +497,54 @@ fn a_node_cut_off_the_network_is_evicted_and_the_rest_re_form() {
     );
     let _ = c.kill();
     let _ = c.wait();
+}
+
+#[test]
+fn gloo_all_reduce_between_a_node_and_one_in_its_own_network_namespace() {
+    let net = 8;
+    let remote = TestHost::new(net);
+    let port = free_port();
+    let endpoint = format!("--rdzv-endpoint=10.213.{net}.1:{port}");
+    // gloo binds to the named interface's address on each side of the veth.
+    let agent_at = |addr: String, ifname: &str, ns: Option<&str>| {
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        cmd.args([
+            "--nnodes=2",
+            "--nproc-per-node=2",
+            "--rdzv-backend=c10d",
+            &endpoint,
+            "--rdzv-id=netns-gloo",
+            &format!("--local-addr={addr}"),
+            &format!("--rdzv-conf={FAST}"),
+            "-t",
+            "3",
+            &helper("torch_job.py"),
+        ])
+        .env("PYTHON_EXEC", testkit::torch_python())
+        .env("GLOO_SOCKET_IFNAME", ifname)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    let a = agent_at(format!("10.213.{net}.1"), &remote.host_if, None);
+    let b = agent_at(format!("10.213.{net}.2"), &remote.peer_if, Some(&remote.ns));
+    let (ca, oa, ea) = finish(a);
+    let (cb, ob, eb) = finish(b);
+    assert_eq!((ca, cb), (Some(0), Some(0)), "{ea}\n{eb}");
+    for r in 0..2 {
+        assert!(oa.contains(&format!("rank {r} restart 0 sum 10")), "{oa}");
+    }
+    for r in 2..4 {
+        assert!(ob.contains(&format!("rank {r} restart 0 sum 10")), "{ob}");
+    }
 }
 
 #[test]
