@@ -444,6 +444,18 @@ impl Drop for TestHost {
     }
 }
 
+/// The launcher, run in network namespace `ns` if given.
+fn launcher_in(ns: Option<&str>) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, BIN]);
+            c
+        }
+        None => Command::new(BIN),
+    }
+}
+
 #[test]
 fn a_node_cut_off_the_network_is_evicted_and_the_rest_re_form() {
     let net = 7;
@@ -452,30 +464,23 @@ fn a_node_cut_off_the_network_is_evicted_and_the_rest_re_form() {
     let out = tempfile::tempdir().unwrap();
     let endpoint = format!("--rdzv-endpoint=10.213.{net}.1:{port}");
     let agent_at = |addr: &str, ns: Option<&str>| {
-        let mut cmd = match ns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, BIN]);
-                c
-            }
-            None => Command::new(BIN),
-        };
-        cmd.args([
-            "--nnodes=2:3",
-            "--nproc-per-node=1",
-            "--rdzv-backend=c10d",
-            &endpoint,
-            "--rdzv-id=netcut",
-            &format!("--local-addr={addr}"),
-            &format!("--rdzv-conf={FAST}"),
-        ])
-        .arg(helper("worker.py"))
-        .args(["until-world", &out.path().display().to_string(), "2"])
-        .env("PYTHON_EXEC", "python3")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        launcher_in(ns)
+            .args([
+                "--nnodes=2:3",
+                "--nproc-per-node=1",
+                "--rdzv-backend=c10d",
+                &endpoint,
+                "--rdzv-id=netcut",
+                &format!("--local-addr={addr}"),
+                &format!("--rdzv-conf={FAST}"),
+            ])
+            .arg(helper("worker.py"))
+            .args(["until-world", &out.path().display().to_string(), "2"])
+            .env("PYTHON_EXEC", "python3")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
     };
     let a = agent_at(&format!("10.213.{net}.1"), None);
     let b = agent_at("127.0.0.3", None);
@@ -507,32 +512,25 @@ fn gloo_all_reduce_between_a_node_and_one_in_its_own_network_namespace() {
     let endpoint = format!("--rdzv-endpoint=10.213.{net}.1:{port}");
     // gloo binds to the named interface's address on each side of the veth.
     let agent_at = |addr: String, ifname: &str, ns: Option<&str>| {
-        let mut cmd = match ns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, BIN]);
-                c
-            }
-            None => Command::new(BIN),
-        };
-        cmd.args([
-            "--nnodes=2",
-            "--nproc-per-node=2",
-            "--rdzv-backend=c10d",
-            &endpoint,
-            "--rdzv-id=netns-gloo",
-            &format!("--local-addr={addr}"),
-            &format!("--rdzv-conf={FAST}"),
-            "-t",
-            "3",
-            &helper("torch_job.py"),
-        ])
-        .env("PYTHON_EXEC", testkit::torch_python())
-        .env("GLOO_SOCKET_IFNAME", ifname)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        launcher_in(ns)
+            .args([
+                "--nnodes=2",
+                "--nproc-per-node=2",
+                "--rdzv-backend=c10d",
+                &endpoint,
+                "--rdzv-id=netns-gloo",
+                &format!("--local-addr={addr}"),
+                &format!("--rdzv-conf={FAST}"),
+                "-t",
+                "3",
+                &helper("torch_job.py"),
+            ])
+            .env("PYTHON_EXEC", testkit::torch_python())
+            .env("GLOO_SOCKET_IFNAME", ifname)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
     };
     let a = agent_at(format!("10.213.{net}.1"), &remote.host_if, None);
     let b = agent_at(format!("10.213.{net}.2"), &remote.peer_if, Some(&remote.ns));
