@@ -682,3 +682,43 @@ fn a_rendezvous_store_that_dies_mid_job_does_not_stop_the_workers() {
         assert_eq!(a.wait().unwrap().code(), Some(0));
     }
 }
+
+#[test]
+fn when_rank_0_dies_the_next_round_meets_at_the_new_rank_0() {
+    // The rendezvous store runs on its own so that rank 0's agent can die.
+    let store = testkit::StoreProcess::start(&store_bin(), &[]);
+    let conf = format!("{FAST},is_host=false");
+    let start = |n: u8| {
+        c10d_command(
+            BIN,
+            &[],
+            n,
+            "2:3",
+            1,
+            store.port,
+            &conf,
+            "new-master",
+            &elastic(2),
+        )
+    };
+    let (mut a, mut b, mut c) = (start(2), start(3), start(4));
+    let (_ra, seen_a) = wait_line(&mut a, "world 3");
+    assert!(seen_a.contains("rank 0 world 3"), "{seen_a}");
+    let (rb, seen_b) = wait_line(&mut b, "world 3");
+    let (rc, seen_c) = wait_line(&mut c, "world 3");
+    unsafe { libc::kill(a.id() as i32, libc::SIGKILL) };
+    a.wait().unwrap();
+    let (sb, sc) = (b.wait().unwrap(), c.wait().unwrap());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut { rb }, &mut rest).unwrap();
+    std::io::Read::read_to_string(&mut { rc }, &mut rest).unwrap();
+    assert_eq!((sb.code(), sc.code()), (Some(0), Some(0)), "{rest}");
+    // Every worker of the new round uses the new rank 0's store.
+    let all = seen_b + &seen_c + &rest;
+    for r in 0..2 {
+        assert!(
+            all.contains(&format!("rank {r} world 2 restart 0 master 127.0.0.3:")),
+            "{all}"
+        );
+    }
+}

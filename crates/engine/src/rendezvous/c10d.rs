@@ -72,6 +72,9 @@ pub struct Joined {
     pub round: u64,
     pub rank: u32,
     pub world_size: u32,
+    /// Where the round's workers meet: the rank-0 agent's worker store.
+    pub master_addr: String,
+    pub master_port: u16,
 }
 
 impl Drop for DynamicRdzv {
@@ -128,6 +131,32 @@ impl DynamicRdzv {
 
     fn version_key(&self) -> String {
         format!("{}.version", self.key)
+    }
+
+    /// Where `n`'s workers' store listens (`addr:port`), published by `n`
+    /// before it first joins: knowing a round's rank 0 is enough to know
+    /// its master address, without waiting for that agent to say it.
+    fn master_key(&self, n: &Node) -> String {
+        format!("{}.master.{}.{}.{}", self.key, n.addr, n.pid, n.local_id)
+    }
+
+    /// Publishes this node's worker store; call once, before joining.
+    pub async fn publish_master(&mut self, addr: &str, port: u16) -> Result<(), RendezvousError> {
+        let k = self.master_key(&self.node);
+        self.client
+            .set(&k, format!("{addr}:{port}").as_bytes())
+            .await?;
+        Ok(())
+    }
+
+    async fn master_of(&mut self, n: &Node) -> Result<(String, u16), RendezvousError> {
+        let k = self.master_key(n);
+        let raw = String::from_utf8_lossy(&self.client.get(&k).await?).into_owned();
+        raw.rsplit_once(':')
+            .and_then(|(a, p)| Some((a.to_string(), p.parse().ok()?)))
+            .ok_or(RendezvousError::BadAssignment(format!(
+                "master address {raw:?}"
+            )))
     }
 
     fn wake_key(&self, round: u64) -> String {
@@ -437,11 +466,21 @@ impl DynamicRdzv {
             .participants
             .get(&self.node)
             .ok_or(RendezvousError::JoinTimeout)?;
+        let rank0 = self
+            .state
+            .participants
+            .iter()
+            .find(|(_, &r)| r == 0)
+            .map(|(n, _)| n.clone())
+            .ok_or(RendezvousError::JoinTimeout)?;
         self.joined = Some((self.state.round, self.state.participants.clone()));
+        let (master_addr, master_port) = self.master_of(&rank0).await?;
         Ok(Joined {
             round: self.state.round,
             rank,
             world_size: self.state.participants.len() as u32,
+            master_addr,
+            master_port,
         })
     }
 
@@ -563,7 +602,11 @@ mod tests {
             keep_alive_interval: 5.0,
             keep_alive_max_attempt: 3,
         };
-        DynamicRdzv::new(c, hb, "many", node, cfg, 60.0, 30.0)
+        let mut d = DynamicRdzv::new(c, hb, "many", node, cfg, 60.0, 30.0);
+        d.publish_master(&format!("10.1.{}.{}", i / 250, i % 250), 29500)
+            .await
+            .unwrap();
+        d
     }
 
     /// Every agent of a round: distinct ranks 0..n, one world, one round.
@@ -588,6 +631,10 @@ mod tests {
 
     fn assert_one_world(joined: &[Joined], round: u64) {
         let n = joined.len() as u32;
+        // Rank 0 is the first node in address order: node-0000.
+        assert!(joined
+            .iter()
+            .all(|j| (j.master_addr.as_str(), j.master_port) == ("10.1.0.0", 29500)));
         let mut ranks: Vec<u32> = joined.iter().map(|j| j.rank).collect();
         ranks.sort_unstable();
         assert_eq!(ranks, (0..n).collect::<Vec<_>>());

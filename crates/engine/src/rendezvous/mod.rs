@@ -95,7 +95,6 @@ pub struct Rendezvous {
     /// c10d across nodes: this agent's store for its workers, published as
     /// MASTER_ADDR:MASTER_PORT in the rounds where it has group rank 0.
     worker_store: Option<ServerHandle>,
-    local_addr: String,
     poll_interval: Option<Duration>,
 }
 
@@ -192,7 +191,6 @@ impl Rendezvous {
             round_prefix: String::new(),
             dynamic: None,
             worker_store: None,
-            local_addr: String::new(),
             poll_interval: None,
         }
     }
@@ -235,7 +233,6 @@ impl Rendezvous {
         Ok(Rendezvous {
             master_addr: local_addr.to_string(),
             master_port,
-            local_addr: local_addr.to_string(),
             ..Self::with(Kind::C10dLocal, Some(server), client, &config.run_id)
         })
     }
@@ -314,11 +311,14 @@ impl Rendezvous {
         let worker_store = Server::bind(BindAddr::Any(0))
             .map_err(|source| RendezvousError::Bind { port: 0, source })?
             .spawn();
+        let mut dynamic = dynamic;
+        dynamic
+            .publish_master(local_addr, worker_store.port())
+            .await?;
         let keep_alive = Duration::from_secs_f64(cfg.keep_alive_interval / 2.0);
         Ok(Rendezvous {
             dynamic: Some(dynamic),
             worker_store: Some(worker_store),
-            local_addr: local_addr.to_string(),
             poll_interval: Some(
                 config
                     .monitor_interval
@@ -431,9 +431,9 @@ impl Rendezvous {
         }
     }
 
-    /// c10d across nodes: joins the next round; the round's rank-0 agent
-    /// publishes its own worker store, and everyone reads it. Returns the
-    /// round's key prefix.
+    /// c10d across nodes: joins the next round, whose workers use the store
+    /// of the round's rank-0 agent (every agent published its own when it
+    /// started). Returns the round's key prefix.
     async fn join_dynamic(&mut self) -> Result<String, RendezvousError> {
         let d = self.dynamic.as_mut().expect("c10d rendezvous");
         let joined = d.next_rendezvous().await?;
@@ -447,26 +447,15 @@ impl Rendezvous {
             joined.rank,
             joined.world_size
         );
-        let c = &mut self.client;
         if joined.rank == 0 {
-            let store = self.worker_store.as_ref().expect("worker store");
             // Nothing of an earlier round's workers survives into this one.
+            // (No worker of this round starts before rank 0 has assigned
+            // the ranks, below, so none can have written here yet.)
+            let store = self.worker_store.as_ref().expect("worker store");
             store.retain_keys(|_| false);
-            c.set(&format!("{prefix}/MASTER_ADDR"), self.local_addr.as_bytes())
-                .await?;
-            c.set(
-                &format!("{prefix}/MASTER_PORT"),
-                store.port().to_string().as_bytes(),
-            )
-            .await?;
         }
-        self.master_addr =
-            String::from_utf8_lossy(&c.get(&format!("{prefix}/MASTER_ADDR")).await?).into_owned();
-        let port =
-            String::from_utf8_lossy(&c.get(&format!("{prefix}/MASTER_PORT")).await?).into_owned();
-        self.master_port = port
-            .parse()
-            .map_err(|_| RendezvousError::BadAssignment(format!("MASTER_PORT={port}")))?;
+        self.master_addr = joined.master_addr;
+        self.master_port = joined.master_port;
         Ok(prefix)
     }
 
