@@ -287,6 +287,25 @@ fn a_late_node_grows_the_world_without_using_a_restart() {
     }
 }
 
+/// An agent, the rest of its stdout, and what was read of it so far.
+type Running = (Child, std::io::BufReader<std::process::ChildStdout>, String);
+
+/// SIGKILLs `victim`, waits for the survivors to finish with status 0, and
+/// returns everything they printed.
+fn kill_one_and_finish(victim: &mut Child, survivors: [Running; 2]) -> String {
+    unsafe { libc::kill(victim.id() as i32, libc::SIGKILL) };
+    victim.wait().unwrap();
+    let mut all = String::new();
+    let mut codes = Vec::new();
+    for (mut child, mut rest, seen) in survivors {
+        codes.push(child.wait().unwrap().code());
+        all += &seen;
+        std::io::Read::read_to_string(&mut rest, &mut all).unwrap();
+    }
+    assert_eq!(codes, [Some(0), Some(0)], "{all}");
+    all
+}
+
 #[test]
 fn survivors_of_a_killed_node_re_form_a_smaller_world() {
     let port = free_port();
@@ -296,15 +315,8 @@ fn survivors_of_a_killed_node_re_form_a_smaller_world() {
     let (ra, seen_a) = wait_line(&mut a, "world 3");
     let (rb, seen_b) = wait_line(&mut b, "world 3");
     let (_rc, _) = wait_line(&mut c, "world 3");
-    unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
-    c.wait().unwrap();
     let t0 = std::time::Instant::now();
-    let (sa, sb) = (a.wait().unwrap(), b.wait().unwrap());
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut { ra }, &mut rest).unwrap();
-    std::io::Read::read_to_string(&mut { rb }, &mut rest).unwrap();
-    assert_eq!((sa.code(), sb.code()), (Some(0), Some(0)), "{rest}");
-    let all = seen_a + &seen_b + &rest;
+    let all = kill_one_and_finish(&mut c, [(a, ra, seen_a), (b, rb, seen_b)]);
     assert!(
         all.contains("rank 0 world 2 restart 0") && all.contains("rank 1 world 2 restart 0"),
         "{all}"
@@ -706,15 +718,8 @@ fn when_rank_0_dies_the_next_round_meets_at_the_new_rank_0() {
     assert!(seen_a.contains("rank 0 world 3"), "{seen_a}");
     let (rb, seen_b) = wait_line(&mut b, "world 3");
     let (rc, seen_c) = wait_line(&mut c, "world 3");
-    unsafe { libc::kill(a.id() as i32, libc::SIGKILL) };
-    a.wait().unwrap();
-    let (sb, sc) = (b.wait().unwrap(), c.wait().unwrap());
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut { rb }, &mut rest).unwrap();
-    std::io::Read::read_to_string(&mut { rc }, &mut rest).unwrap();
-    assert_eq!((sb.code(), sc.code()), (Some(0), Some(0)), "{rest}");
+    let all = kill_one_and_finish(&mut a, [(b, rb, seen_b), (c, rc, seen_c)]);
     // Every worker of the new round uses the new rank 0's store.
-    let all = seen_b + &seen_c + &rest;
     for r in 0..2 {
         assert!(
             all.contains(&format!("rank {r} world 2 restart 0 master 127.0.0.3:")),
