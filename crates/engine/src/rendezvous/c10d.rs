@@ -282,22 +282,15 @@ impl DynamicRdzv {
             .any(|&(_, at)| t - at > self.cfg.dead_after())
     }
 
-    /// Fills the state's heartbeat times from what this agent saw: a node it
-    /// does not watch counts as alive (its watchers judge it).
-    fn observe(&self, s: &mut State, t: f64) {
-        let nodes: Vec<Node> = s
-            .participants
-            .keys()
-            .chain(&s.wait_list)
-            .chain(&s.redundancy_list)
-            .cloned()
-            .collect();
-        s.last_heartbeats = nodes
-            .into_iter()
-            .map(|n| {
-                let at = self.liveness.seen.get(&n).map_or(t, |&(_, at)| at);
-                (n, at)
-            })
+    /// Fills the state's heartbeat times from what this agent saw of the
+    /// nodes it watches. Only those can be evicted here: the others are
+    /// their own watchers' to judge.
+    fn observe(&self, s: &mut State) {
+        s.last_heartbeats = self
+            .liveness
+            .seen
+            .iter()
+            .map(|(n, &(_, at))| (n.clone(), at))
             .collect();
     }
 
@@ -361,7 +354,7 @@ impl DynamicRdzv {
             let log = self.client.get_now(&log_key).await?;
             let mut next = self.state.clone();
             dynamic::drain(&mut next, &log, t, &self.cfg);
-            self.observe(&mut next, t);
+            self.observe(&mut next);
             if !dynamic::sanitize(&mut next, t, &self.cfg).is_empty() {
                 dynamic::settle(&mut next, t, &self.cfg);
             }
@@ -511,7 +504,7 @@ impl DynamicRdzv {
         let mut evicted = Vec::new();
         if dead {
             let mut next = self.state.clone();
-            self.observe(&mut next, t);
+            self.observe(&mut next);
             evicted = dynamic::sanitize(&mut next, t, &self.cfg);
             if !evicted.is_empty() {
                 dynamic::settle(&mut next, t, &self.cfg);
