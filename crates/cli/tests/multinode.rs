@@ -727,3 +727,44 @@ fn when_rank_0_dies_the_next_round_meets_at_the_new_rank_0() {
         );
     }
 }
+
+#[test]
+fn a_foreign_value_under_the_rendezvous_key_is_a_clear_error() {
+    // What a Python torchrun agent with the same --rdzv-id leaves there: a
+    // pickled state, here written by torch's own TCPStore client.
+    let store = testkit::StoreProcess::start(&store_bin(), &[]);
+    let set = Command::new(testkit::torch_python())
+        .args([
+            "-c",
+            "import sys, torch.distributed as d\n\
+             s = d.TCPStore('127.0.0.1', int(sys.argv[1]), is_master=False)\n\
+             s.set('torch.rendezvous.shared', b'\\x80\\x04\\x95pickled')",
+            &store.port.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let out = Command::new(BIN)
+        .args([
+            "--nnodes=1",
+            "--rdzv-backend=c10d",
+            &format!("--rdzv-endpoint=127.0.0.1:{}", store.port),
+            "--rdzv-id=shared",
+            "--rdzv-conf=is_host=false",
+            "--no-python",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("torch.rendezvous.shared does not hold a torchrun-rs rendezvous state"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+}

@@ -183,7 +183,10 @@ impl DynamicRdzv {
             State::default()
         } else {
             State::decode(&String::from_utf8_lossy(&raw)).ok_or_else(|| {
-                RendezvousError::BadState(String::from_utf8_lossy(&raw).into_owned())
+                RendezvousError::BadState {
+                    key: self.key.clone(),
+                    start: String::from_utf8_lossy(&raw[..raw.len().min(40)]).into_owned(),
+                }
             })?
         };
         self.token = raw;

@@ -43,8 +43,8 @@ pub enum RendezvousError {
     Unsupported(String),
     #[error("malformed rank assignment {0:?} in the store")]
     BadAssignment(String),
-    #[error("malformed rendezvous state in the store: {0:?}")]
-    BadState(String),
+    #[error("the store's key {key} does not hold a torchrun-rs rendezvous state (it starts {start:?}); a Python torchrun agent or another program uses this --rdzv-id: give this job its own")]
+    BadState { key: String, start: String },
     #[error("the rendezvous is closed: the job has ended or is ending")]
     Closed,
     #[error("timed out joining the rendezvous (join_timeout in --rdzv-conf)")]
