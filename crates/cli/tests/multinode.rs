@@ -557,29 +557,32 @@ fn gloo_all_reduce_between_a_node_and_one_in_its_own_network_namespace() {
     }
 }
 
-#[test]
-fn an_unreachable_endpoint_is_a_clear_error() {
-    let port = free_port();
+/// Runs a c10d agent (`--no-python true`) with `flags`, which must fail
+/// with exit status 1 and one line of error containing `needle`.
+fn assert_c10d_fails_with(flags: &[&str], needle: &str) {
     let out = Command::new(BIN)
-        .args([
-            "--nnodes=2",
-            "--rdzv-backend=c10d",
-            &format!("--rdzv-endpoint=127.0.0.9:{port}"),
-            "--rdzv-conf=is_host=false,read_timeout=1",
-            "--no-python",
-            "true",
-        ])
+        .arg("--rdzv-backend=c10d")
+        .args(flags)
+        .args(["--no-python", "true"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains(&format!(
-            "cannot reach the rendezvous store at 127.0.0.9:{port}"
-        )),
-        "{err}"
-    );
+    assert!(err.contains(needle), "{err}");
     assert_eq!(err.lines().count(), 1, "one line: {err}");
+}
+
+#[test]
+fn an_unreachable_endpoint_is_a_clear_error() {
+    let port = free_port();
+    assert_c10d_fails_with(
+        &[
+            "--nnodes=2",
+            &format!("--rdzv-endpoint=127.0.0.9:{port}"),
+            "--rdzv-conf=is_host=false,read_timeout=1",
+        ],
+        &format!("cannot reach the rendezvous store at 127.0.0.9:{port}"),
+    );
 }
 
 #[test]
@@ -748,23 +751,13 @@ fn a_foreign_value_under_the_rendezvous_key_is_a_clear_error() {
         "{}",
         String::from_utf8_lossy(&set.stderr)
     );
-    let out = Command::new(BIN)
-        .args([
+    assert_c10d_fails_with(
+        &[
             "--nnodes=1",
-            "--rdzv-backend=c10d",
             &format!("--rdzv-endpoint=127.0.0.1:{}", store.port),
             "--rdzv-id=shared",
             "--rdzv-conf=is_host=false",
-            "--no-python",
-            "true",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("torch.rendezvous.shared does not hold a torchrun-rs rendezvous state"),
-        "{err}"
+        ],
+        "torch.rendezvous.shared does not hold a torchrun-rs rendezvous state",
     );
-    assert_eq!(err.lines().count(), 1, "one line: {err}");
 }
