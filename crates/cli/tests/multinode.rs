@@ -761,3 +761,25 @@ fn a_foreign_value_under_the_rendezvous_key_is_a_clear_error() {
         "torch.rendezvous.shared does not hold a torchrun-rs rendezvous state",
     );
 }
+
+#[test]
+fn exit_barrier_timeout_in_rdzv_conf_bounds_the_wait_for_slower_nodes() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = format!("{FAST},exit_barrier_timeout=1");
+    // Node 2's worker is done at once; node 3's runs until the test says so.
+    let fast = c10d_agent(2, "2", 1, port, &conf, &noop_job());
+    let slow_job = vec![
+        helper("worker.py"),
+        "until-file".into(),
+        dir.path().display().to_string(),
+    ];
+    let slow = c10d_agent(3, "2", 1, port, &conf, &slow_job);
+    // The finished node gives up on the barrier while the other still runs.
+    let (code, _, err) = finish(fast);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("Error waiting on exit barrier"), "{err}");
+    std::fs::write(dir.path().join("go"), "").unwrap();
+    let (code, _, err) = finish(slow);
+    assert_eq!(code, Some(0), "{err}");
+}

@@ -96,6 +96,8 @@ pub struct Rendezvous {
     /// MASTER_ADDR:MASTER_PORT in the rounds where it has group rank 0.
     worker_store: Option<ServerHandle>,
     poll_interval: Option<Duration>,
+    /// How long a node that finished waits for the others (exit barrier).
+    exit_barrier_timeout: Duration,
 }
 
 /// One node's role info, as torch serialises it.
@@ -192,11 +194,24 @@ impl Rendezvous {
             dynamic: None,
             worker_store: None,
             poll_interval: None,
+            exit_barrier_timeout: Duration::from_secs(300),
         }
     }
 
     /// Sets up the store for `config`: hosts it or connects to it.
     pub async fn create(
+        config: &LaunchConfig,
+        local_addr: &str,
+    ) -> Result<Rendezvous, RendezvousError> {
+        // torch fixes the exit barrier at 300 s; `--rdzv-conf
+        // exit_barrier_timeout=S` changes it here.
+        let exit_barrier_timeout = config.rdzv_secs("exit_barrier_timeout", 300)?;
+        let mut r = Self::create_backend(config, local_addr).await?;
+        r.exit_barrier_timeout = exit_barrier_timeout;
+        Ok(r)
+    }
+
+    async fn create_backend(
         config: &LaunchConfig,
         local_addr: &str,
     ) -> Result<Rendezvous, RendezvousError> {
@@ -589,7 +604,7 @@ impl Rendezvous {
 
     async fn exit_barrier(&mut self) {
         let prefix = format!("{}/torchelastic/agent/terminal_state", self.round_prefix);
-        let timeout = Duration::from_secs(300);
+        let timeout = self.exit_barrier_timeout;
         let result: Result<(), tcpstore::ClientError> = async {
             let n = self.client.add(&format!("{prefix}/num_members"), 1).await?;
             if n == i64::from(self.group_world_size) {
