@@ -101,9 +101,10 @@ fn shape(key: &str, value: &str, run_id: &str) -> String {
             assert!(v.parse::<u16>().is_ok(), "MASTER_PORT {v}");
             "<PORT>".to_string()
         }
-        "TORCHELASTIC_RUN_ID" if v != "none" => {
-            let parts: Vec<usize> = v.split('-').map(str::len).collect();
-            assert_eq!(parts, vec![8, 4, 4, 4, 12], "uuid4 {v}");
+        // A generated run id is a fresh uuid4; a given one stays as it is.
+        "TORCHELASTIC_RUN_ID"
+            if v.split('-').map(str::len).collect::<Vec<_>>() == [8, 4, 4, 4, 12] =>
+        {
             "<UUID4>".to_string()
         }
         "TORCHELASTIC_ERROR_FILE" => {
@@ -129,27 +130,47 @@ fn shape(key: &str, value: &str, run_id: &str) -> String {
 }
 
 fn launched_env(launcher: &[&str], flags: &[&str], nproc: usize) -> Vec<BTreeMap<String, String>> {
+    launched_env_nodes(launcher, &[flags], nproc)
+}
+
+/// One agent per entry of `nodes` (its flags), all at once; the workers'
+/// environments by global rank.
+fn launched_env_nodes(
+    launcher: &[&str],
+    nodes: &[&[&str]],
+    world: usize,
+) -> Vec<BTreeMap<String, String>> {
     let out_dir = tempfile::tempdir().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(launcher[0])
-        .args(&launcher[1..])
-        .args(flags)
-        .arg(helper("dump_env.py"))
-        .arg(out_dir.path())
-        .env("PYTHON_EXEC", python())
-        .env("TMPDIR", tmp.path())
-        .env_remove("OMP_NUM_THREADS")
-        .env_remove("TORCHELASTIC_ERROR_FILE")
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{launcher:?}: {}",
-        text(&out.stderr)
-    );
+    let agents: Vec<_> = nodes
+        .iter()
+        .map(|flags| {
+            Command::new(launcher[0])
+                .args(&launcher[1..])
+                .args(*flags)
+                .arg(helper("dump_env.py"))
+                .arg(out_dir.path())
+                .env("PYTHON_EXEC", python())
+                .env("TMPDIR", tmp.path())
+                .env_remove("OMP_NUM_THREADS")
+                .env_remove("TORCHELASTIC_ERROR_FILE")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for a in agents {
+        let out = a.wait_with_output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{launcher:?}: {}",
+            text(&out.stderr)
+        );
+    }
     let base: BTreeMap<String, String> = std::env::vars().collect();
-    (0..nproc)
+    (0..world)
         .map(|r| {
             let s = std::fs::read_to_string(out_dir.path().join(format!("{r}.json"))).unwrap();
             let all: BTreeMap<String, String> = serde_json::from_str(&s).unwrap();
@@ -189,5 +210,38 @@ fn environment_matches_real_torchrun() {
             assert!(mine.remove("TORCHRUN_RS_JOB").is_some());
             assert_eq!(mine, theirs[r], "rank {r} with {flags:?}");
         }
+    }
+}
+
+#[test]
+fn multi_node_environment_matches_real_torchrun() {
+    // Two c10d nodes of two workers on 127.0.0.2 and .3: every worker's
+    // environment, rank by rank, against the real torchrun's.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("--rdzv-endpoint=127.0.0.2:{port}");
+    let node = |addr: &'static str| {
+        [
+            "--nnodes=2".to_string(),
+            "--nproc-per-node=2".into(),
+            "--rdzv-backend=c10d".into(),
+            endpoint.clone(),
+            "--rdzv-id=envdiff".into(),
+            format!("--local-addr={addr}"),
+        ]
+    };
+    let (a, b) = (node("127.0.0.2"), node("127.0.0.3"));
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let b: Vec<&str> = b.iter().map(String::as_str).collect();
+    let torchrun = torchrun().display().to_string();
+    let theirs = launched_env_nodes(&[torchrun.as_str()], &[&a, &b], 4);
+    let ours = launched_env_nodes(&[BIN], &[&a, &b], 4);
+    for r in 0..4 {
+        let mut mine = ours[r].clone();
+        assert!(mine.remove("TORCHRUN_RS_JOB").is_some());
+        assert_eq!(mine, theirs[r], "rank {r}");
     }
 }
