@@ -7,6 +7,9 @@
 //!   pending request at once ([`dynamic::drain`]);
 //! - `K.version`: bumped after every state write, so a running agent learns
 //!   of a change by reading a number instead of the whole state;
+//! - `K.summary`: round, completeness, closure and last-call deadline,
+//!   written before the version moves: a waiting agent reads these few bytes
+//!   at a change and the whole state only when they matter to it;
 //! - `K.wake.<round>`: set when that round completes or the rendezvous
 //!   closes; waiting agents block on it instead of polling;
 //! - `K.hb.<node>`: each node's heartbeat counter, bumped by a background
@@ -56,6 +59,8 @@ pub struct DynamicRdzv {
     state: State,
     /// `K.version` as read just before `state`.
     version: i64,
+    /// When `state` was last read whole (this agent's clock).
+    read_at: f64,
     /// The round this node is a participant of, with its participants.
     joined: Option<(u64, BTreeMap<Node, u32>)>,
     liveness: Liveness,
@@ -117,6 +122,7 @@ impl DynamicRdzv {
             token: Vec::new(),
             state: State::default(),
             version: 0,
+            read_at: 0.0,
             joined: None,
             liveness: Liveness::default(),
             heartbeat: Some(heartbeat),
@@ -127,6 +133,10 @@ impl DynamicRdzv {
 
     fn log_key(&self, epoch: u64) -> String {
         format!("{}.requests.{epoch}", self.key)
+    }
+
+    fn summary_key(&self) -> String {
+        format!("{}.summary", self.key)
     }
 
     fn version_key(&self) -> String {
@@ -170,6 +180,7 @@ impl DynamicRdzv {
 
     async fn read(&mut self) -> Result<(), RendezvousError> {
         self.version = self.read_version().await?;
+        self.read_at = now();
         let raw = self.client.get_now(&self.key).await?;
         self.adopt(raw)
     }
@@ -214,6 +225,9 @@ impl DynamicRdzv {
         }
         let old = std::mem::take(&mut self.state);
         self.adopt(got)?;
+        let k = self.summary_key();
+        let sum = summary(&self.state);
+        self.client.set(&k, sum.as_bytes()).await?;
         let k = self.version_key();
         self.client.add(&k, 1).await?;
         let s = &self.state;
@@ -330,6 +344,7 @@ impl DynamicRdzv {
             Some(r) => Some((r.clone(), self.append(r).await?)),
             None => None,
         };
+        let mut jittered = false;
         loop {
             if let Some((r, epoch)) = &posted {
                 // Appended to a log that was retired before anyone read our
@@ -351,6 +366,16 @@ impl DynamicRdzv {
                 if let Some(done) = self.conclude(action, t).await? {
                     return done;
                 }
+                continue;
+            }
+            let own_pending = posted.as_ref().is_some_and(|(r, _)| !self.reflected(r));
+            if own_pending && !dead && !jittered {
+                // Only our own request needs writing: give the agents that
+                // arrived with us a moment to write it for us (one write
+                // then serves a whole batch of arrivals).
+                jittered = true;
+                tokio::time::sleep(self.batch_jitter()).await;
+                self.read().await?;
                 continue;
             }
             let log_key = self.log_key(self.state.epoch);
@@ -378,6 +403,15 @@ impl DynamicRdzv {
                 return done;
             }
         }
+    }
+
+    /// A random pause before writing the state for our own request: longer
+    /// for a larger job (a few milliseconds at 512 nodes), nothing to speak
+    /// of for a few nodes.
+    fn batch_jitter(&self) -> Duration {
+        use rand::Rng;
+        let span = (f64::from(self.cfg.max_nodes.min(100_000)) * 20e-6).min(0.05);
+        Duration::from_secs_f64(rand::thread_rng().gen_range(0.0..=span))
     }
 
     /// Acts on a decision that needs no write: finishes the operation
@@ -408,8 +442,12 @@ impl DynamicRdzv {
 
     /// Blocks until the state may need this node again: the round it waits
     /// for completes or the rendezvous closes (store-pushed), a watched node
-    /// dies, the last call or join deadline passes, or anything else moved.
+    /// dies, the last call or join deadline passes, the summary moves (a new
+    /// round, a deadline), or a heartbeat interval passed since the last
+    /// whole read (which would show this node evicted).
     async fn wait_for_change(&mut self, t0: f64) -> Result<(), RendezvousError> {
+        let known = summary(&self.state);
+        let summary_key = self.summary_key();
         let s = &self.state;
         let in_round = s.participants.contains_key(&self.node) && !s.complete;
         let round = if in_round { s.round } else { s.round + 1 };
@@ -431,9 +469,18 @@ impl DynamicRdzv {
             if self.check_liveness(t).await?
                 || deadline.is_some_and(|d| t >= d)
                 || t >= self.op_deadline
-                || self.read_version().await? != self.version
+                || t - self.read_at >= self.cfg.keep_alive_interval
             {
                 return Ok(());
+            }
+            let v = self.read_version().await?;
+            if v != self.version {
+                // Others joined, say: nothing this node waits for, unless
+                // the summary moved.
+                if self.client.get_now(&summary_key).await? != known.as_bytes() {
+                    return Ok(());
+                }
+                self.version = v;
             }
         }
     }
@@ -551,6 +598,18 @@ impl DynamicRdzv {
             .await?;
         Ok(())
     }
+}
+
+/// What a waiting node watches of the state (see `K.summary`).
+fn summary(s: &State) -> String {
+    format!(
+        "{} {} {} {}",
+        s.round,
+        u8::from(s.complete),
+        u8::from(s.closed),
+        s.deadline
+            .map_or_else(|| "-".to_string(), |d| d.to_string())
+    )
 }
 
 /// Whether acting on `a` changes the shared state. (`KeepAlive` does not:
