@@ -29,8 +29,8 @@ pub enum ClientError {
         timeout: Duration,
         keys: Vec<String>,
     },
-    #[error("the store answered the handshake with {got:#x}, expected {expected:#x}")]
-    BadPing { got: u32, expected: u32 },
+    #[error("{addr} is not a TCPStore: it answered the handshake with {reply:?}")]
+    NotAStore { addr: String, reply: String },
     #[error("unexpected reply byte {0} from the store")]
     UnexpectedReply(u8),
     #[error("queue is empty")]
@@ -89,6 +89,7 @@ impl Client {
     ) -> Result<Client, ClientError> {
         let deadline = Instant::now() + opts.timeout;
         let mut interval = opts.initial_backoff;
+        let mut warned_silent = false;
         let addr = if host.contains(':') {
             format!("[{host}]:{port}")
         } else {
@@ -102,6 +103,15 @@ impl Client {
                 tokio::time::timeout(remaining.min(HANDSHAKE_TIMEOUT), Self::try_connect(&addr))
                     .await;
             let attempt = attempt.unwrap_or_else(|_| {
+                if !warned_silent {
+                    // Perhaps a store too busy to answer, perhaps not a
+                    // store at all: say so rather than wait in silence.
+                    warned_silent = true;
+                    tracing::warn!(
+                        "{addr} accepts connections but does not answer the TCPStore handshake; retrying for up to {:?}",
+                        opts.timeout
+                    );
+                }
                 Err(ClientError::Io(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "no answer to the TCPStore handshake (is this port a TCPStore?)",
@@ -115,6 +125,9 @@ impl Client {
                         buf: Vec::new(),
                     })
                 }
+                // Something answered, and not as a TCPStore does: waiting
+                // will not change what listens there.
+                Err(e @ ClientError::NotAStore { .. }) => return Err(e),
                 Err(e) => e,
             };
             let now = Instant::now();
@@ -148,9 +161,9 @@ impl Client {
         stream.write_all(&hello).await?;
         let got = stream.read_u32_le().await?;
         if got != nonce {
-            return Err(ClientError::BadPing {
-                got,
-                expected: nonce,
+            return Err(ClientError::NotAStore {
+                addr: addr.to_string(),
+                reply: String::from_utf8_lossy(&got.to_le_bytes()).into_owned(),
             });
         }
         Ok(stream)

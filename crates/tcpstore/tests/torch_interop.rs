@@ -202,3 +202,33 @@ async fn a_port_that_is_not_a_store_is_a_clear_error_not_a_hang() {
     assert!(err.to_string().contains("handshake"), "{err}");
     drop(listener);
 }
+
+#[tokio::test]
+async fn a_port_that_answers_otherwise_is_named_at_once() {
+    // An HTTP server, say: it answers the handshake with its own protocol.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut c, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 64];
+        let _ = c.read(&mut buf);
+        let _ = c.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+    });
+    let opts = ConnectOptions {
+        timeout: Duration::from_secs(60),
+        ..ConnectOptions::default()
+    };
+    let t0 = std::time::Instant::now();
+    let err = Client::connect("127.0.0.1", port, opts)
+        .await
+        .err()
+        .expect("not a store");
+    // No retrying for a minute: the first answer settles it.
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert_eq!(
+        err.to_string(),
+        format!("127.0.0.1:{port} is not a TCPStore: it answered the handshake with \"HTTP\"")
+    );
+    server.join().unwrap();
+}
