@@ -783,3 +783,29 @@ fn exit_barrier_timeout_in_rdzv_conf_bounds_the_wait_for_slower_nodes() {
     let (code, _, err) = finish(slow);
     assert_eq!(code, Some(0), "{err}");
 }
+
+#[test]
+fn an_endpoint_taken_by_something_else_is_named_at_once() {
+    // An HTTP server on the endpoint's port.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut c in listener.incoming().flatten() {
+            let mut buf = [0u8; 64];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        }
+    });
+    let t0 = std::time::Instant::now();
+    assert_c10d_fails_with(
+        &[
+            "--nnodes=2",
+            &format!("--rdzv-endpoint=127.0.0.1:{port}"),
+            "--rdzv-conf=is_host=false",
+        ],
+        &format!("127.0.0.1:{port} is not a TCPStore: it answered the handshake with \"HTTP\""),
+    );
+    // Not after read_timeout's minute of retries.
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+}
