@@ -809,3 +809,37 @@ fn an_endpoint_taken_by_something_else_is_named_at_once() {
     // Not after read_timeout's minute of retries.
     assert!(t0.elapsed() < std::time::Duration::from_secs(10));
 }
+
+#[test]
+fn a_worker_failing_on_one_node_restarts_the_whole_job() {
+    // Rank 3 (on the second node) raises after joining the process group;
+    // the other ranks' collectives fail with it. Both nodes re-form and the
+    // job finishes in a second round.
+    let port = free_port();
+    let start = |n: u8| {
+        c10d_command(
+            BIN,
+            &["--max-restarts=1"],
+            n,
+            "2",
+            2,
+            port,
+            FAST,
+            "fail-across",
+            &[helper("torch_job.py"), "fail-once".into(), "3".into()],
+        )
+    };
+    let (a, b) = (start(2), start(3));
+    let (ca, oa, ea) = finish(a);
+    let (cb, ob, eb) = finish(b);
+    assert_eq!((ca, cb), (Some(0), Some(0)), "{ea}\n{eb}");
+    // The failing node used its restart; every rank of the new round ran.
+    assert!(
+        ob.contains("rank 2 restart 1 sum 10") && ob.contains("rank 3 restart 1 sum 10"),
+        "{ob}"
+    );
+    for r in 0..2 {
+        assert!(oa.contains(&format!("rank {r} restart ")), "{oa}");
+    }
+    assert_eq!((oa + &ob).matches(" sum 10").count(), 4);
+}
