@@ -157,14 +157,26 @@ pub fn disarm() {
 pub fn stop_descendants() -> Option<usize> {
     let guardian = LIFELINE.get()?.guardian;
     let me = std::process::id() as i32;
-    let mut killed = 0;
-    for _ in 0..100 {
-        let found: Vec<i32> = descendants(me)?
+    // Probe once: without the kernel's child lists the caller sweeps instead.
+    descendants(me)?;
+    Some(kill_until_none(|| {
+        descendants(me)
+            .unwrap_or_default()
             .into_iter()
             .filter(|&p| p != guardian && !is_zombie(p))
-            .collect();
+            .collect()
+    }))
+}
+
+/// SIGKILLs what `find` returns, again and again until it finds nothing (a
+/// process may fork while we look; 100 rounds at most). Returns how many
+/// were killed.
+fn kill_until_none(mut find: impl FnMut() -> Vec<i32>) -> usize {
+    let mut killed = 0;
+    for _ in 0..100 {
+        let found = find();
         if found.is_empty() {
-            return Some(killed);
+            break;
         }
         for pid in &found {
             // SAFETY: plain syscall.
@@ -173,7 +185,7 @@ pub fn stop_descendants() -> Option<usize> {
         killed += found.len();
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    Some(killed)
+    killed
 }
 
 /// Every process below `root`, breadth first.
@@ -216,20 +228,7 @@ fn is_zombie(pid: i32) -> bool {
 pub fn sweep(marker: &str) -> usize {
     let needle = format!("{MARKER_VAR}={marker}");
     let me = std::process::id() as i32;
-    let mut killed = 0;
-    for _ in 0..100 {
-        let found = marked_processes(needle.as_bytes(), me);
-        if found.is_empty() {
-            break;
-        }
-        for pid in &found {
-            // SAFETY: plain syscall.
-            unsafe { libc::kill(*pid, libc::SIGKILL) };
-        }
-        killed += found.len();
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    killed
+    kill_until_none(|| marked_processes(needle.as_bytes(), me))
 }
 
 /// Pids of live (non-zombie) processes whose environment holds `needle`.

@@ -274,29 +274,25 @@ impl DynamicRdzv {
     /// Reads the watched heartbeat counters if due. Returns whether one of
     /// them has not moved for the dead-node window.
     async fn check_liveness(&mut self, t: f64) -> Result<bool, RendezvousError> {
-        if t < self.liveness.next_check {
-            return Ok(false);
+        if t >= self.liveness.next_check {
+            self.liveness.next_check = t + WATCH_EVERY.min(self.cfg.keep_alive_interval);
+            let watched = self.watch_set();
+            let mut seen = HashMap::with_capacity(watched.len());
+            for n in watched {
+                let count = self.client.add(&hb_key(&self.key, &n), 0).await?;
+                let since = match self.liveness.seen.get(&n) {
+                    Some(&(c, at)) if c == count => at,
+                    _ => t,
+                };
+                seen.insert(n, (count, since));
+            }
+            self.liveness.seen = seen;
         }
-        self.liveness.next_check = t + WATCH_EVERY.min(self.cfg.keep_alive_interval);
-        let watched = self.watch_set();
-        let mut seen = HashMap::with_capacity(watched.len());
-        for n in watched {
-            let count = self.client.add(&hb_key(&self.key, &n), 0).await?;
-            let since = match self.liveness.seen.get(&n) {
-                Some(&(c, at)) if c == count => at,
-                _ => t,
-            };
-            seen.insert(n, (count, since));
-        }
-        self.liveness.seen = seen;
-        Ok(self.dead_watched(t))
-    }
-
-    fn dead_watched(&self, t: f64) -> bool {
-        self.liveness
+        Ok(self
+            .liveness
             .seen
             .values()
-            .any(|&(_, at)| t - at > self.cfg.dead_after())
+            .any(|&(_, at)| t - at > self.cfg.dead_after()))
     }
 
     /// Fills the state's heartbeat times from what this agent saw of the
@@ -358,7 +354,7 @@ impl DynamicRdzv {
             let t = now();
             // Judge the watched nodes on fresh counters, not on what was
             // seen before a long pause (stopping workers, say).
-            let dead = self.check_liveness(t).await? || self.dead_watched(t);
+            let dead = self.check_liveness(t).await?;
             // Most wake-ups change nothing for this node (another joined,
             // say): decide on the state as read, without copying it.
             let action = op(&self.state, &self.node, t);
@@ -386,8 +382,6 @@ impl DynamicRdzv {
             if !dynamic::sanitize(&mut next, t, &self.cfg).is_empty() {
                 dynamic::settle(&mut next, t, &self.cfg);
             }
-            // This node's own heartbeat is the background task's business.
-            next.last_heartbeats.insert(self.node.clone(), t);
             let action = op(&next, &self.node, t);
             let mutation = is_mutation(action);
             if mutation {
