@@ -162,11 +162,7 @@ fn worker_environment_contract_standalone() {
 
 #[test]
 fn master_port_uses_static_backend_values() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = testkit::free_port();
     let (done, dir) = start(
         &["--nproc-per-node=1", &format!("--master-port={port}")],
         "env",

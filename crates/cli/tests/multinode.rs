@@ -13,13 +13,7 @@ fn noop_job() -> Vec<String> {
     vec!["--no-python".into(), "true".into()]
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use testkit::free_port;
 
 fn agent(node_rank: u32, nnodes: u32, port: u16, extra: &[&str], script: &[String]) -> Child {
     Command::new(BIN)

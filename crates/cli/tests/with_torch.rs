@@ -190,11 +190,7 @@ fn launched_env_nodes(
 
 #[test]
 fn environment_matches_real_torchrun() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = testkit::free_port();
     let torchrun = torchrun().display().to_string();
     let port_flag = format!("--master-port={port}");
     for flags in [
@@ -217,11 +213,7 @@ fn environment_matches_real_torchrun() {
 fn multi_node_environment_matches_real_torchrun() {
     // Two c10d nodes of two workers on 127.0.0.2 and .3: every worker's
     // environment, rank by rank, against the real torchrun's.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = testkit::free_port();
     let endpoint = format!("--rdzv-endpoint=127.0.0.2:{port}");
     let node = |addr: &'static str| {
         [

@@ -128,11 +128,7 @@ async fn our_client_drives_torch_server() {
 #[tokio::test]
 async fn our_client_connect_gives_up_at_its_deadline() {
     // A port nobody listens on: bind, read the port, close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = testkit::free_port();
     let opts = ConnectOptions {
         timeout: Duration::from_millis(600),
         initial_backoff: Duration::from_millis(50),

@@ -39,6 +39,14 @@ pub fn torch_python() -> PathBuf {
     .clone()
 }
 
+/// A loopback port nobody listens on right now (bound, read, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a loopback port")
+        .port()
+}
+
 /// Polls `cond` until it returns `Some` or `timeout` passes.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
