@@ -89,25 +89,30 @@ fn heterogeneous_static_nodes_rank_like_torch() {
     }
 }
 
-#[test]
-fn a_missing_static_node_is_named() {
-    let port = free_port();
-    let out = agent(0, 3, port, &["--rdzv-conf=timeout=1"], &noop_job())
+/// A static agent that must fail with exit status `code`, saying `needle`.
+fn assert_static_fails_with(node_rank: u32, nnodes: u32, extra: &[&str], code: i32, needle: &str) {
+    let out = agent(node_rank, nnodes, free_port(), extra, &noop_job())
         .wait_with_output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("missing node ranks: 1, 2"), "{err}");
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    assert!(err.contains(needle), "{err}");
+}
+
+#[test]
+fn a_missing_static_node_is_named() {
+    assert_static_fails_with(
+        0,
+        3,
+        &["--rdzv-conf=timeout=1"],
+        1,
+        "missing node ranks: 1, 2",
+    );
 }
 
 #[test]
 fn a_node_rank_out_of_range_is_a_usage_error() {
-    let out = agent(2, 2, free_port(), &[], &noop_job())
-        .wait_with_output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("--node-rank"), "{err}");
+    assert_static_fails_with(2, 2, &[], 2, "--node-rank");
 }
 
 #[test]
