@@ -420,6 +420,57 @@ fn sigkill_of_the_launcher_leaves_no_process_behind() {
 }
 
 #[test]
+fn a_killed_launchers_guardian_sweeps_only_its_own_run() {
+    let a = start(&[], "double-fork", &[]);
+    let b = start(&[], "double-fork", &[]);
+    let a_pids = [a.pid_of("pid.0"), a.pid_of("child.0"), a.pid_of("daemon.0")];
+    let b_pids = [b.pid_of("pid.0"), b.pid_of("child.0"), b.pid_of("daemon.0")];
+    // A process that copied run A's environment, marker included.
+    let a_marker = env_of(a.out.path(), 0, 0)["TORCHRUN_RS_JOB"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let b_marker = env_of(b.out.path(), 0, 0)["TORCHRUN_RS_JOB"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(a_marker, b_marker);
+    // Unguessable: 128 random bits after the pid.
+    let random = a_marker.rsplit('-').next().unwrap();
+    assert_eq!(random.len(), 32, "{a_marker}");
+    let mut stranger = Command::new("sleep")
+        .arg("60")
+        .env("TORCHRUN_RS_JOB", &a_marker)
+        .spawn()
+        .unwrap();
+    b.signal(libc::SIGKILL);
+    let (done, _dir) = b.finish();
+    assert_eq!(done.signal, Some(libc::SIGKILL));
+    wait_for(
+        Duration::from_secs(2),
+        "run B's processes to be gone",
+        || b_pids.iter().all(|&p| !pid_alive(p)).then_some(()),
+    );
+    assert!(
+        a_pids.iter().all(|&p| pid_alive(p)),
+        "run B's guardian touched run A"
+    );
+    assert!(
+        pid_alive(stranger.id() as i32),
+        "run B's guardian touched a stranger"
+    );
+    a.signal(libc::SIGTERM);
+    let (done, _dir) = a.finish();
+    assert_eq!(done.code, Some(143), "{}", done.stderr);
+    assert!(
+        pid_alive(stranger.id() as i32),
+        "a launcher that stops normally sweeps only its own subtree"
+    );
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+}
+
+#[test]
 fn sigterm_of_the_launcher_stops_daemonized_descendants_too() {
     let run = start(&[], "double-fork", &[]);
     let pids = [

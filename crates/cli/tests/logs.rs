@@ -398,3 +398,92 @@ fn run_path_runs_the_script_in_a_python_worker() {
     assert_eq!(v["argv"][0], helper());
     assert_eq!(v["argv"][1], "env");
 }
+
+fn mode_of(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn workers_logs_are_private_to_the_user() {
+    // No --log-dir: a fresh $TMPDIR/torchelastic_* like torch's mkdtemp.
+    let out = tempfile::tempdir().unwrap();
+    let o = launch(
+        &[
+            "--nproc-per-node=2",
+            "-t",
+            "3",
+            "--local-ranks-filter=0",
+            "--duplicate-stdout-filters=r",
+        ],
+        "lines",
+        &["3"],
+        out.path(),
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let top: Vec<PathBuf> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("torchelastic_")
+        })
+        .collect();
+    assert_eq!(top.len(), 1, "{top:?}");
+    let mut dirs = vec![top[0].clone()];
+    let mut files = 0;
+    while let Some(d) = dirs.pop() {
+        assert_eq!(mode_of(&d), 0o700, "{d:?}");
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                assert_eq!(mode_of(&p), 0o600, "{p:?}");
+                files += 1;
+            }
+        }
+    }
+    // stdout.log and stderr.log of two ranks, and the filtered stdout.
+    assert!(files >= 5, "{files} files");
+}
+
+#[test]
+fn an_existing_log_dir_keeps_its_mode_and_a_new_one_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let out = tempfile::tempdir().unwrap();
+    let shared = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fresh = out.path().join("new/logs");
+    for root in [shared.path(), fresh.as_path()] {
+        let o = launch(
+            &[
+                "--nproc-per-node=1",
+                "-r",
+                "3",
+                "--log-dir",
+                root.to_str().unwrap(),
+            ],
+            "env",
+            &[],
+            out.path(),
+            &[],
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+        let run = run_dir(root);
+        assert_eq!(mode_of(&run), 0o700);
+        assert_eq!(mode_of(&run.join("attempt_0/0")), 0o700);
+        assert_eq!(mode_of(&run.join("attempt_0/0/stdout.log")), 0o600);
+    }
+    assert_eq!(
+        mode_of(shared.path()),
+        0o755,
+        "the user's directory is left alone"
+    );
+    assert_eq!(mode_of(&fresh), 0o700);
+    assert_eq!(mode_of(fresh.parent().unwrap()), 0o700);
+}

@@ -52,9 +52,10 @@ struct Worker {
 /// Errors that stop the agent before or between worker groups.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("cannot start worker {local_rank} ({program}): {source}")]
+    #[error("cannot start local rank {local_rank} of {nproc} ({program}): {source}{}; the workers already started were stopped", spawn_hint(source))]
     Spawn {
         local_rank: u32,
+        nproc: u32,
         program: String,
         source: std::io::Error,
     },
@@ -62,10 +63,19 @@ pub enum AgentError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     LogDir(#[from] crate::log_dir::LogDirError),
-    #[error("cannot set up output streams: {0}")]
-    Streams(std::io::Error),
+    #[error("cannot set up output streams: {source}{}", spawn_hint(source))]
+    Streams { source: std::io::Error },
     #[error(transparent)]
     Rendezvous(#[from] crate::rendezvous::RendezvousError),
+}
+
+/// What to add to a spawn error so the user knows which limit to raise.
+fn spawn_hint(e: &std::io::Error) -> &'static str {
+    if e.raw_os_error() == Some(libc::EAGAIN) {
+        " (the system's limit on processes was reached: `ulimit -u`, the pids cgroup's pids.max, or kernel.pid_max)"
+    } else {
+        ""
+    }
 }
 
 pub struct Agent<'a> {
@@ -83,8 +93,9 @@ pub struct Agent<'a> {
     pub restart_count: u32,
     /// Detection order of failures.
     seq: u64,
-    /// Process groups of every worker started, for the final cleanup.
-    all_groups: Vec<i32>,
+    /// Whether any worker was ever started (then the final cleanup looks for
+    /// what they left behind).
+    started_any: bool,
     /// A shutdown signal already received (the next one skips the grace).
     stopping: Option<i32>,
     /// The memory cgroup file with the kernel's OOM-kill counter.
@@ -136,6 +147,25 @@ impl Group {
             process::signal_group(w.pid, sig);
         }
     }
+    /// Sends `sig` to every worker's process group, including the groups of
+    /// workers that already exited (their descendants may still run there).
+    /// Safe against PID reuse: a worker is reaped only in [`Group::release`].
+    fn signal_all(&self, sig: i32) {
+        for w in &self.workers {
+            process::signal_group(w.pid, sig);
+        }
+    }
+    /// Ends the group for good: SIGKILLs whatever is left in the workers'
+    /// process groups, then reaps the workers, which frees their PIDs. After
+    /// this nothing signals these groups again.
+    fn release(&mut self) {
+        self.signal_all(libc::SIGKILL);
+        for w in &self.workers {
+            if w.exited.is_some() {
+                process::release(w.pid);
+            }
+        }
+    }
     fn all_exited(&self) -> bool {
         self.workers.iter().all(|w| w.exited.is_some())
     }
@@ -173,7 +203,7 @@ impl<'a> Agent<'a> {
             hostname: crate::host::hostname(),
             restart_count: 0,
             seq: 0,
-            all_groups: Vec::new(),
+            started_any: false,
             stopping: None,
             oom_counter: crate::oom::counter_file(),
             rdzv_failing: false,
@@ -205,8 +235,28 @@ impl<'a> Agent<'a> {
                 },
                 sig = self.trap.next_shutdown() => return Ok(RunResult::Signaled { signal: sig }),
             };
-            let mut group = self.start_group(&assignment)?;
+            let mut group = Group {
+                workers: Vec::new(),
+                tees: Vec::new(),
+                oom_kills_at_start: self
+                    .oom_counter
+                    .as_deref()
+                    .and_then(crate::oom::parse_oom_kills),
+            };
+            if let Err(e) = self.start_group(&assignment, &mut group) {
+                // Stop the workers already started (a process limit reached
+                // halfway, say) before reporting.
+                group.signal_all(libc::SIGKILL);
+                self.wait_all_exited(&mut group).await;
+                group.release();
+                let drain = Instant::now() + PIPE_DRAIN;
+                for t in group.tees.drain(..) {
+                    t.finish_by(drain);
+                }
+                return Err(e);
+            }
             let outcome = self.monitor(&mut group).await;
+            group.release();
             let drain = Instant::now() + PIPE_DRAIN;
             for t in group.tees.drain(..) {
                 t.finish_by(drain);
@@ -248,7 +298,11 @@ impl<'a> Agent<'a> {
         }
     }
 
-    fn start_group(&mut self, a: &crate::rendezvous::Assignment) -> Result<Group, AgentError> {
+    fn start_group(
+        &mut self,
+        a: &crate::rendezvous::Assignment,
+        group: &mut Group,
+    ) -> Result<(), AgentError> {
         let cfg = self.config;
         let nproc = cfg.nproc_per_node;
         let attempt_dir = self.log_dir.start_attempt(self.restart_count, nproc)?;
@@ -268,8 +322,8 @@ impl<'a> Agent<'a> {
             |patterns: &Vec<String>, name: &str| -> Result<Option<LineFilter>, AgentError> {
                 match (&attempt_dir, patterns.is_empty()) {
                     (Some(dir), false) => {
-                        let file =
-                            std::fs::File::create(dir.join(name)).map_err(AgentError::Streams)?;
+                        let file = crate::log_dir::create_file(&dir.join(name))
+                            .map_err(|source| AgentError::Streams { source })?;
                         Ok(Some(LineFilter {
                             patterns: std::sync::Arc::new(patterns.clone()),
                             file: std::sync::Arc::new(std::sync::Mutex::new(file)),
@@ -280,14 +334,6 @@ impl<'a> Agent<'a> {
             };
         let out_filter = filters(&cfg.duplicate_stdout_filters, "filtered_stdout.log")?;
         let err_filter = filters(&cfg.duplicate_stderr_filters, "filtered_stderr.log")?;
-        let mut group = Group {
-            workers: Vec::new(),
-            tees: Vec::new(),
-            oom_kills_at_start: self
-                .oom_counter
-                .as_deref()
-                .and_then(crate::oom::parse_oom_kills),
-        };
         for local_rank in 0..nproc {
             let ranks = WorkerRanks {
                 local_rank,
@@ -349,9 +395,13 @@ impl<'a> Agent<'a> {
                     .filter(|_| redirected)
                     .map(|d| d.join(name));
                 if teed && rank_dir.is_some() {
-                    let (r, w) = log_stream::pipe().map_err(AgentError::Streams)?;
+                    let (r, w) =
+                        log_stream::pipe().map_err(|source| AgentError::Streams { source })?;
                     let file = match &file_path {
-                        Some(p) => Some(std::fs::File::create(p).map_err(AgentError::Streams)?),
+                        Some(p) => Some(
+                            crate::log_dir::create_file(p)
+                                .map_err(|source| AgentError::Streams { source })?,
+                        ),
                         None => None,
                     };
                     let handle = log_stream::start(
@@ -363,13 +413,13 @@ impl<'a> Agent<'a> {
                             filter,
                         },
                     )
-                    .map_err(AgentError::Streams)?;
+                    .map_err(|source| AgentError::Streams { source })?;
                     group.tees.push(handle);
                     return Ok(Stdio::Fd(w));
                 }
                 if let Some(p) = &file_path {
                     return Ok(Stdio::Fd(
-                        process::create_file(p).map_err(AgentError::Streams)?,
+                        process::create_file(p).map_err(|source| AgentError::Streams { source })?,
                     ));
                 }
                 if !shown || (teed && rank_dir.is_none()) {
@@ -377,7 +427,7 @@ impl<'a> Agent<'a> {
                     let null = std::fs::OpenOptions::new()
                         .write(true)
                         .open("/dev/null")
-                        .map_err(AgentError::Streams)?;
+                        .map_err(|source| AgentError::Streams { source })?;
                     return Ok(Stdio::Fd(null.into()));
                 }
                 Ok(Stdio::Inherit)
@@ -397,10 +447,11 @@ impl<'a> Agent<'a> {
             })
             .map_err(|source| AgentError::Spawn {
                 local_rank,
+                nproc,
                 program: self.program.display().to_string(),
                 source,
             })?;
-            self.all_groups.push(pid);
+            self.started_any = true;
             group.workers.push(Worker {
                 ranks,
                 pid,
@@ -417,7 +468,7 @@ impl<'a> Agent<'a> {
             a.master_addr,
             a.master_port
         );
-        Ok(group)
+        Ok(())
     }
 
     fn record_exit(&mut self, group: &mut Group, exit: Exit) -> Option<ProcessFailure> {
@@ -539,9 +590,7 @@ impl<'a> Agent<'a> {
             );
         }
         // Whole groups, including descendants of workers that already exited.
-        for w in &group.workers {
-            process::signal_group(w.pid, sig);
-        }
+        group.signal_all(sig);
         let deadline = tokio::time::Instant::now() + grace;
         let mut escalate = false;
         while !group.all_exited() && !escalate {
@@ -573,34 +622,37 @@ impl<'a> Agent<'a> {
                     signal_name(sig).unwrap_or("?")
                 );
             }
-            for w in &group.workers {
-                process::signal_group(w.pid, libc::SIGKILL);
-            }
-            let hard_deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while !group.all_exited() {
-                tokio::select! {
-                    Some(exit) = self.exits.recv() => {
-                        group.mark_exited(exit);
-                    }
-                    _ = tokio::time::sleep_until(hard_deadline) => {
-                        tracing::error!("workers did not exit after SIGKILL (uninterruptible sleep?)");
-                        break;
-                    }
-                }
-            }
+            group.signal_all(libc::SIGKILL);
+            self.wait_all_exited(group).await;
         }
         received
     }
 
-    /// Leaves nothing behind: every process group we started, and every
-    /// process carrying this job's marker (daemons that left their group).
-    fn cleanup(&mut self) {
-        for &pg in &self.all_groups {
-            process::signal_group(pg, libc::SIGKILL);
+    /// Waits for every worker of a SIGKILLed group to exit (10 s at most: a
+    /// process in uninterruptible sleep may never go).
+    async fn wait_all_exited(&mut self, group: &mut Group) {
+        let hard_deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !group.all_exited() {
+            tokio::select! {
+                Some(exit) = self.exits.recv() => {
+                    group.mark_exited(exit);
+                }
+                _ = tokio::time::sleep_until(hard_deadline) => {
+                    tracing::error!("workers did not exit after SIGKILL (uninterruptible sleep?)");
+                    break;
+                }
+            }
         }
+    }
+
+    /// Leaves nothing behind: every group was already ended by
+    /// [`Group::release`]; what is left are descendants that left their
+    /// worker's process group (daemons), found as this launcher's subtree or,
+    /// failing that, by this run's marker.
+    fn cleanup(&mut self) {
         if lifeline::stop_descendants().is_some() {
             lifeline::disarm();
-        } else if !self.all_groups.is_empty() {
+        } else if self.started_any {
             lifeline::sweep(lifeline::marker());
         }
     }

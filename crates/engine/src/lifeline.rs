@@ -19,6 +19,8 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+use crate::process;
+
 /// Environment variable that tags every process of a job.
 pub const MARKER_VAR: &str = "TORCHRUN_RS_JOB";
 
@@ -27,6 +29,14 @@ struct Lifeline {
     write: OwnedFd,
     marker: String,
     guardian: i32,
+}
+
+/// What identifies this run's processes: the marker value, and the moment
+/// the launcher started (no process started before it can be its
+/// descendant).
+struct RunIdentity {
+    marker: String,
+    started: u64,
 }
 
 static LIFELINE: std::sync::OnceLock<Lifeline> = std::sync::OnceLock::new();
@@ -42,13 +52,58 @@ pub fn marker() -> &'static str {
     }
 }
 
+/// A marker no other run can have: 128 random bits from the operating
+/// system's generator (unguessable, so no process gets it but by inheriting
+/// it from this run), after the pid for people reading `ps e`.
 fn make_marker() -> String {
     use rand::Rng;
     format!(
-        "{}-{:016x}",
+        "{}-{:032x}",
         std::process::id(),
-        rand::thread_rng().gen::<u64>()
+        rand::rngs::OsRng.gen::<u128>()
     )
+}
+
+/// A process's start time, in clock ticks after boot (`/proc/<pid>/stat`
+/// field 22), read through a `/proc/<pid>` directory descriptor.
+fn start_time_at(proc_dir: i32) -> Option<u64> {
+    let stat = read_at(proc_dir, c"stat")?;
+    let stat = String::from_utf8_lossy(&stat);
+    // Fields after the parenthesized command name, which may hold spaces.
+    let (_, rest) = stat.rsplit_once(')')?;
+    // rest starts at field 3 (state); field 22 is the 20th after it.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn own_start_time() -> u64 {
+    let me = c"/proc/self";
+    // SAFETY: plain open of a path we own the string of.
+    let fd = unsafe {
+        libc::open(
+            me.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return 0;
+    }
+    // SAFETY: `fd` was just opened and is owned here.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    start_time_at(fd.as_raw_fd()).unwrap_or(0)
+}
+
+/// Reads a whole file below a directory descriptor.
+fn read_at(dir: i32, name: &std::ffi::CStr) -> Option<Vec<u8>> {
+    // SAFETY: plain openat; the result is owned below.
+    let fd = unsafe { libc::openat(dir, name.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` was just opened and is owned here.
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut &file, &mut out).ok()?;
+    Some(out)
 }
 
 /// Forks the guardian. Call from `main` before any other thread starts: the
@@ -56,6 +111,7 @@ fn make_marker() -> String {
 /// Returns the guardian's pid.
 pub fn start() -> io::Result<i32> {
     let marker = make_marker();
+    let started = own_start_time();
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills the array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -69,7 +125,7 @@ pub fn start() -> io::Result<i32> {
     if pid == 0 {
         // SAFETY: fds[1] is ours to close in the guardian.
         unsafe { libc::close(fds[1]) };
-        guardian_main(fds[0], &marker);
+        guardian_main(fds[0], &RunIdentity { marker, started });
     }
     // SAFETY: the parent owns the write end; the read end is the guardian's.
     unsafe { libc::close(fds[0]) };
@@ -82,7 +138,7 @@ pub fn start() -> io::Result<i32> {
     Ok(pid)
 }
 
-fn guardian_main(read_fd: i32, marker: &str) -> ! {
+fn guardian_main(read_fd: i32, run: &RunIdentity) -> ! {
     // SAFETY: single-threaded child; plain syscalls.
     unsafe {
         libc::setsid();
@@ -126,7 +182,7 @@ fn guardian_main(read_fd: i32, marker: &str) -> ! {
             }
         }
         if !disarmed {
-            sweep(marker);
+            sweep_run(run);
         }
     }
     // SAFETY: terminate without running the parent's destructors.
@@ -151,67 +207,40 @@ pub fn disarm() {
 /// scanning the whole host. Returns `None` where the kernel does not list
 /// children (`/proc/<pid>/task/<tid>/children`); then use [`sweep`].
 ///
+/// Only direct children are killed, each while no child can be reaped
+/// ([`process::with_reaping_paused`]): a listed child keeps its PID until
+/// this launcher reaps it, so the PID cannot name a stranger. A killed
+/// child's own children become ours (subreaper) and are killed in the next
+/// round; a zombie's children are ours already.
+///
 /// Only a launcher that started the guardian owns its whole subtree; a
 /// program embedding the engine may have children of its own, so there this
 /// returns `None` too.
 pub fn stop_descendants() -> Option<usize> {
     let guardian = LIFELINE.get()?.guardian;
-    let me = std::process::id() as i32;
     // Probe once: without the kernel's child lists the caller sweeps instead.
-    descendants(me)?;
-    Some(kill_until_none(|| {
-        descendants(me)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|&p| p != guardian && !is_zombie(p))
-            .collect()
-    }))
-}
-
-/// SIGKILLs what `find` returns, again and again until it finds nothing (a
-/// process may fork while we look; 100 rounds at most). Returns how many
-/// were killed.
-fn kill_until_none(mut find: impl FnMut() -> Vec<i32>) -> usize {
+    process::children()?;
     let mut killed = 0;
     for _ in 0..100 {
-        let found = find();
-        if found.is_empty() {
+        let found = process::with_reaping_paused(|| {
+            let live: Vec<i32> = process::children()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|&p| p != guardian && !is_zombie(p))
+                .collect();
+            for pid in &live {
+                // SAFETY: plain syscall; `pid` is our unreaped child (see above).
+                unsafe { libc::kill(*pid, libc::SIGKILL) };
+            }
+            live.len()
+        });
+        if found == 0 {
             break;
         }
-        for pid in &found {
-            // SAFETY: plain syscall.
-            unsafe { libc::kill(*pid, libc::SIGKILL) };
-        }
-        killed += found.len();
+        killed += found;
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    killed
-}
-
-/// Every process below `root`, breadth first.
-fn descendants(root: i32) -> Option<Vec<i32>> {
-    let mut out = Vec::new();
-    let mut queue = vec![root];
-    while let Some(pid) = queue.pop() {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            // Gone while we looked: it has no children to list.
-            continue;
-        };
-        for t in tasks.flatten() {
-            let path = t.path().join("children");
-            match std::fs::read_to_string(&path) {
-                Ok(list) => {
-                    for c in list.split_whitespace().filter_map(|c| c.parse().ok()) {
-                        out.push(c);
-                        queue.push(c);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound && pid == root => return None,
-                Err(_) => {}
-            }
-        }
-    }
-    Some(out)
+    Some(killed)
 }
 
 fn is_zombie(pid: i32) -> bool {
@@ -222,30 +251,98 @@ fn is_zombie(pid: i32) -> bool {
     })
 }
 
-/// Kills every process whose environment carries `MARKER_VAR=marker`, again
-/// and again until none is left (a process may fork while we scan).
+/// Kills every process of this run that is still alive (see [`sweep_run`]).
 /// Returns how many were killed.
 pub fn sweep(marker: &str) -> usize {
-    let needle = format!("{MARKER_VAR}={marker}");
-    let me = std::process::id() as i32;
-    kill_until_none(|| marked_processes(needle.as_bytes(), me))
+    sweep_run(&RunIdentity {
+        marker: marker.to_string(),
+        started: own_start_time(),
+    })
 }
 
-/// Pids of live (non-zombie) processes whose environment holds `needle`.
-pub fn marked_processes(needle: &[u8], except: i32) -> Vec<i32> {
+/// Kills every process whose environment carries `MARKER_VAR=<marker>` and
+/// that started after the launcher, again and again until none is left (a
+/// process may fork while we scan; 100 rounds at most).
+///
+/// Why this cannot hit a stranger: each candidate is pinned by opening its
+/// `/proc/<pid>` directory first; the environment and start time are read
+/// through that descriptor, and the signal is sent through it too
+/// (`pidfd_send_signal`). If the process ends and its PID is reused after
+/// the directory was opened, the reads fail and the signal is refused
+/// (ESRCH) instead of reaching the newcomer. A stranger would also need this
+/// run's marker, 128 random bits, and to have started after the launcher.
+fn sweep_run(run: &RunIdentity) -> usize {
+    let needle = format!("{MARKER_VAR}={}", run.marker);
+    let me = std::process::id() as i32;
+    let mut killed = 0;
+    for _ in 0..100 {
+        let found = kill_marked(needle.as_bytes(), run.started, me);
+        if found == 0 {
+            break;
+        }
+        killed += found;
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    killed
+}
+
+/// One scan of `/proc`: SIGKILLs the live processes of this run (see
+/// [`sweep_run`]) other than `except`. Returns how many were signalled.
+fn kill_marked(needle: &[u8], started: u64, except: i32) -> usize {
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
+        return 0;
     };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| pid != except)
-        .filter(|&pid| {
-            let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
-                return false;
-            };
+    let pids = dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok());
+    let mut killed = 0;
+    for pid in pids.filter(|&p| p != except) {
+        let Ok(path) = std::ffi::CString::new(format!("/proc/{pid}")) else {
+            continue;
+        };
+        // SAFETY: plain open; the result is owned below.
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            continue;
+        }
+        // SAFETY: `fd` was just opened and is owned here.
+        let proc_dir = unsafe { OwnedFd::from_raw_fd(fd) };
+        let ours = read_at(proc_dir.as_raw_fd(), c"environ").is_some_and(|env| {
             // A zombie's environ reads empty; it is already dead.
             env.split(|&b| b == 0).any(|kv| kv == needle)
-        })
-        .collect()
+        }) && start_time_at(proc_dir.as_raw_fd()).is_some_and(|t| t >= started);
+        if ours && signal_pinned(&proc_dir, pid, libc::SIGKILL) {
+            killed += 1;
+        }
+    }
+    killed
+}
+
+/// Sends `sig` to the process whose `/proc/<pid>` directory `proc_dir` is.
+/// Kernels before 5.1 have no `pidfd_send_signal`; there the pid is
+/// signalled after the checks, the best that such a kernel allows.
+fn signal_pinned(proc_dir: &OwnedFd, pid: i32, sig: i32) -> bool {
+    // SAFETY: plain syscall; a null siginfo means "as kill(2) would".
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            proc_dir.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        )
+    };
+    if r == 0 {
+        return true;
+    }
+    if io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        // SAFETY: plain syscall.
+        return unsafe { libc::kill(pid, sig) } == 0;
+    }
+    false
 }
 
 /// Closes every descriptor from 3 up except `keep`. `close_range` costs one
@@ -265,5 +362,41 @@ unsafe fn close_all_but(keep: i32) {
                 libc::close(fd);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sweep_spares_a_marked_process_older_than_the_run() {
+        let marker = make_marker();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .env(MARKER_VAR, &marker)
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let needle = format!("{MARKER_VAR}={marker}");
+        // Wait for the exec: the environment is the child's own after it.
+        for _ in 0..1000 {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            if env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        // A run that started after the process: not one of its processes.
+        assert_eq!(kill_marked(needle.as_bytes(), u64::MAX, 0), 0);
+        assert!(child.try_wait().unwrap().is_none());
+        // Another run's marker: not one of its processes either.
+        assert_eq!(kill_marked(b"TORCHRUN_RS_JOB=1-0", 0, 0), 0);
+        assert!(child.try_wait().unwrap().is_none());
+        // This run, started before it: swept.
+        assert_eq!(kill_marked(needle.as_bytes(), own_start_time(), 0), 1);
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
     }
 }

@@ -1,7 +1,12 @@
 //! torchrun's log directory layout (spec §6.4):
 //! `<root>/<run_id>_<random>/attempt_<n>/<local_rank>/{stdout.log,stderr.log,error.json}`.
+//!
+//! Workers' output is private: every directory the launcher creates is 0700
+//! and every file 0600, as torch's `tempfile.mkdtemp` makes them. A
+//! `--log-dir` that already exists keeps its mode.
 
 use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use rand::Rng;
@@ -28,11 +33,34 @@ fn random_suffix() -> String {
         .collect()
 }
 
+/// Creates one directory, mode 0700.
+fn create_private_dir(path: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new().mode(0o700).create(path)
+}
+
+/// Creates a directory and its missing parents, each new one mode 0700.
+fn create_private_dir_all(path: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(path)
+}
+
+/// Creates (or truncates) a log file for writing, mode 0600 when new.
+pub fn create_file(path: &Path) -> io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// Creates `<parent>/<prefix><8 random chars>` like Python's `mkdtemp`.
 fn make_temp_dir(parent: &Path, prefix: &str) -> Result<PathBuf, LogDirError> {
     for _ in 0..100 {
         let path = parent.join(format!("{prefix}{}", random_suffix()));
-        match std::fs::create_dir(&path) {
+        match create_private_dir(&path) {
             Ok(()) => return Ok(path),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(source) => return Err(LogDirError::Create { path, source }),
@@ -55,7 +83,7 @@ impl LogDir {
                         path: p.to_path_buf(),
                     });
                 }
-                std::fs::create_dir_all(p).map_err(|source| LogDirError::Create {
+                create_private_dir_all(p).map_err(|source| LogDirError::Create {
                     path: p.to_path_buf(),
                     source,
                 })?;
@@ -89,8 +117,7 @@ impl LogDir {
         }
         for r in 0..local_ranks {
             let d = dir.join(r.to_string());
-            std::fs::create_dir_all(&d)
-                .map_err(|source| LogDirError::Create { path: d, source })?;
+            create_private_dir_all(&d).map_err(|source| LogDirError::Create { path: d, source })?;
         }
         Ok(Some(dir))
     }

@@ -7,6 +7,11 @@
 //! child calls only async-signal-safe functions: it starts its own session,
 //! asks for SIGKILL when the launcher dies, restores default signal handling
 //! and an empty signal mask, wires its stdio, and execs.
+//!
+//! Never a stranger: a worker's exit is reported at once but the worker is
+//! reaped only when the agent is done with its process group ([`release`]).
+//! Until then its PID, which is also its group's ID, cannot be reused, so a
+//! signal to that group reaches this job's processes and nothing else.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -97,8 +102,14 @@ pub struct SpawnSpec<'a> {
 }
 
 /// Starts a worker in its own session (pgid = pid). Returns its pid.
+///
+/// The worker is *held*: the reaper reports its exit without reaping it
+/// (`WNOWAIT`), so its PID stays reserved, as a zombie, until [`release`].
+/// While the PID is reserved no other process can have it, so no process
+/// group of that ID can exist but the worker's: every [`signal_group`]
+/// reaches this job's processes only.
 pub fn spawn(spec: SpawnSpec<'_>) -> io::Result<i32> {
-    ensure_reaper();
+    ensure_reaper()?;
     let prog = cstring(spec.program.as_os_str().as_bytes())?;
     let mut argv_c = vec![prog.clone()];
     for a in spec.args {
@@ -130,11 +141,20 @@ pub fn spawn(spec: SpawnSpec<'_>) -> io::Result<i32> {
     let (err_r, err_w) = (fds[0], fds[1]);
     let parent = std::process::id() as libc::pid_t;
 
+    // The worker is registered as held under the reaper's lock, taken
+    // before the fork: the reaper cannot collect it before it is known, even
+    // if it exits at once. The child never touches the lock.
+    let mut held_now = held();
     // SAFETY: the child runs only async-signal-safe calls until execve or
     // _exit; everything it touches was allocated above.
     let pid = unsafe { libc::fork() };
+    if pid > 0 {
+        held_now.insert(pid, false);
+    }
+    drop(held_now);
     if pid < 0 {
         let e = io::Error::last_os_error();
+        // SAFETY: both ends are ours and still open.
         unsafe {
             libc::close(err_r);
             libc::close(err_w);
@@ -142,6 +162,8 @@ pub fn spawn(spec: SpawnSpec<'_>) -> io::Result<i32> {
         return Err(e);
     }
     if pid == 0 {
+        // SAFETY: in the child, which owns its copies of both ends; see
+        // child_after_fork for what it may call.
         unsafe {
             libc::close(err_r);
             child_after_fork(
@@ -156,6 +178,7 @@ pub fn spawn(spec: SpawnSpec<'_>) -> io::Result<i32> {
         }
     }
     // Parent.
+    // SAFETY: the write end is ours; the child holds its own copy.
     unsafe { libc::close(err_w) };
     let mut buf = [0u8; 4];
     let n = loop {
@@ -166,17 +189,32 @@ pub fn spawn(spec: SpawnSpec<'_>) -> io::Result<i32> {
         }
         break n;
     };
+    // SAFETY: the read end is ours.
     unsafe { libc::close(err_r) };
     drop(spec.stdout);
     drop(spec.stderr);
     if n == 4 {
-        // exec failed; the reaper collects the child, which nobody knows of.
+        // exec failed and the child is exiting: collect it here.
+        let mut held = held();
+        let mut status = 0;
+        loop {
+            // SAFETY: waitpid writes the local status.
+            let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+            if r >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                break;
+            }
+        }
+        held.remove(&pid);
         return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(buf)));
     }
     Ok(pid)
 }
 
 /// The child's side of [`spawn`]. Never returns.
+///
+/// # Safety
+/// Call only in the child of a fork, with pointers that stay valid there (a
+/// copy of the parent's memory): it runs only async-signal-safe functions.
 unsafe fn child_after_fork(
     parent: libc::pid_t,
     out_fd: RawFd,
@@ -229,63 +267,227 @@ unsafe fn child_after_fork(
     fail(err_w)
 }
 
-/// Sends `sig` to a worker's whole process group. A group that is already
-/// gone is not an error.
-pub fn signal_group(pgid: i32, sig: i32) {
+/// Sends `sig` to a worker's whole process group, unless the worker has
+/// been [`release`]d. Returns whether the signal was sent (a group with no
+/// live member left is not an error).
+///
+/// Why this cannot hit a stranger: the group ID is the worker's PID, and the
+/// worker is checked to be unreaped while holding the lock that every reap
+/// takes. An unreaped worker, alive or a zombie, keeps its PID, so no other
+/// process can have it, and no group of that ID can exist but the worker's.
+pub fn signal_group(pgid: i32, sig: i32) -> bool {
+    let held = held();
+    if !held.contains_key(&pgid) {
+        return false;
+    }
     // SAFETY: plain syscall.
-    unsafe {
-        libc::killpg(pgid, sig);
+    unsafe { libc::killpg(pgid, sig) == 0 }
+}
+
+/// Reaps an exited worker, freeing its PID: the launcher never signals its
+/// group again. A worker that has not exited yet stays held.
+pub fn release(pid: i32) {
+    let mut held = held();
+    if !held.contains_key(&pid) {
+        return;
+    }
+    let mut status = 0;
+    // SAFETY: waitpid writes the local status.
+    let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    if r == pid || r < 0 {
+        held.remove(&pid);
     }
 }
 
-/// Where the reaper delivers exits: the current subscriber, if any.
+/// Runs `f` while no child of this process can be reaped, so a child PID
+/// that `f` reads from `/proc` still names that child when `f` signals it.
+pub fn with_reaping_paused<T>(f: impl FnOnce() -> T) -> T {
+    let _held = held();
+    f()
+}
+
+/// Workers spawned and not yet reaped, with whether their exit was already
+/// reported. Its lock is held around every reap, which is what makes
+/// [`signal_group`] and [`with_reaping_paused`] safe against PID reuse.
+static HELD: Mutex<BTreeMap<i32, bool>> = Mutex::new(BTreeMap::new());
+
+fn held() -> std::sync::MutexGuard<'static, BTreeMap<i32, bool>> {
+    HELD.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Where exits are delivered: the current subscriber, if any.
 static EXITS: Mutex<Option<mpsc::UnboundedSender<Exit>>> = Mutex::new(None);
-static REAPER: OnceLock<()> = OnceLock::new();
+static REAPER: OnceLock<Result<(), i32>> = OnceLock::new();
+
+fn deliver(exit: Exit) {
+    if let Some(tx) = EXITS.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        let _ = tx.send(exit);
+    }
+}
 
 /// Subscribes to child exits, replacing any earlier subscriber (one agent
 /// runs per process at a time). Subscribe before spawning, so no exit is
 /// missed; the channel is unbounded, so no exit is ever dropped.
 pub fn exits() -> mpsc::UnboundedReceiver<Exit> {
-    ensure_reaper();
     let (tx, rx) = mpsc::unbounded_channel();
     *EXITS.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
     rx
 }
 
-/// Starts (once) the thread that reaps every child of this process —
-/// workers, and orphaned descendants handed to us as subreaper — and
-/// reports each exit the moment it happens.
-fn ensure_reaper() {
-    REAPER.get_or_init(|| {
-        std::thread::Builder::new()
-            .name("reaper".into())
-            .spawn(reap_forever)
-            .expect("start reaper thread");
-    });
+/// Starts (once) the reaper: a thread woken by SIGCHLD that reports every
+/// child's exit the moment it happens. It reaps ordinary children (the
+/// orphaned descendants handed to us as subreaper) and only reports held
+/// workers, which [`release`] reaps.
+fn ensure_reaper() -> io::Result<()> {
+    REAPER
+        .get_or_init(|| start_reaper().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO)))
+        .as_ref()
+        .map(|_| ())
+        .map_err(|&e| io::Error::from_raw_os_error(e))
 }
 
-fn reap_forever() {
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid writes the local status.
-        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if pid < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ECHILD) {
-                // No children right now; new ones appear only via spawn.
-                std::thread::sleep(std::time::Duration::from_millis(5));
+fn start_reaper() -> io::Result<()> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (wake_r, wake_w) = (fds[0], fds[1]);
+    // SAFETY: the action only calls write(2), which is async-signal-safe, on
+    // a descriptor that stays open for the life of the process, and keeps
+    // errno as it found it.
+    unsafe {
+        signal_hook_registry::register(libc::SIGCHLD, move || {
+            let saved = *libc::__errno_location();
+            libc::write(wake_w, [1u8].as_ptr().cast(), 1);
+            *libc::__errno_location() = saved;
+        })
+    }
+    .map_err(io::Error::other)?;
+    std::thread::Builder::new()
+        .name("reaper".into())
+        .spawn(move || loop {
+            wait_readable(wake_r);
+            reap_once();
+        })?;
+    Ok(())
+}
+
+/// Blocks until `fd` has bytes (then drains them), or a second has passed:
+/// a SIGCHLD that something else swallowed delays an exit by that much at
+/// most.
+fn wait_readable(fd: RawFd) {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one local pollfd.
+    if unsafe { libc::poll(&mut pfd, 1, 1000) } > 0 {
+        let mut buf = [0u8; 256];
+        // SAFETY: reading into a local buffer from a non-blocking pipe.
+        while unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    }
+}
+
+/// One pass: reports every held worker that has exited, and reaps (and
+/// reports) every other child that has exited.
+fn reap_once() {
+    let mut exits = Vec::new();
+    {
+        let mut held = held();
+        for (&pid, reported) in held.iter_mut().filter(|(_, r)| !**r) {
+            if let Some(status) = wait_status(libc::P_PID, pid as libc::id_t, libc::WNOWAIT).1 {
+                *reported = true;
+                exits.push(Exit { pid, status });
             }
-            continue;
-        }
-        let st = if libc::WIFSIGNALED(status) {
-            ExitStatus::Signal(libc::WTERMSIG(status))
-        } else {
-            ExitStatus::Code(libc::WEXITSTATUS(status))
-        };
-        if let Some(tx) = EXITS.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            let _ = tx.send(Exit { pid, status: st });
         }
     }
+    // Ordinary children: the first exited child is found with one call; a
+    // held worker's zombie in the way means looking at each child instead.
+    let mut blocked = false;
+    loop {
+        let (pid, status) = wait_status(libc::P_ALL, 0, libc::WNOWAIT);
+        if status.is_none() {
+            break;
+        }
+        let held = held();
+        if held.contains_key(&pid) {
+            blocked = true;
+            break;
+        }
+        if let Some(status) = reap(pid) {
+            exits.push(Exit { pid, status });
+        }
+    }
+    if blocked {
+        for pid in children().unwrap_or_default() {
+            let held = held();
+            if !held.contains_key(&pid) {
+                if let Some(status) = reap(pid) {
+                    exits.push(Exit { pid, status });
+                }
+            }
+        }
+    }
+    for e in exits {
+        deliver(e);
+    }
+}
+
+/// `waitid(which, id, WEXITED | WNOHANG | extra)`: the pid and exit status
+/// of an exited child, or `(0, None)`.
+fn wait_status(which: libc::idtype_t, id: libc::id_t, extra: i32) -> (i32, Option<ExitStatus>) {
+    // SAFETY: an all-zero siginfo_t is a valid value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: plain syscall on a local buffer.
+    let r = unsafe { libc::waitid(which, id, &mut info, libc::WEXITED | libc::WNOHANG | extra) };
+    // SAFETY: waitid succeeded; si_pid is 0 when no child has exited.
+    let pid = if r == 0 { unsafe { info.si_pid() } } else { 0 };
+    if pid == 0 {
+        return (0, None);
+    }
+    // SAFETY: a child's exit was reported, so si_status is set.
+    let st = unsafe { info.si_status() };
+    let status = if info.si_code == libc::CLD_EXITED {
+        ExitStatus::Code(st)
+    } else {
+        ExitStatus::Signal(st)
+    };
+    (pid, Some(status))
+}
+
+/// Reaps `pid` if it has exited. Call with the reaper's lock held.
+fn reap(pid: i32) -> Option<ExitStatus> {
+    let mut status = 0;
+    // SAFETY: waitpid writes the local status.
+    if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != pid {
+        return None;
+    }
+    Some(if libc::WIFSIGNALED(status) {
+        ExitStatus::Signal(libc::WTERMSIG(status))
+    } else {
+        ExitStatus::Code(libc::WEXITSTATUS(status))
+    })
+}
+
+/// This process's children, from every thread's child list; `None` where
+/// the kernel does not list children (`/proc/<pid>/task/<tid>/children`).
+pub fn children() -> Option<Vec<i32>> {
+    let tasks = std::fs::read_dir("/proc/self/task").ok()?;
+    let mut out = Vec::new();
+    for t in tasks.flatten() {
+        match std::fs::read_to_string(t.path().join("children")) {
+            Ok(list) => out.extend(
+                list.split_whitespace()
+                    .filter_map(|c| c.parse::<i32>().ok()),
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+            // A thread that ended while we looked.
+            Err(_) => {}
+        }
+    }
+    Some(out)
 }
 
 /// Makes this process a child subreaper: descendants orphaned by a worker
@@ -298,8 +500,7 @@ pub fn become_subreaper() {
     }
 }
 
-/// Opens `path` for writing (truncating), close-on-exec.
+/// Opens a log file for writing (truncating, mode 0600), close-on-exec.
 pub fn create_file(path: &Path) -> io::Result<OwnedFd> {
-    let f = std::fs::File::create(path)?;
-    Ok(f.into())
+    Ok(crate::log_dir::create_file(path)?.into())
 }
