@@ -194,13 +194,15 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Ra
             };
             (lookup_long(name)?, inline)
         } else {
-            // Short option: -r3, -r 3, -m, -h.
-            let short = &a[..2];
+            // Short option: -r3, -r 3, -m, -h. The option is the dash and
+            // the next character, which may take more than one byte.
+            let cut = a.char_indices().nth(2).map_or(a.len(), |(i, _)| i);
+            let short = &a[..cut];
             let spec = SPECS
                 .iter()
                 .find(|s| s.names.contains(&short))
                 .ok_or_else(|| UsageError(format!("unrecognized arguments: {a}")))?;
-            let rest = &a[2..];
+            let rest = &a[cut..];
             let inline = if rest.is_empty() {
                 None
             } else if spec.kind == Kind::Value {

@@ -2,5 +2,6 @@
 //! argparse, [`resolve`] turns them into a launch configuration and command.
 
 pub mod args;
+pub mod exit_code;
 pub mod log_format;
 pub mod resolve;

@@ -3,7 +3,28 @@
 
 use std::process::ExitCode;
 
+use cli::exit_code;
 use engine::signals;
+
+/// A bug: one line on stderr, never a backtrace, and the launcher exits at
+/// once from whichever thread panicked; the guardian then stops every
+/// worker, as for a launcher that was killed.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".to_string());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("torchrun-rs: internal error: {msg}{at} (please report it)");
+        std::process::exit(i32::from(exit_code::INTERNAL_ERROR));
+    }));
+}
 
 fn init_logging() {
     let level = std::env::var("LOGLEVEL").unwrap_or_else(|_| "warn".to_string());
@@ -17,6 +38,7 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
+    install_panic_hook();
     // Hold the handled signals from the first instant; the agent unblocks
     // them once its handlers are in place.
     signals::block(signals::EARLY_BLOCKED);
@@ -46,6 +68,10 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return usage_error(&e.0),
     };
+    // Every value checked before anything touches the disk or the network.
+    if let Err(e) = resolved.config.validate() {
+        return usage_error(&format!("argument {}: {}", e.flag, e.message));
+    }
     for n in &resolved.notices {
         eprintln!("torchrun-rs: note: {n}");
     }
@@ -69,7 +95,7 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("torchrun-rs: error: {e}");
-            ExitCode::from(1)
+            ExitCode::from(exit_code::LAUNCH_ERROR)
         }
     }
 }
@@ -77,5 +103,5 @@ fn main() -> ExitCode {
 fn usage_error(msg: &str) -> ExitCode {
     eprintln!("torchrun-rs: error: {msg}");
     eprintln!("usage: torchrun-rs [options] training_script [training_script_args ...] (see -h)");
-    ExitCode::from(2)
+    ExitCode::from(exit_code::USAGE)
 }

@@ -236,15 +236,15 @@ pub fn resolve(
     };
     c.max_restarts = parse_int(raw, "max_restarts", "--max-restarts", 0u32)?;
     let mi = raw.get("monitor_interval").unwrap_or("0.1");
-    c.monitor_interval = match mi.trim().parse::<f64>() {
-        Ok(s) if s > 0.0 && s.is_finite() => Duration::from_secs_f64(s),
-        _ => {
-            return Err(usage(
-                "--monitor-interval",
-                format!("invalid value '{mi}': expected a positive number of seconds"),
-            ))
-        }
-    };
+    c.monitor_interval = engine::config::parse_seconds(mi).ok_or_else(|| {
+        usage(
+            "--monitor-interval",
+            format!(
+                "invalid value '{mi}': expected a positive number of seconds, at most {:e}",
+                engine::config::MAX_SECONDS
+            ),
+        )
+    })?;
     c.start_method = raw.get("start_method").unwrap_or("spawn").to_string();
     if !["spawn", "fork", "forkserver"].contains(&c.start_method.as_str()) {
         return Err(usage(
@@ -316,7 +316,18 @@ pub fn resolve(
     };
     if let Some((flag, v)) = shutdown {
         c.shutdown_timeout = match v.trim().parse::<i64>() {
-            Ok(s) if s >= 0 => Duration::from_secs(s as u64),
+            Ok(s) if s >= 0 && s as f64 <= engine::config::MAX_SECONDS => {
+                Duration::from_secs(s as u64)
+            }
+            Ok(s) if s >= 0 => {
+                return Err(usage(
+                    flag,
+                    format!(
+                        "shutdown_timeout must be at most {:e} seconds, got {s}",
+                        engine::config::MAX_SECONDS
+                    ),
+                ))
+            }
             Ok(s) => {
                 return Err(usage(
                     flag,

@@ -249,6 +249,29 @@ pub struct LaunchConfig {
 
 pub const DEFAULT_SIGNALS: &str = "SIGTERM,SIGINT,SIGHUP,SIGQUIT";
 
+/// `--rdzv-conf` keys that hold a number of seconds.
+pub const DURATION_KEYS: &[&str] = &[
+    "timeout",
+    "join_timeout",
+    "last_call_timeout",
+    "close_timeout",
+    "keep_alive_interval",
+    "heartbeat_timeout",
+    "read_timeout",
+    "exit_barrier_timeout",
+];
+
+/// The longest duration a user may give, in seconds (about 31 years): longer
+/// ones would overflow the clocks that deadlines are computed on.
+pub const MAX_SECONDS: f64 = 1e9;
+
+/// A positive number of seconds, at most [`MAX_SECONDS`] (`None` for
+/// anything else: text, zero, negative, NaN, infinite, too large).
+pub fn parse_seconds(v: &str) -> Option<Duration> {
+    let s = v.trim().parse::<f64>().ok()?;
+    (s > 0.0 && s <= MAX_SECONDS).then(|| Duration::from_secs_f64(s))
+}
+
 impl Default for LaunchConfig {
     fn default() -> Self {
         let mut rdzv_configs = BTreeMap::new();
@@ -285,17 +308,56 @@ impl Default for LaunchConfig {
 }
 
 impl LaunchConfig {
+    /// Checks what the library API's caller may have set by hand, before
+    /// anything touches the disk or the network.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.nproc_per_node == 0 {
+            return Err(ConfigError::new(
+                "--nproc-per-node",
+                "must be a positive integer",
+            ));
+        }
+        if self.min_nodes == 0 || self.min_nodes > self.max_nodes {
+            return Err(ConfigError::new(
+                "--nnodes",
+                format!(
+                    "min_nodes={} max_nodes={}: expected 0 < min_nodes <= max_nodes",
+                    self.min_nodes, self.max_nodes
+                ),
+            ));
+        }
+        let max = Duration::from_secs_f64(MAX_SECONDS);
+        if self.monitor_interval.is_zero() || self.monitor_interval > max {
+            return Err(ConfigError::new(
+                "--monitor-interval",
+                format!("must be greater than 0 and at most {MAX_SECONDS:e} seconds"),
+            ));
+        }
+        if self.shutdown_timeout > max {
+            return Err(ConfigError::new(
+                "--shutdown-timeout",
+                format!("must be at most {MAX_SECONDS:e} seconds"),
+            ));
+        }
+        for key in DURATION_KEYS {
+            self.rdzv_secs(key, 1)?;
+        }
+        crate::rdzv_settings::RdzvSettings::from_config(self)?;
+        Ok(())
+    }
+
     /// A rendezvous setting as an integer number of seconds.
     pub fn rdzv_secs(&self, key: &str, default: u64) -> Result<Duration, ConfigError> {
         match self.rdzv_configs.get(key) {
             None => Ok(Duration::from_secs(default)),
-            Some(v) => match v.parse::<f64>() {
-                Ok(s) if s > 0.0 && s.is_finite() => Ok(Duration::from_secs_f64(s)),
-                _ => Err(ConfigError::new(
+            Some(v) => parse_seconds(v).ok_or_else(|| {
+                ConfigError::new(
                     "--rdzv-conf",
-                    format!("{key}={v}: expected a positive number of seconds"),
-                )),
-            },
+                    format!(
+                        "{key}={v}: expected a positive number of seconds, at most {MAX_SECONDS:e}"
+                    ),
+                )
+            }),
         }
     }
 }

@@ -125,20 +125,16 @@ fn new_run_id() -> String {
     rand::thread_rng().gen::<u128>().to_string()
 }
 
-/// Runs the job. Call it from a thread that lives as long as the job (the
-/// main thread): workers are tied to the launcher's life through the thread
-/// that forks them.
+/// Runs the job and returns how it ended. Works from plain and from async
+/// code (then the launch runs on a thread of its own). Workers are tied to
+/// the launcher's life through the thread that forks them, which lives until
+/// every worker is gone.
 pub fn launch_agent(
     config: &LaunchConfig,
     entrypoint: &str,
     args: &[String],
 ) -> Result<LaunchOutcome, LaunchError> {
-    if config.nproc_per_node == 0 {
-        return Err(ConfigError::new("--nproc-per-node", "must be a positive integer").into());
-    }
-    if config.monitor_interval.is_zero() {
-        return Err(ConfigError::new("--monitor-interval", "must be greater than 0").into());
-    }
+    config.validate()?;
     let mut config = config.clone();
     if config.run_id.is_empty() {
         config.run_id = new_run_id();
@@ -147,14 +143,31 @@ pub fn launch_agent(
             config.run_id
         );
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(LaunchError::Runtime)?;
-    // block_on runs this future on the calling thread, so workers are forked
-    // (and tied by PDEATHSIG) from it.
-    rt.block_on(run(config, entrypoint, args))
+    let launch = move || -> Result<LaunchOutcome, LaunchError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(LaunchError::Runtime)?;
+        // block_on runs this future on the calling thread, so workers are
+        // forked (and tied by PDEATHSIG) from it.
+        rt.block_on(run(config, entrypoint, args))
+    };
+    if tokio::runtime::Handle::try_current().is_err() {
+        return launch();
+    }
+    // Called from async code: a runtime cannot be started (nor blocked on)
+    // inside another, so the launch gets a thread of its own, which lives
+    // until every worker is gone (workers die with the thread that forked
+    // them).
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("torchrun-rs-launch".into())
+            .spawn_scoped(scope, launch)
+            .map_err(LaunchError::Runtime)?
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
 }
 
 async fn run(

@@ -4,6 +4,7 @@
 //! - [`config`]: the resolved configuration and its small grammars.
 //! - [`launch`]: `launch_agent`, the exit status and the failure report.
 //! - [`agent`]: one node's worker group: start, watch, restart, stop.
+//! - [`rdzv_settings`]: the rendezvous configuration, typed and checked once.
 //! - [`rendezvous`]: the store, who hosts it, and rank assignment.
 //! - [`process`]: fork/exec of workers, the reaper, group signals.
 //! - [`lifeline`]: the guardian that leaves no process behind.
@@ -24,6 +25,7 @@ pub mod log_dir;
 pub mod log_stream;
 pub mod oom;
 pub mod process;
+pub mod rdzv_settings;
 pub mod rendezvous;
 pub mod signals;
 pub mod worker_env;

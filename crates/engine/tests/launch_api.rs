@@ -67,4 +67,27 @@ fn launch_agent_api() {
         "{report}"
     );
     assert!(report.contains("exited with code 4"), "{report}");
+
+    // A configuration the CLI would never produce is refused before
+    // anything starts, never a panic.
+    let mut cfg = config(1);
+    cfg.max_nodes = 0;
+    cfg.min_nodes = 0;
+    let err = launch_agent(&cfg, "sh", &["-c".into(), "exit 0".into()]).unwrap_err();
+    assert!(
+        matches!(err, engine::LaunchError::Config(ref e) if e.flag == "--nnodes"),
+        "{err}"
+    );
+    let mut cfg = config(1);
+    cfg.rdzv_configs
+        .insert("join_timeout".into(), "1e20".into());
+    assert!(launch_agent(&cfg, "sh", &["-c".into(), "exit 0".into()]).is_err());
+
+    // From inside async code, as an embedding program would call it.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let outcome = rt.block_on(async { run_sh(&config(2), &dump) });
+    assert_eq!(outcome.exit_code(), 0);
 }

@@ -104,7 +104,11 @@ impl Connection {
         while off < self.outbuf.len() {
             self.stream.writable().await?;
             let r = {
-                let _guard = self.signal.write_lock.lock().expect("write lock poisoned");
+                let _guard = self
+                    .signal
+                    .write_lock
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
                 self.stream.try_write(&self.outbuf[off..])
             };
             match r {
@@ -165,7 +169,7 @@ impl Connection {
             }
             // Hold the lock across a batch of pipelined frames.
             let state =
-                state.get_or_insert_with(|| self.state.lock().expect("store state poisoned"));
+                state.get_or_insert_with(|| self.state.lock().unwrap_or_else(|p| p.into_inner()));
             apply(req, state, &mut self.outbuf, &self.signal, &mut self.waits)?;
         }
         Ok(used)

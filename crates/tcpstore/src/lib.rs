@@ -5,7 +5,9 @@
 //! - [`state`]: keys, queues, waiters; no I/O.
 //! - [`server`]: binding and accepting; [`connection`] serves one client.
 //! - [`client`]: the async client.
+//! - [`cli`]: the `torchrun-rs-store` command line.
 
+pub mod cli;
 pub mod client;
 pub mod codec;
 mod connection;

@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use tcpstore::{BindAddr, Client, ConnectOptions, Server, ServerHandle};
 
-use crate::config::{parse_endpoint, LaunchConfig};
+use crate::config::LaunchConfig;
+use crate::rdzv_settings::{Backend, RdzvSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RendezvousError {
@@ -39,8 +40,6 @@ pub enum RendezvousError {
         expected: u32,
         missing: String,
     },
-    #[error("{0}")]
-    Unsupported(String),
     #[error("malformed rank assignment {0:?} in the store")]
     BadAssignment(String),
     #[error("the store's key {key} does not hold a torchrun-rs rendezvous state (it starts {start:?}); a Python torchrun agent or another program uses this --rdzv-id: give this job its own")]
@@ -203,30 +202,20 @@ impl Rendezvous {
         config: &LaunchConfig,
         local_addr: &str,
     ) -> Result<Rendezvous, RendezvousError> {
-        // torch fixes the exit barrier at 300 s; `--rdzv-conf
-        // exit_barrier_timeout=S` changes it here.
-        let exit_barrier_timeout = config.rdzv_secs("exit_barrier_timeout", 300)?;
-        let mut r = Self::create_backend(config, local_addr).await?;
-        r.exit_barrier_timeout = exit_barrier_timeout;
-        Ok(r)
-    }
-
-    async fn create_backend(
-        config: &LaunchConfig,
-        local_addr: &str,
-    ) -> Result<Rendezvous, RendezvousError> {
-        match config.rdzv_backend.as_str() {
-            "static" => Self::create_static(config).await,
-            // --standalone (and plain single-node runs): a private store on
-            // a free port, no rendezvous traffic to speak of.
-            "c10d" if config.max_nodes == 1 && parse_endpoint(&config.rdzv_endpoint, Some(29400))?.1 == Some(0) => {
-                Self::create_c10d_local(config, local_addr).await
+        let settings = RdzvSettings::from_config(config)?;
+        let mut r = match &settings.backend {
+            Backend::Static { host, port, rank } => {
+                Self::create_static(config, &settings, host, *port, *rank).await?
             }
-            "c10d" => Self::create_c10d(config, local_addr).await,
-            other => Err(RendezvousError::Unsupported(format!(
-                "--rdzv-backend: '{other}' is not supported by torchrun-rs (expected static or c10d)"
-            ))),
-        }
+            Backend::Local { port } => Self::create_c10d_local(config, local_addr, *port).await?,
+            Backend::C10d {
+                host,
+                port,
+                is_host,
+            } => Self::create_c10d(config, &settings, local_addr, host, *port, *is_host).await?,
+        };
+        r.exit_barrier_timeout = settings.exit_barrier_timeout;
+        Ok(r)
     }
 
     async fn host(port: u16) -> Result<(ServerHandle, Client), RendezvousError> {
@@ -241,9 +230,9 @@ impl Rendezvous {
     async fn create_c10d_local(
         config: &LaunchConfig,
         local_addr: &str,
+        port: u16,
     ) -> Result<Rendezvous, RendezvousError> {
-        let (_, port) = parse_endpoint(&config.rdzv_endpoint, Some(29400))?;
-        let (server, client) = Self::host(port.unwrap_or(29400)).await?;
+        let (server, client) = Self::host(port).await?;
         let master_port = server.port();
         Ok(Rendezvous {
             master_addr: local_addr.to_string(),
@@ -254,26 +243,19 @@ impl Rendezvous {
 
     async fn create_c10d(
         config: &LaunchConfig,
+        settings: &RdzvSettings,
         local_addr: &str,
+        host: &str,
+        port: u16,
+        explicit_host: Option<bool>,
     ) -> Result<Rendezvous, RendezvousError> {
-        let (host, port) = parse_endpoint(&config.rdzv_endpoint, Some(29400))?;
-        let port = port.unwrap_or(29400);
-        let read_timeout = config.rdzv_secs("read_timeout", 60)?;
-        let explicit_host = match config.rdzv_configs.get("is_host") {
-            None => None,
-            Some(v) => Some(parse_bool(v).ok_or_else(|| {
-                crate::config::ConfigError::new(
-                    "--rdzv-conf",
-                    format!("is_host={v}: expected true or false"),
-                )
-            })?),
-        };
+        let read_timeout = settings.read_timeout;
         // The store lives on the endpoint's machine. With --local-addr given
         // (several agents on one machine, each with its own address), only
         // the agent at the endpoint's address hosts it.
         let hosting = explicit_host.unwrap_or_else(|| match &config.local_addr {
-            Some(addr) => same_host(addr, &host),
-            None => host_is_local(&host),
+            Some(addr) => same_host(addr, host),
+            None => host_is_local(host),
         });
         let mut server = None;
         if hosting {
@@ -289,7 +271,7 @@ impl Rendezvous {
         }
         let (chost, cport) = match &server {
             Some(s) => ("127.0.0.1".to_string(), s.port()),
-            None => (host.clone(), port),
+            None => (host.to_string(), port),
         };
         let client = connect_store(&chost, cport, read_timeout).await?;
         let state_client = connect_store(&chost, cport, read_timeout).await?;
@@ -297,17 +279,9 @@ impl Rendezvous {
         let cfg = dynamic::Settings {
             min_nodes: config.min_nodes,
             max_nodes: config.max_nodes,
-            last_call_timeout: config.rdzv_secs("last_call_timeout", 30)?.as_secs_f64(),
-            keep_alive_interval: config.rdzv_secs("keep_alive_interval", 5)?.as_secs_f64(),
-            keep_alive_max_attempt: match config.rdzv_configs.get("keep_alive_max_attempt") {
-                None => 3,
-                Some(v) => v.parse().ok().filter(|&n: &u32| n > 0).ok_or_else(|| {
-                    crate::config::ConfigError::new(
-                        "--rdzv-conf",
-                        format!("keep_alive_max_attempt={v}: expected a positive integer"),
-                    )
-                })?,
-            },
+            last_call_timeout: settings.last_call_timeout.as_secs_f64(),
+            keep_alive_interval: settings.keep_alive_interval.as_secs_f64(),
+            keep_alive_max_attempt: settings.keep_alive_max_attempt,
         };
         let node = dynamic::Node {
             addr: local_addr.to_string(),
@@ -320,8 +294,8 @@ impl Rendezvous {
             &config.run_id,
             node,
             cfg,
-            config.rdzv_secs("join_timeout", 600)?.as_secs_f64(),
-            config.rdzv_secs("close_timeout", 30)?.as_secs_f64(),
+            settings.join_timeout.as_secs_f64(),
+            settings.close_timeout.as_secs_f64(),
         );
         let worker_store = Server::bind(BindAddr::Any(0))
             .map_err(|source| RendezvousError::Bind { port: 0, source })?
@@ -330,7 +304,7 @@ impl Rendezvous {
         dynamic
             .publish_master(local_addr, worker_store.port())
             .await?;
-        let keep_alive = Duration::from_secs_f64(cfg.keep_alive_interval / 2.0);
+        let keep_alive = settings.keep_alive_interval / 2;
         Ok(Rendezvous {
             dynamic: Some(dynamic),
             worker_store: Some(worker_store),
@@ -344,41 +318,16 @@ impl Rendezvous {
         })
     }
 
-    async fn create_static(config: &LaunchConfig) -> Result<Rendezvous, RendezvousError> {
-        let (host, port) = match (&config.master_addr, config.master_port) {
-            (Some(a), Some(p)) => (a.clone(), p),
-            _ => {
-                let (h, p) = parse_endpoint(&config.rdzv_endpoint, None)?;
-                let p = p.ok_or_else(|| {
-                    crate::config::ConfigError::new(
-                        "--rdzv-endpoint",
-                        "the static backend needs a port (host:port)",
-                    )
-                })?;
-                (h, p)
-            }
-        };
-        let rank: u32 = match config.rdzv_configs.get("rank") {
-            Some(r) => r.parse().map_err(|_| {
-                crate::config::ConfigError::new(
-                    "--node-rank",
-                    format!("invalid value '{r}': expected an integer"),
-                )
-            })?,
-            None => 0,
-        };
+    async fn create_static(
+        config: &LaunchConfig,
+        settings: &RdzvSettings,
+        host: &str,
+        port: u16,
+        rank: u32,
+    ) -> Result<Rendezvous, RendezvousError> {
+        let host = host.to_string();
         let nodes = config.max_nodes;
-        if rank >= nodes {
-            return Err(crate::config::ConfigError::new(
-                "--node-rank",
-                format!(
-                    "{rank} is out of range for --nnodes={nodes} (expected 0 to {})",
-                    nodes - 1
-                ),
-            )
-            .into());
-        }
-        let timeout = config.rdzv_secs("timeout", 900)?;
+        let timeout = settings.timeout;
         let (server, mut client) = if rank == 0 {
             let (s, c) = Self::host(port).await?;
             (Some(s), c)
@@ -633,15 +582,6 @@ impl Rendezvous {
     }
 }
 
-/// torch's `get_as_bool` spellings.
-fn parse_bool(v: &str) -> Option<bool> {
-    match v.to_ascii_lowercase().as_str() {
-        "1" | "true" | "t" | "yes" | "y" => Some(true),
-        "0" | "false" | "f" | "no" | "n" => Some(false),
-        _ => None,
-    }
-}
-
 /// Whether two host names or addresses name the same host (by their
 /// addresses, no reverse DNS).
 fn same_host(a: &str, b: &str) -> bool {
@@ -684,9 +624,6 @@ mod tests {
         assert!(host_is_local("127.0.0.1"));
         assert!(host_is_local("127.0.0.3"));
         assert!(!host_is_local("192.0.2.1"));
-        assert_eq!(parse_bool("Yes"), Some(true));
-        assert_eq!(parse_bool("0"), Some(false));
-        assert_eq!(parse_bool("maybe"), None);
         assert!(same_host("127.0.0.2", "127.0.0.2"));
         assert!(!same_host("127.0.0.2", "127.0.0.3"));
         assert!(same_host("localhost", "127.0.0.1"));

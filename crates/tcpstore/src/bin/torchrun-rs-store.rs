@@ -1,54 +1,44 @@
 //! `torchrun-rs-store --port P [--host ADDR]`: a standalone TCPStore server,
 //! for jobs whose store should not live inside a GPU node.
+//!
+//! Exit status: 0 after SIGTERM/SIGINT, 1 when it cannot serve (port taken),
+//! 2 for a usage error, 70 for an internal error (a bug: one line, no
+//! backtrace).
 
-use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 
-use tcpstore::{BindAddr, Server};
+use tcpstore::cli::{self, Command, USAGE};
+use tcpstore::Server;
 
-const USAGE: &str = "usage: torchrun-rs-store --port PORT [--host ADDR]";
-
-fn parse_args(args: &[String]) -> Result<BindAddr, String> {
-    let mut port: Option<u16> = None;
-    let mut host: Option<IpAddr> = None;
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
-            _ => (arg.as_str(), None),
-        };
-        let mut value = |name: &str| {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .ok_or_else(|| format!("{name} expects a value"))
-        };
-        match flag {
-            "--port" | "-p" => {
-                let v = value("--port")?;
-                port = Some(v.parse().map_err(|_| {
-                    format!("--port: invalid value {v:?}, expected an integer between 0 and 65535")
-                })?);
-            }
-            "--host" => {
-                let v = value("--host")?;
-                let v = v.trim_start_matches('[').trim_end_matches(']');
-                host = Some(v.parse().map_err(|_| {
-                    format!("--host: invalid value {v:?}, expected an IPv4 or IPv6 address")
-                })?);
-            }
-            "-h" | "--help" => return Err(String::new()),
-            other => return Err(format!("unrecognized argument {other:?}")),
-        }
-    }
-    let port = port.ok_or("--port is required")?;
-    Ok(match host {
-        Some(ip) => BindAddr::Exact(SocketAddr::new(ip, port)),
-        None => BindAddr::Any(port),
-    })
+/// A bug: one line on stderr instead of a backtrace. A panic in a
+/// connection's task ends that connection only (the runtime catches it and
+/// the store's locks survive it); one in the main thread ends the process
+/// with status 70.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".to_string());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("torchrun-rs-store: internal error: {msg}{at} (please report it)");
+    }));
 }
 
 fn main() -> ExitCode {
+    install_panic_hook();
+    match std::panic::catch_unwind(run) {
+        Ok(code) => code,
+        Err(_) => ExitCode::from(70),
+    }
+}
+
+fn run() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LOGLEVEL")
@@ -56,10 +46,13 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let bind = match parse_args(&args) {
-        Ok(b) => b,
-        Err(msg) if msg.is_empty() => {
+    let args: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let (bind, threads) = match cli::parse(&args, &|k| std::env::var(k).ok()) {
+        Ok(Command::Serve { bind, threads }) => (bind, threads),
+        Ok(Command::Help) => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
         }
@@ -68,12 +61,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let workers = std::env::var("TORCHRUN_RS_STORE_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+        .worker_threads(threads)
         .enable_all()
         .build()
     {
@@ -91,18 +80,23 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        println!("torchrun-rs-store listening on {}", server.local_addr());
-        let handle = server.spawn();
-        let signal = async {
-            use tokio::signal::unix::{signal, SignalKind};
-            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut term, mut int) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(t), Ok(i)) => (t, i),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("torchrun-rs-store: error: cannot handle SIGTERM/SIGINT: {e}");
+                return ExitCode::FAILURE;
             }
         };
-        signal.await;
+        println!("torchrun-rs-store listening on {}", server.local_addr());
+        let handle = server.spawn();
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
         handle.shutdown().await;
         ExitCode::SUCCESS
     })
