@@ -16,5 +16,16 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 VENV="$(bash scripts/setup-python.sh)"
 export TORCHRUN_RS_PYTHON="$VENV/bin/python"
 export PATH="$VENV/bin:$PATH"
+# The habits CI holds us to: formatted, and no clippy warning.
+if cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt >/dev/null 2>&1; then
+  cargo fmt --all --check
+else
+  echo "test.sh: rustfmt is not installed and cannot be added here; format check skipped" >&2
+fi
+if cargo clippy --version >/dev/null 2>&1 || rustup component add clippy >/dev/null 2>&1; then
+  cargo clippy --workspace --all-targets -- -D warnings
+else
+  echo "test.sh: clippy is not installed and cannot be added here; lint check skipped" >&2
+fi
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads="${TEST_THREADS:-2}"

@@ -83,6 +83,7 @@ impl Run {
         self.wait_file(name).trim().parse().unwrap()
     }
     fn signal(&self, sig: i32) {
+        // SAFETY: a plain system call on values owned here.
         unsafe { libc::kill(self.child.id() as i32, sig) };
     }
     fn finish(mut self) -> (Done, tempfile::TempDir) {

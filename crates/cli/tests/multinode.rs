@@ -125,6 +125,7 @@ fn a_signal_stops_a_node_waiting_for_the_others() {
         "the store to listen",
         || std::net::TcpStream::connect(("127.0.0.1", port)).ok(),
     );
+    // SAFETY: a plain system call on values owned here.
     unsafe { libc::kill(waiting.id() as i32, libc::SIGTERM) };
     let t0 = std::time::Instant::now();
     let status = loop {
@@ -292,6 +293,7 @@ type Running = (Child, std::io::BufReader<std::process::ChildStdout>, String);
 /// SIGKILLs `victim`, waits for the survivors to finish with status 0, and
 /// returns everything they printed.
 fn kill_one_and_finish(victim: &mut Child, survivors: [Running; 2]) -> String {
+    // SAFETY: a plain system call on values owned here.
     unsafe { libc::kill(victim.id() as i32, libc::SIGKILL) };
     victim.wait().unwrap();
     let mut all = String::new();
@@ -339,6 +341,7 @@ fn a_spare_replaces_a_lost_node() {
     let (_rb, _) = wait_line(&mut b, "world 2");
     let mut c = c10d_agent(4, "2:2", 2, port, FAST, &elastic(3));
     let mut ec = wait_err_line(&mut c, "waiting as a spare");
+    // SAFETY: a plain system call on values owned here.
     unsafe { libc::kill(b.id() as i32, libc::SIGKILL) };
     b.wait().unwrap();
     let (rc, seen_c) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -99,6 +99,9 @@ extern "C" {
     ) -> *mut HostEnt;
 }
 
+/// # Safety
+/// `addr` must point to `len` readable bytes of an address of `family`.
 unsafe fn gethostbyaddr(addr: *const libc::c_void, len: u32, family: i32) -> *mut HostEnt {
-    gethostbyaddr_raw(addr, len, family)
+    // SAFETY: the caller's contract is libc's.
+    unsafe { gethostbyaddr_raw(addr, len, family) }
 }

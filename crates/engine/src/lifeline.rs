@@ -348,18 +348,26 @@ fn signal_pinned(proc_dir: &OwnedFd, pid: i32, sig: i32) -> bool {
 /// Closes every descriptor from 3 up except `keep`. `close_range` costs one
 /// system call; the loop over the whole descriptor table it replaces cost
 /// milliseconds per launcher when the open-file limit is high.
+///
+/// # Safety
+/// Call only where no other thread exists or uses descriptors (the
+/// guardian right after its fork): descriptors are closed by number.
 unsafe fn close_all_but(keep: i32) {
-    let ranges = [(3, keep - 1), (keep + 1, i32::MAX)];
-    for (lo, hi) in ranges {
-        if lo > hi {
-            continue;
-        }
-        let r = libc::syscall(libc::SYS_close_range, lo as u32, hi as u32, 0u32);
-        if r != 0 {
-            // Kernels before 5.9: close one by one.
-            let max = libc::sysconf(libc::_SC_OPEN_MAX).clamp(0, 1 << 20) as i32;
-            for fd in lo..hi.min(max.saturating_sub(1)).saturating_add(1) {
-                libc::close(fd);
+    // SAFETY: closing descriptors by number; the caller guarantees no
+    // other thread uses them.
+    unsafe {
+        let ranges = [(3, keep - 1), (keep + 1, i32::MAX)];
+        for (lo, hi) in ranges {
+            if lo > hi {
+                continue;
+            }
+            let r = libc::syscall(libc::SYS_close_range, lo as u32, hi as u32, 0u32);
+            if r != 0 {
+                // Kernels before 5.9: close one by one.
+                let max = libc::sysconf(libc::_SC_OPEN_MAX).clamp(0, 1 << 20) as i32;
+                for fd in lo..hi.min(max.saturating_sub(1)).saturating_add(1) {
+                    libc::close(fd);
+                }
             }
         }
     }

@@ -224,47 +224,51 @@ unsafe fn child_after_fork(
     envp: *const *const libc::c_char,
     err_w: RawFd,
 ) -> ! {
-    let fail = |err_w: RawFd| -> ! {
-        let e = *libc::__errno_location();
-        let b = e.to_ne_bytes();
-        libc::write(err_w, b.as_ptr().cast(), 4);
-        libc::_exit(127);
-    };
-    // Own session and process group: terminal signals reach the launcher
-    // only, and the launcher signals the whole worker tree with killpg.
-    if libc::setsid() < 0 {
-        fail(err_w);
-    }
-    // Die with the launcher, even when it is SIGKILLed. This follows the
-    // forking thread, which is the launcher's main thread.
-    libc::prctl(
-        libc::PR_SET_PDEATHSIG,
-        libc::SIGKILL as libc::c_ulong,
-        0,
-        0,
-        0,
-    );
-    if libc::getppid() != parent {
-        libc::_exit(137);
-    }
-    // Handlers do not survive exec, but ignored signals and the blocked
-    // mask do: restore defaults.
-    for sig in 1..32 {
-        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-            libc::signal(sig, libc::SIG_DFL);
+    // SAFETY: the caller guarantees this is the child of a fork with
+    // valid pointers; only async-signal-safe functions are called.
+    unsafe {
+        let fail = |err_w: RawFd| -> ! {
+            let e = *libc::__errno_location();
+            let b = e.to_ne_bytes();
+            libc::write(err_w, b.as_ptr().cast(), 4);
+            libc::_exit(127);
+        };
+        // Own session and process group: terminal signals reach the launcher
+        // only, and the launcher signals the whole worker tree with killpg.
+        if libc::setsid() < 0 {
+            fail(err_w);
         }
+        // Die with the launcher, even when it is SIGKILLed. This follows the
+        // forking thread, which is the launcher's main thread.
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+        if libc::getppid() != parent {
+            libc::_exit(137);
+        }
+        // Handlers do not survive exec, but ignored signals and the blocked
+        // mask do: restore defaults.
+        for sig in 1..32 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        if out_fd != 1 && libc::dup2(out_fd, 1) < 0 {
+            fail(err_w);
+        }
+        if err_fd != 2 && libc::dup2(err_fd, 2) < 0 {
+            fail(err_w);
+        }
+        libc::execve(prog, argv, envp);
+        fail(err_w)
     }
-    let mut empty: libc::sigset_t = std::mem::zeroed();
-    libc::sigemptyset(&mut empty);
-    libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-    if out_fd != 1 && libc::dup2(out_fd, 1) < 0 {
-        fail(err_w);
-    }
-    if err_fd != 2 && libc::dup2(err_fd, 2) < 0 {
-        fail(err_w);
-    }
-    libc::execve(prog, argv, envp);
-    fail(err_w)
 }
 
 /// Sends `sig` to a worker's whole process group, unless the worker has
