@@ -1,6 +1,7 @@
 //! The launcher's own log lines in torch's layout, so that what users and
 //! tools read from torchrun's stderr reads the same:
-//! `W1126 09:24:14.598000 9125 torchrun-rs] message`.
+//! `W1126 09:24:14.598000 9125 torchrun-rs] message`, on every line of a
+//! multi-line message.
 
 use std::fmt;
 
@@ -50,13 +51,19 @@ where
             Level::INFO => 'I',
             Level::DEBUG | Level::TRACE => 'D',
         };
-        write!(
-            w,
+        let prefix = format!(
             "{letter}{} {} torchrun-rs] ",
             now_local(),
             std::process::id()
-        )?;
-        ctx.field_format().format_fields(w.by_ref(), event)?;
-        writeln!(w)
+        );
+        let mut msg = String::new();
+        ctx.field_format()
+            .format_fields(Writer::new(&mut msg), event)?;
+        // As Python's logging with torch's formatter: every line of a
+        // multi-line message carries the prefix.
+        for line in msg.split('\n') {
+            writeln!(w, "{prefix}{line}")?;
+        }
+        Ok(())
     }
 }

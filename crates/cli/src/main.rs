@@ -79,12 +79,16 @@ fn main() -> ExitCode {
         // Still single-threaded but for the guardian: setting the variable is safe.
         std::env::set_var("OMP_NUM_THREADS", "1");
         let stars = "*".repeat(41);
-        eprintln!(
-            "{stars}\nSetting OMP_NUM_THREADS environment variable for each process to be 1 in default, to avoid your system being overloaded, please further tune the variable for optimal performance in your application as needed. \n{stars}"
+        // torch logs it as one warning that starts with a newline.
+        tracing::warn!(
+            "\n{stars}\nSetting OMP_NUM_THREADS environment variable for each process to be 1 in default, to avoid your system being overloaded, please further tune the variable for optimal performance in your application as needed. \n{stars}"
         );
     }
     match engine::launch_agent(&resolved.config, &resolved.entrypoint, &resolved.args) {
-        Ok(outcome) => {
+        Ok(mut outcome) => {
+            if let Some(name) = resolved.entrypoint_name {
+                outcome.entrypoint_name = name;
+            }
             if let Some(report) = outcome.report() {
                 eprint!("{report}");
             }

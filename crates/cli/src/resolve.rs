@@ -21,7 +21,24 @@ pub struct Resolved {
     pub notices: Vec<String>,
     /// Whether `OMP_NUM_THREADS=1` must be exported (and the banner shown).
     pub set_omp_threads: bool,
+    /// The failure summary's title when it is not derived from the command
+    /// (`run_script_path` for `--run-path`, as torch names its function).
+    pub entrypoint_name: Option<String>,
 }
+
+/// The `--run-path` worker: torch's `run_script_path` function entrypoint,
+/// run under torch's `@record` when torch is importable so that an exception
+/// lands in the error file and the failure summary, as with torchrun.
+const RUN_PATH_PROGRAM: &str = "import runpy, sys
+sys.argv = sys.argv[1:]
+def run_script_path():
+    runpy.run_path(sys.argv[0], run_name='__main__')
+try:
+    from torch.distributed.elastic.multiprocessing.errors import record
+except ImportError:
+    record = lambda f: f
+record(run_script_path)()
+";
 
 fn usage(flag: &str, msg: impl std::fmt::Display) -> UsageError {
     UsageError(format!("argument {flag}: {msg}"))
@@ -342,11 +359,15 @@ pub fn resolve(
             }
         };
     }
-    if raw.get("logs_specs").is_some() {
-        notices.push(
-            "--logs-specs names a Python entry point; torchrun-rs uses its built-in log layout"
-                .to_string(),
-        );
+    // torch loads the entry point `torchrun.logs_specs[NAME]` before starting
+    // anything; only its built-in `default` (our log layout) exists here.
+    if let Some(name) = raw.get("logs_specs") {
+        if name != "default" {
+            return Err(usage(
+                "--logs-specs",
+                format!("could not find entrypoint under 'torchrun.logs_specs[{name}]' key (torchrun-rs has only the built-in 'default')"),
+            ));
+        }
     }
     if let Some(n) = raw.get("numa_binding") {
         notices.push(format!("--numa-binding={n} is not applied by torchrun-rs; workers keep the launcher's CPU affinity"));
@@ -377,7 +398,7 @@ pub fn resolve(
             vec![
                 "-u".to_string(),
                 "-c".to_string(),
-                "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')".to_string(),
+                RUN_PATH_PROGRAM.to_string(),
                 script.clone(),
             ],
         )
@@ -402,6 +423,7 @@ pub fn resolve(
         args,
         notices,
         set_omp_threads,
+        entrypoint_name: run_path.then(|| "run_script_path".to_string()),
     })
 }
 

@@ -154,11 +154,24 @@ fn worker_environment_contract_standalone() {
     }
     assert_eq!(e0["MASTER_ADDR"], e1["MASTER_ADDR"]);
     assert_eq!(e0["MASTER_PORT"], e1["MASTER_PORT"]);
+    // torch's banner: one warning whose every line carries the launcher's
+    // prefix, the first one empty.
+    let banner: Vec<&str> = done
+        .stderr
+        .lines()
+        .skip_while(|l| !(l.starts_with('W') && l.ends_with("torchrun-rs] ")))
+        .take(4)
+        .collect();
+    assert_eq!(banner.len(), 4, "{}", done.stderr);
     assert!(
-        done.stderr.contains("Setting OMP_NUM_THREADS"),
-        "{}",
-        done.stderr
+        banner[1].ends_with(&format!("torchrun-rs] {}", "*".repeat(41))),
+        "{banner:?}"
     );
+    assert!(
+        banner[2].contains("torchrun-rs] Setting OMP_NUM_THREADS"),
+        "{banner:?}"
+    );
+    assert!(banner.iter().all(|l| l.starts_with('W')), "{banner:?}");
 }
 
 #[test]
@@ -263,9 +276,24 @@ fn failed_worker_is_restarted_with_restart_count() {
     let e = env_of(dir.path(), 1, 1);
     assert_eq!(e["TORCHELASTIC_RESTART_COUNT"], "1");
     assert_eq!(e["TORCHELASTIC_MAX_RESTARTS"], "2");
+    // torch logs the restart at info level: not shown by default.
     assert!(
+        !done.stderr.contains("Worker group FAILED"),
+        "{}",
         done.stderr
-            .contains("Worker group FAILED. 2/2 attempts left"),
+    );
+    let (done, _dir) = start_with(
+        &["--nproc-per-node=2", "--max-restarts=2"],
+        "fail-once",
+        &["1"],
+        |c| {
+            c.env("LOGLEVEL", "INFO");
+        },
+    )
+    .finish();
+    assert!(
+        done.stderr.lines().any(|l| l.starts_with('I')
+            && l.ends_with("Worker group FAILED. 2/2 attempts left; will restart worker group")),
         "{}",
         done.stderr
     );
@@ -604,4 +632,48 @@ fn a_signal_outside_the_handled_list_still_leaves_no_process_behind() {
         "every worker and descendant to be gone",
         || pids.iter().all(|&p| !pid_alive(p)).then_some(()),
     );
+}
+
+#[test]
+fn the_root_causes_stderr_tail_is_in_the_report_without_redirects() {
+    // The launcher's stderr is a pipe here, as in any cluster job.
+    let (done, _dir) = start(&["--nproc-per-node=2"], "complain", &["1", "50"]).finish();
+    assert_eq!(done.code, Some(3), "{}", done.stderr);
+    // The worker's lines pass through unchanged (no prefix)...
+    for i in 0..50 {
+        let line = format!("complaint {i} from rank 1");
+        assert!(done.stderr.lines().any(|l| l == line), "{}", done.stderr);
+    }
+    // ...and the report ends with the last 20 of them.
+    let report = &done.stderr[done.stderr.find("Root cause: rank 1").expect("report")..];
+    assert!(report.contains("Last lines of its stderr:\n"), "{report}");
+    for i in 30..50 {
+        assert!(
+            report.contains(&format!("  complaint {i} from rank 1\n")),
+            "{report}"
+        );
+    }
+    assert!(!report.contains("complaint 29 from"), "{report}");
+}
+
+#[test]
+fn logs_specs_other_than_the_builtin_default_are_refused_before_anything_starts() {
+    let run = start(&["--logs-specs=fancy"], "env", &[]);
+    let out = run.out.path().to_path_buf();
+    let (done, _dir) = run.finish();
+    assert_eq!(done.code, Some(2), "{}", done.stderr);
+    assert!(
+        done.stderr
+            .contains("could not find entrypoint under 'torchrun.logs_specs[fancy]' key"),
+        "{}",
+        done.stderr
+    );
+    assert!(!out.join("env.0.0.json").exists(), "a worker started");
+    assert!(
+        std::fs::read_dir(&out).unwrap().next().is_none(),
+        "something was written"
+    );
+    let (done, dir) = start(&["--logs-specs=default"], "env", &[]).finish();
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    assert!(dir.path().join("env.0.0.json").exists());
 }

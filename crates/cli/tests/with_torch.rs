@@ -88,6 +88,37 @@ fn record_traceback_appears_in_the_summary() {
         .contains("boom from rank 1"));
 }
 
+#[test]
+fn run_path_failures_are_titled_and_recorded_as_torch_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("fails.py");
+    std::fs::write(
+        &script,
+        "import os\nif os.environ['RANK'] == '1':\n    raise ValueError('boom in run-path')\n",
+    )
+    .unwrap();
+    for launcher in [PathBuf::from(BIN), torchrun()] {
+        let out = run(Command::new(&launcher)
+            .args(["--run-path", "--nproc-per-node=2"])
+            .arg(&script)
+            .env("TMPDIR", dir.path()));
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{launcher:?}: {stderr}");
+        assert!(
+            stderr.contains("run_script_path FAILED"),
+            "{launcher:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains("ValueError: boom in run-path"),
+            "{launcher:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains("/attempt_0/1/error.json"),
+            "{launcher:?}: {stderr}"
+        );
+    }
+}
+
 /// Replaces the values that legitimately differ between two launches with
 /// their shape, so the two environments can be compared key by key.
 fn shape(key: &str, value: &str, run_id: &str) -> String {

@@ -47,6 +47,7 @@ struct Worker {
     exited: Option<ExitStatus>,
     error_file: Option<PathBuf>,
     stderr_file: Option<PathBuf>,
+    stderr_tail: Option<log_stream::SharedTail>,
 }
 
 /// Errors that stop the agent before or between worker groups.
@@ -102,6 +103,10 @@ pub struct Agent<'a> {
     oom_counter: Option<PathBuf>,
     /// The last membership check could not reach the rendezvous store.
     rdzv_failing: bool,
+    /// Keep the last lines of each worker's stderr that goes to the
+    /// console, for the failure report: the launcher's stderr is not a
+    /// terminal (a cluster job's log), so a pipe changes nothing a user sees.
+    tail_stderr: bool,
 }
 
 /// The group of workers of one attempt.
@@ -123,6 +128,7 @@ impl Worker {
             seq,
         );
         f.stderr_file = self.stderr_file.clone();
+        f.stderr_tail = self.stderr_tail.clone();
         f
     }
 }
@@ -207,6 +213,8 @@ impl<'a> Agent<'a> {
             stopping: None,
             oom_counter: crate::oom::counter_file(),
             rdzv_failing: false,
+            // SAFETY: isatty only reads the descriptor's state.
+            tail_stderr: unsafe { libc::isatty(2) } == 0,
         }
     }
 
@@ -271,7 +279,7 @@ impl<'a> Agent<'a> {
                 Outcome::Failed(failures) => {
                     let remaining = self.config.max_restarts - self.restart_count;
                     if remaining > 0 {
-                        tracing::warn!(
+                        tracing::info!(
                             "[{role}] Worker group FAILED. {remaining}/{} attempts left; will restart worker group",
                             self.config.max_restarts
                         );
@@ -372,6 +380,8 @@ impl<'a> Agent<'a> {
                 .for_rank(local_rank)
                 .union(cfg.tee.for_rank(local_rank));
             let tee = cfg.tee.for_rank(local_rank);
+            let tail_stderr = self.tail_stderr;
+            let mut stderr_tail = None;
             let mut stream = |is_out: bool| -> Result<Stdio, AgentError> {
                 let (redirected, teed, name, console, filter) = if is_out {
                     (
@@ -422,6 +432,20 @@ impl<'a> Agent<'a> {
                         process::create_file(p).map_err(|source| AgentError::Streams { source })?,
                     ));
                 }
+                if !is_out && tail_stderr && !(teed && rank_dir.is_none()) {
+                    let (r, w) =
+                        log_stream::pipe().map_err(|source| AgentError::Streams { source })?;
+                    let tail = log_stream::SharedTail::default();
+                    let handle = log_stream::start_passthrough(
+                        r,
+                        shown.then_some(Console::Stderr),
+                        tail.clone(),
+                    )
+                    .map_err(|source| AgentError::Streams { source })?;
+                    group.tees.push(handle);
+                    stderr_tail = Some(tail);
+                    return Ok(Stdio::Fd(w));
+                }
                 if !shown || (teed && rank_dir.is_none()) {
                     // Filtered out of the console, or tee'd into /dev/null.
                     let null = std::fs::OpenOptions::new()
@@ -458,6 +482,7 @@ impl<'a> Agent<'a> {
                 exited: None,
                 error_file,
                 stderr_file,
+                stderr_tail,
             });
         }
         tracing::info!(

@@ -27,6 +27,9 @@ pub struct ProcessFailure {
     pub seq: u64,
     /// The worker's redirected stderr, if any.
     pub stderr_file: Option<PathBuf>,
+    /// The last bytes of the worker's stderr, kept by the launcher when it
+    /// was not redirected to a file.
+    pub stderr_tail: Option<crate::log_stream::SharedTail>,
     /// SIGKILLed while the memory cgroup's OOM-kill counter went up.
     pub oom_killed: bool,
 }
@@ -56,6 +59,7 @@ impl ProcessFailure {
             timestamp: now,
             seq,
             stderr_file: None,
+            stderr_tail: None,
             oom_killed: false,
         };
         if let Some(path) = error_file.filter(|p| p.is_file()) {

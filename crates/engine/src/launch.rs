@@ -89,15 +89,25 @@ fn root_cause_details(f: &ProcessFailure) -> String {
     if let Some(note) = &f.error_note {
         out.push_str(&format!("Note: {note}\n"));
     }
-    if let Some(path) = &f.stderr_file {
-        let lines = failure::tail_lines(path, 20);
-        if !lines.is_empty() {
-            out.push_str(&format!("Last lines of its stderr ({}):\n", path.display()));
-            for l in lines {
-                out.push_str("  ");
-                out.push_str(&l);
-                out.push('\n');
-            }
+    let (lines, from) = match (&f.stderr_file, &f.stderr_tail) {
+        (Some(path), _) => (
+            failure::tail_lines(path, 20),
+            format!(" ({})", path.display()),
+        ),
+        (None, Some(tail)) => (
+            tail.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .last_lines(20),
+            String::new(),
+        ),
+        (None, None) => (Vec::new(), String::new()),
+    };
+    if !lines.is_empty() {
+        out.push_str(&format!("Last lines of its stderr{from}:\n"));
+        for l in lines {
+            out.push_str("  ");
+            out.push_str(&l);
+            out.push('\n');
         }
     }
     out

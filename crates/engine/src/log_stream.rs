@@ -3,6 +3,11 @@
 //! complete line, with its prefix, to the launcher's console in a single
 //! write, so lines from different ranks never tear or glue together. A last
 //! line without a newline is still printed, with its prefix.
+//!
+//! Without `-t`, when the launcher's stderr is not a terminal (a cluster
+//! job's log), a worker's stderr still goes through a pipe: the bytes reach
+//! the launcher's stderr unchanged, and the last ones are kept ([`Tail`]) so
+//! that the failure report can show the root cause's last lines.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -204,6 +209,97 @@ fn emit<'a>(
     }
 }
 
+/// The last bytes a stream carried (at most [`Tail::CAPACITY`]).
+#[derive(Debug, Default)]
+pub struct Tail {
+    buf: std::collections::VecDeque<u8>,
+}
+
+/// A [`Tail`] shared between the thread that fills it and the report.
+pub type SharedTail = Arc<Mutex<Tail>>;
+
+impl Tail {
+    pub const CAPACITY: usize = 64 * 1024;
+
+    fn push(&mut self, data: &[u8]) {
+        let data = &data[data.len().saturating_sub(Self::CAPACITY)..];
+        let over = (self.buf.len() + data.len()).saturating_sub(Self::CAPACITY);
+        self.buf.drain(..over);
+        self.buf.extend(data);
+    }
+
+    /// The last `n` lines (a first line cut by the capacity is dropped).
+    pub fn last_lines(&self, n: usize) -> Vec<String> {
+        let bytes: Vec<u8> = self.buf.iter().copied().collect();
+        let text = String::from_utf8_lossy(&bytes);
+        let mut lines: Vec<&str> = text.lines().collect();
+        if self.buf.len() == Self::CAPACITY && !lines.is_empty() {
+            lines.remove(0);
+        }
+        let skip = lines.len().saturating_sub(n);
+        lines[skip..].iter().map(|l| l.to_string()).collect()
+    }
+}
+
+/// Copies a worker's stream to the launcher's `console` unchanged (if any)
+/// and keeps its last bytes in `tail`.
+pub fn start_passthrough(
+    read: OwnedFd,
+    console: Option<Console>,
+    tail: SharedTail,
+) -> io::Result<TeeHandle> {
+    let thread = std::thread::Builder::new()
+        .name("passthrough".into())
+        .spawn(move || {
+            let mut input = File::from(read);
+            let mut chunk = vec![0u8; READ_CHUNK];
+            loop {
+                let n = match input.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                };
+                match console {
+                    Some(Console::Stdout) => console_write(1, &chunk[..n]),
+                    Some(Console::Stderr) => console_write(2, &chunk[..n]),
+                    None => {}
+                }
+                tail.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(&chunk[..n]);
+            }
+        })?;
+    Ok(TeeHandle { thread })
+}
+
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     memchr::memmem::find(hay, needle).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tail_keeps_the_last_lines_within_its_capacity() {
+        let mut t = Tail::default();
+        t.push(b"one\ntwo\nthr");
+        t.push(b"ee\n");
+        assert_eq!(t.last_lines(2), vec!["two", "three"]);
+        assert_eq!(t.last_lines(10), vec!["one", "two", "three"]);
+        let big = "x".repeat(100) + "\n";
+        for _ in 0..2000 {
+            t.push(big.as_bytes());
+        }
+        t.push(b"last words");
+        assert_eq!(t.buf.len(), Tail::CAPACITY);
+        let lines = t.last_lines(3);
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[2], "last words");
+        assert!(t
+            .last_lines(10_000)
+            .iter()
+            .all(|l| l.len() <= 100 || l == "last words"));
+    }
 }

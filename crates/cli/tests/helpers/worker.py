@@ -129,6 +129,16 @@ elif mode == "until-world":
     if os.environ["WORLD_SIZE"] == args[0]:
         sys.exit(0)
     time.sleep(300)
+elif mode == "complain":
+    # complain RANK LINES: that rank writes LINES lines to stderr and exits 3;
+    # the others wait.
+    if int(args[0]) == rank:
+        for i in range(int(args[1])):
+            sys.stderr.write(f"complaint {i} from rank {rank}\n")
+        sys.stderr.flush()
+        sys.exit(3)
+    ready()
+    time.sleep(60)
 elif mode == "sleep":
     ready()
     time.sleep(float(args[0]) if args else 60)
