@@ -325,6 +325,40 @@ fn survivors_of_a_killed_node_re_form_a_smaller_world() {
     eprintln!("survivors finished {:?} after the node died", t0.elapsed());
 }
 
+#[test]
+fn a_node_stopped_by_sigterm_leaves_and_the_survivors_re_form_at_once() {
+    // Default heartbeats: without the leave, the survivors would wait for
+    // the 15 s heartbeat window.
+    let port = free_port();
+    let conf = "join_timeout=120";
+    let mut a = c10d_agent(2, "2:3", 1, port, conf, &elastic(2));
+    let mut b = c10d_agent(3, "2:3", 1, port, conf, &elastic(2));
+    let mut c = c10d_agent(4, "2:3", 1, port, conf, &elastic(2));
+    let (ra, seen_a) = wait_line(&mut a, "world 3");
+    let (rb, seen_b) = wait_line(&mut b, "world 3");
+    let (_rc, _) = wait_line(&mut c, "world 3");
+    let t0 = std::time::Instant::now();
+    // SAFETY: a plain system call on values owned here.
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    assert_eq!(c.wait().unwrap().code(), Some(143));
+    let mut all = String::new();
+    for (mut child, mut rest, seen) in [(a, ra, seen_a), (b, rb, seen_b)] {
+        assert_eq!(child.wait().unwrap().code(), Some(0));
+        all += &seen;
+        std::io::Read::read_to_string(&mut rest, &mut all).unwrap();
+    }
+    let took = t0.elapsed();
+    assert!(
+        all.contains("rank 0 world 2 restart 0") && all.contains("rank 1 world 2 restart 0"),
+        "{all}"
+    );
+    eprintln!("survivors finished {took:?} after SIGTERM of the third node");
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "{took:?}: the survivors waited for the heartbeat window"
+    );
+}
+
 /// Reads a child's stderr until a line containing `needle` appears.
 fn wait_err_line(c: &mut Child, needle: &str) -> std::io::BufReader<std::process::ChildStderr> {
     read_until_line(c.stderr.take().unwrap(), needle).0

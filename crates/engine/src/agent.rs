@@ -222,6 +222,10 @@ impl<'a> Agent<'a> {
     pub async fn run(&mut self) -> Result<RunResult, AgentError> {
         let result = self.run_attempts().await;
         self.cleanup();
+        if let Ok(RunResult::Signaled { .. }) = result {
+            // The workers are stopped: let the other nodes go on without us.
+            self.rdzv.leave().await;
+        }
         result
     }
 

@@ -317,6 +317,7 @@ impl DynamicRdzv {
                     || s.redundancy_list.contains(n)
             }
             Request::Leave(n) => !s.participants.contains_key(n),
+            Request::Quit(n) => !in_any_list(s, n),
         }
     }
 
@@ -584,6 +585,24 @@ impl DynamicRdzv {
         Ok(changed)
     }
 
+    /// Takes this node out of the rendezvous for good, without closing it:
+    /// the others re-form at once instead of after the heartbeat window.
+    pub async fn quit(&mut self) -> Result<(), RendezvousError> {
+        self.op_deadline = now() + self.close_timeout;
+        let quit = Request::Quit(self.node.clone());
+        // While this node is in a list the decision is a write (the drained
+        // request takes it out); once it is out, the operation is done.
+        self.run_op(Some(quit), |s, n, _| {
+            if in_any_list(s, n) {
+                Action::RemoveFromParticipants
+            } else {
+                Action::Finish
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Marks the rendezvous closed: later joiners fail, spares exit 0.
     pub async fn close(&mut self) -> Result<(), RendezvousError> {
         let deadline = now() + self.close_timeout;
@@ -592,6 +611,10 @@ impl DynamicRdzv {
             .await?;
         Ok(())
     }
+}
+
+fn in_any_list(s: &State, n: &Node) -> bool {
+    s.participants.contains_key(n) || s.wait_list.contains(n) || s.redundancy_list.contains(n)
 }
 
 /// What a waiting node watches of the state (see `K.summary`).

@@ -260,6 +260,9 @@ fn after_participant_loss(s: &mut State, cfg: &Settings) {
 pub enum Request {
     Join(Node),
     Leave(Node),
+    /// Leaving for good (the node's launcher was stopped by a signal): the
+    /// others re-form without waiting for it to come back.
+    Quit(Node),
 }
 
 impl Request {
@@ -268,6 +271,7 @@ impl Request {
         let (tag, n) = match self {
             Request::Join(n) => ('J', n),
             Request::Leave(n) => ('L', n),
+            Request::Quit(n) => ('Q', n),
         };
         format!("{tag} {}\n", node_text(n))
     }
@@ -278,6 +282,7 @@ impl Request {
         match tag {
             "J" => Some(Request::Join(node)),
             "L" => Some(Request::Leave(node)),
+            "Q" => Some(Request::Quit(node)),
             _ => None,
         }
     }
@@ -306,6 +311,9 @@ pub fn drain(s: &mut State, log: &[u8], now: f64, cfg: &Settings) -> usize {
                 if exit_action(s, &n, now, f64::INFINITY) == Action::RemoveFromParticipants {
                     apply(s, &n, Action::RemoveFromParticipants, now, cfg);
                 }
+            }
+            Request::Quit(n) => {
+                remove_for_good(s, &n, cfg);
             }
         }
     }
@@ -365,19 +373,23 @@ pub fn sanitize(s: &mut State, now: f64, cfg: &Settings) -> Vec<Node> {
         .filter(|(_, &hb)| now - hb > cfg.dead_after())
         .map(|(n, _)| n.clone())
         .collect();
-    let mut lost = Vec::new();
-    for n in &dead {
-        s.last_heartbeats.remove(n);
-        s.wait_list.remove(n);
-        s.redundancy_list.remove(n);
-        if s.participants.remove(n).is_some() {
-            lost.push(n.clone());
-        }
-    }
-    if !lost.is_empty() {
+    dead.into_iter()
+        .filter(|n| remove_for_good(s, n, cfg))
+        .collect()
+}
+
+/// Takes a node that will not come back (dead, or quitting) out of every
+/// list; the others are not expected to wait for it. Returns whether it was
+/// a participant.
+pub fn remove_for_good(s: &mut State, n: &Node, cfg: &Settings) -> bool {
+    s.last_heartbeats.remove(n);
+    s.wait_list.remove(n);
+    s.redundancy_list.remove(n);
+    let was_participant = s.participants.remove(n).is_some();
+    if was_participant {
         after_participant_loss(s, cfg);
     }
-    lost
+    was_participant
 }
 
 /// `<pid> <local_id> <addr>`: the address last, so that it may hold any
@@ -793,6 +805,7 @@ mod tests {
         for r in [
             Request::Join(node("127.0.0.2", 42)),
             Request::Leave(node("::1", 7)),
+            Request::Quit(node("h", 9)),
         ] {
             let line = r.line();
             assert!(line.ends_with('\n'));

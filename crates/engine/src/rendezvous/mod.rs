@@ -551,6 +551,23 @@ impl Rendezvous {
         }
     }
 
+    /// The launcher was stopped by a signal: take this node out of the
+    /// rendezvous (without closing it), so the other nodes re-form at once
+    /// rather than after the heartbeat window. Bounded: a store that does not
+    /// answer does not hold the launcher's exit.
+    pub async fn leave(&mut self) {
+        let Some(d) = &mut self.dynamic else {
+            return;
+        };
+        match tokio::time::timeout(Duration::from_secs(5), d.quit()).await {
+            Ok(Ok(())) => tracing::info!("left the rendezvous"),
+            Ok(Err(e)) => tracing::warn!("could not leave the rendezvous: {e}"),
+            Err(_) => {
+                tracing::warn!("could not leave the rendezvous: the store did not answer in 5 s")
+            }
+        }
+    }
+
     async fn exit_barrier(&mut self) {
         let prefix = format!("{}/torchelastic/agent/terminal_state", self.round_prefix);
         let timeout = self.exit_barrier_timeout;
