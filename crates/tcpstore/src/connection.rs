@@ -171,6 +171,11 @@ impl Connection {
             let state =
                 state.get_or_insert_with(|| self.state.lock().unwrap_or_else(|p| p.into_inner()));
             apply(req, state, &mut self.outbuf, &self.signal, &mut self.waits)?;
+            // Still under the lock: no CANCEL_WAIT can slip between a wait's
+            // release and its STOP_WAITING.
+            for released in state.released() {
+                released.wake();
+            }
         }
         Ok(used)
     }

@@ -3,6 +3,7 @@
 //!
 //! - [`codec`]: request decoding and encoding, byte for byte.
 //! - [`state`]: keys, queues, waiters; no I/O.
+//! - `wait_signal`: how a satisfied wait reaches its connection.
 //! - [`server`]: binding and accepting; [`connection`] serves one client.
 //! - [`client`]: the async client.
 //! - [`cli`]: the `torchrun-rs-store` command line.
@@ -13,6 +14,7 @@ pub mod codec;
 mod connection;
 pub mod server;
 pub mod state;
+mod wait_signal;
 
 pub use client::{Client, ClientError, ConnectOptions};
 pub use codec::Limits;

@@ -1,95 +1,18 @@
 //! The store's data: keys, queues, and the connections waiting on them.
 //!
-//! Pure data structure, no I/O. A connection that waits gets a [`WaitSignal`];
-//! when its wait is satisfied the state bumps the signal's pending count and
-//! notifies it, and the connection writes one STOP_WAITING byte per count.
-//! Wakes are produced while the state lock is held, so once a connection has
-//! removed its registrations no further wake can arrive for them.
+//! Pure data structure, no I/O. A wait is registered with the waiting
+//! connection's [`WaitSignal`], an opaque handle here; when a request
+//! satisfies waits, their signals are set aside and the connection that
+//! applied the request takes them ([`State::released`]) and wakes them before
+//! it lets go of the state lock, so once a connection has removed its
+//! registrations no further wake can arrive for them.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::Notify;
-
-/// How a connection learns that one of its waits was satisfied.
-///
-/// The fast path writes the one-byte STOP_WAITING straight to the client's
-/// socket from the thread that satisfied the wait: releasing 1,000 waiters
-/// then costs 1,000 `send` calls instead of 1,000 task wake-ups. `write_lock`
-/// keeps that byte from landing inside a reply the connection task is
-/// writing; when the lock is busy or the socket is full, the byte is left to
-/// the connection task (`pending` + `notify`).
-#[derive(Debug)]
-pub struct WaitSignal {
-    pending: AtomicU32,
-    notify: Notify,
-    /// The connection's socket, or -1 once it is closing.
-    fd: std::sync::atomic::AtomicI32,
-    pub(crate) write_lock: std::sync::Mutex<()>,
-}
-
-impl Default for WaitSignal {
-    fn default() -> Self {
-        WaitSignal::new(-1)
-    }
-}
-
-impl WaitSignal {
-    pub fn new(fd: i32) -> Self {
-        WaitSignal {
-            pending: AtomicU32::new(0),
-            notify: Notify::new(),
-            fd: std::sync::atomic::AtomicI32::new(fd),
-            write_lock: std::sync::Mutex::new(()),
-        }
-    }
-
-    /// Stops direct writes; called (under the state lock) before the socket
-    /// is closed, so a recycled descriptor is never written.
-    pub(crate) fn detach(&self) {
-        self.fd.store(-1, Ordering::Release);
-    }
-
-    fn wake(&self) {
-        let fd = self.fd.load(Ordering::Acquire);
-        if fd >= 0 {
-            if let Ok(_guard) = self.write_lock.try_lock() {
-                let byte = [crate::codec::STOP_WAITING];
-                // SAFETY: `fd` is the connection's open socket: it is detached
-                // under the state lock (held by our caller) before closing.
-                let n = unsafe {
-                    libc::send(
-                        fd,
-                        byte.as_ptr().cast(),
-                        1,
-                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                    )
-                };
-                if n == 1 {
-                    return;
-                }
-            }
-        }
-        self.pending.fetch_add(1, Ordering::AcqRel);
-        self.notify.notify_one();
-    }
-    /// Number of STOP_WAITING replies owed since the last call.
-    pub fn take_pending(&self) -> u32 {
-        self.pending.swap(0, Ordering::AcqRel)
-    }
-    pub async fn notified(&self) {
-        self.notify.notified().await
-    }
-}
+pub use crate::wait_signal::WaitSignal;
 
 pub type WaitId = u64;
-
-/// Releases waiters. Called with the state lock held, so that no CANCEL_WAIT
-/// can slip between a wait's removal and its STOP_WAITING.
-fn wake_all(signals: &[Arc<WaitSignal>]) {
-    signals.iter().for_each(|s| s.wake());
-}
 
 #[derive(Debug)]
 struct PendingWait {
@@ -118,6 +41,9 @@ pub struct State {
     barrier_waiters: HashMap<Vec<u8>, Vec<WaitId>>,
     waits: HashMap<WaitId, PendingWait>,
     next_wait: WaitId,
+    /// Signals of waits satisfied by the last request, to be woken by the
+    /// connection that applied it.
+    released: Vec<Arc<WaitSignal>>,
 }
 
 fn lossy(b: &[u8]) -> String {
@@ -150,7 +76,6 @@ impl State {
         let Some(ids) = self.key_waiters.remove(key) else {
             return;
         };
-        let mut released = Vec::new();
         for id in ids {
             let done = match self.waits.get_mut(&id) {
                 Some(w) => {
@@ -160,10 +85,18 @@ impl State {
                 None => false,
             };
             if done {
-                released.push(self.waits.remove(&id).expect("present").signal);
+                if let Some(w) = self.waits.remove(&id) {
+                    self.released.push(w.signal);
+                }
             }
         }
-        wake_all(&released);
+    }
+
+    /// The signals of the waits that the requests applied since the last
+    /// call satisfied. Wake each (one STOP_WAITING) before releasing the
+    /// state's lock.
+    pub fn released(&mut self) -> std::vec::Drain<'_, Arc<WaitSignal>> {
+        self.released.drain(..)
     }
 
     pub fn set(&mut self, key: &[u8], value: &[u8]) {
@@ -341,11 +274,11 @@ impl State {
         let count = self.add(key, 1)?;
         if count >= world_size {
             if let Some(ids) = self.barrier_waiters.remove(key) {
-                let released: Vec<_> = ids
-                    .into_iter()
-                    .filter_map(|id| self.waits.remove(&id).map(|w| w.signal))
-                    .collect();
-                wake_all(&released);
+                for id in ids {
+                    if let Some(w) = self.waits.remove(&id) {
+                        self.released.push(w.signal);
+                    }
+                }
             }
             return Ok(None);
         }
@@ -413,9 +346,9 @@ mod tests {
         let keys: [&[u8]; 2] = [b"a", b"b"];
         let id = s.wait(keys.into_iter(), &sig).unwrap();
         s.set(b"a", b"1");
-        assert_eq!(sig.take_pending(), 0);
+        assert_eq!(s.released().count(), 0);
         s.append(b"b", b"2");
-        assert_eq!(sig.take_pending(), 1);
+        assert!(s.released().all(|r| Arc::ptr_eq(&r, &sig)));
         assert!(!s.is_waiting(id));
 
         let id = s.wait([&b"zz"[..]].into_iter(), &sig).unwrap();
@@ -423,7 +356,7 @@ mod tests {
         assert_eq!(s.registered_waits(), 0);
         assert!(s.key_waiters.is_empty());
         s.set(b"zz", b"");
-        assert_eq!(sig.take_pending(), 0);
+        assert_eq!(s.released().count(), 0);
     }
 
     #[test]
@@ -434,7 +367,8 @@ mod tests {
         assert!(s.barrier(b"bar", 3, &a).unwrap().is_some());
         assert!(s.barrier(b"bar", 3, &b).unwrap().is_some());
         assert!(s.barrier(b"bar", 3, &a).unwrap().is_none());
-        assert_eq!(a.take_pending(), 1);
-        assert_eq!(b.take_pending(), 1);
+        let released: Vec<_> = s.released().collect();
+        assert_eq!(released.len(), 2);
+        assert!(Arc::ptr_eq(&released[0], &a) && Arc::ptr_eq(&released[1], &b));
     }
 }
