@@ -735,6 +735,64 @@ fn a_rendezvous_store_that_dies_mid_job_does_not_stop_the_workers() {
 }
 
 #[test]
+fn a_stalled_rendezvous_store_does_not_hold_up_a_workers_failure() {
+    let store = testkit::StoreProcess::start(&store_bin(), &[]);
+    let conf = format!("{FAST},is_host=false");
+    let dir = tempfile::tempdir().unwrap();
+    let job = vec![
+        helper("worker.py"),
+        "fail-on-file".into(),
+        dir.path().display().to_string(),
+        "1".into(),
+    ];
+    let mut a = c10d_command(BIN, &[], 2, "2", 1, store.port, &conf, "stall", &job);
+    let mut b = c10d_command(BIN, &[], 3, "2", 1, store.port, &conf, "stall", &job);
+    testkit::wait_for(
+        std::time::Duration::from_secs(60),
+        "both workers running",
+        || (dir.path().join("pid.0").exists() && dir.path().join("pid.1").exists()).then_some(()),
+    );
+    // The agent of global rank 1 is its worker's parent.
+    let pid1: i32 = std::fs::read_to_string(dir.path().join("pid.1"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{pid1}/stat")).unwrap();
+    let ppid: u32 = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The store stops answering. Membership checks run every half second
+    // (FAST); give one time to be under way and stuck. (Were none stuck,
+    // this test would pass without showing anything, never fail wrongly;
+    // the previous agent, whose loop awaited the check, hung here.)
+    // SAFETY: a plain system call on values owned here.
+    unsafe { libc::kill(store.pid() as i32, libc::SIGSTOP) };
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let failing = if ppid == a.id() { &mut a } else { &mut b };
+    std::fs::write(dir.path().join("go"), "").unwrap();
+    // The failure is handled at once, store or no store.
+    let t0 = std::time::Instant::now();
+    let _err = wait_err_line(failing, "failed (exitcode: 1)");
+    let took = t0.elapsed();
+    eprintln!("failure handled {took:?} after the worker exited, with the store stopped");
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+    // SAFETY: a plain system call on values owned here.
+    unsafe { libc::kill(store.pid() as i32, libc::SIGCONT) };
+    for mut c in [a, b] {
+        // SAFETY: a plain system call on values owned here.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let _ = c.wait();
+    }
+}
+
+#[test]
 fn when_rank_0_dies_the_next_round_meets_at_the_new_rank_0() {
     // The rendezvous store runs on its own so that rank 0's agent can die.
     let store = testkit::StoreProcess::start(&store_bin(), &[]);

@@ -247,8 +247,7 @@ async fn run(
         exits,
     );
     let result = agent.run().await;
-    let Agent { rdzv, .. } = agent;
-    rdzv.shutdown().await;
+    agent.shutdown().await;
     let result = result?;
     if let (RunResult::Failed { failures }, Some(dest)) = (&result, &launcher_error_file) {
         if let Some(i) = failure::root_cause(failures) {

@@ -3,7 +3,9 @@
 //!
 //! - [`config`]: the resolved configuration and its small grammars.
 //! - [`launch`]: `launch_agent`, the exit status and the failure report.
-//! - [`agent`]: one node's worker group: start, watch, restart, stop.
+//! - [`agent`]: one node's dispatcher: every event, every phase, restarts.
+//! - [`worker_group`]: starting a group's workers and their output wiring.
+//! - [`terminate`]: stopping a group: signal, grace, SIGKILL.
 //! - [`rdzv_settings`]: the rendezvous configuration, typed and checked once.
 //! - [`rendezvous`]: the store, who hosts it, and rank assignment.
 //! - [`process`]: fork/exec of workers, the reaper, group signals.
@@ -28,7 +30,9 @@ pub mod process;
 pub mod rdzv_settings;
 pub mod rendezvous;
 pub mod signals;
+pub mod terminate;
 pub mod worker_env;
+pub mod worker_group;
 
 pub use agent::RunResult;
 pub use config::{LaunchConfig, Std, StdSpec};

@@ -129,6 +129,15 @@ elif mode == "until-world":
     if os.environ["WORLD_SIZE"] == args[0]:
         sys.exit(0)
     time.sleep(300)
+elif mode == "fail-on-file":
+    # fail-on-file RANK: waits for OUTDIR/go; then that rank exits 1 and the
+    # others sleep.
+    ready()
+    while not os.path.exists(os.path.join(outdir, "go")):
+        time.sleep(0.01)
+    if int(args[0]) == rank:
+        sys.exit(1)
+    time.sleep(60)
 elif mode == "complain":
     # complain RANK LINES: that rank writes LINES lines to stderr and exits 3;
     # the others wait.

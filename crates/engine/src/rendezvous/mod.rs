@@ -12,6 +12,7 @@
 
 pub mod c10d;
 pub mod dynamic;
+pub mod task;
 
 use std::time::Duration;
 

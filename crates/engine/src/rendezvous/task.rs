@@ -1,0 +1,119 @@
+//! The rendezvous runs in a task of its own: the agent sends it commands and
+//! receives the results as events, so a store that stalls never holds up the
+//! agent's handling of worker exits and signals.
+//!
+//! A command that arrives while another is under way interrupts it (the
+//! operation in progress is dropped): that is how a launcher stopped by a
+//! signal while waiting for a round goes on to leave the rendezvous.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use super::{Assignment, Rendezvous, RendezvousError};
+use crate::config::LaunchConfig;
+
+/// What the agent asks of the rendezvous.
+#[derive(Debug)]
+enum Command {
+    /// Join the next round and assign ranks: answered by [`RdzvEvent::Round`].
+    NextRound,
+    /// Whether the group must re-form: answered by [`RdzvEvent::Membership`].
+    CheckMembership,
+    /// The job ended here (exit barrier on success, then close): answered
+    /// by [`RdzvEvent::Finished`].
+    Finish { success: bool },
+    /// Stopped by a signal: take this node out without closing.
+    Leave,
+}
+
+/// A rendezvous result, as an event of the agent's loop.
+#[derive(Debug)]
+pub enum RdzvEvent {
+    Round(Result<Assignment, RendezvousError>),
+    Membership(Result<bool, RendezvousError>),
+    Finished,
+}
+
+/// The agent's side of the rendezvous task.
+pub struct RendezvousTask {
+    commands: mpsc::UnboundedSender<Command>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RendezvousTask {
+    /// Moves `rdzv` into a task; its results arrive on `events`.
+    pub fn spawn(
+        rdzv: Rendezvous,
+        config: Arc<LaunchConfig>,
+        events: mpsc::UnboundedSender<RdzvEvent>,
+    ) -> RendezvousTask {
+        let (commands, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(serve(rdzv, config, rx, events));
+        RendezvousTask { commands, task }
+    }
+
+    fn send(&self, c: Command) {
+        // The task ends only when this handle is dropped or shut down.
+        let _ = self.commands.send(c);
+    }
+    pub fn next_round(&self) {
+        self.send(Command::NextRound);
+    }
+    pub fn check_membership(&self) {
+        self.send(Command::CheckMembership);
+    }
+    pub fn finish(&self, success: bool) {
+        self.send(Command::Finish { success });
+    }
+    pub fn leave(&self) {
+        self.send(Command::Leave);
+    }
+
+    /// Lets the command under way finish (a leave, say), then stops the
+    /// stores this node hosts.
+    pub async fn shutdown(self) {
+        drop(self.commands);
+        let _ = self.task.await;
+    }
+}
+
+async fn serve(
+    mut rdzv: Rendezvous,
+    config: Arc<LaunchConfig>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    events: mpsc::UnboundedSender<RdzvEvent>,
+) {
+    let mut next = commands.recv().await;
+    while let Some(command) = next.take() {
+        // Each operation races the next command, which interrupts it. A
+        // closed channel (the agent is done) lets the operation finish.
+        let interrupted = tokio::select! {
+            biased;
+            Some(c) = commands.recv() => Some(c),
+            ev = run(&mut rdzv, &config, command) => {
+                if let Some(ev) = ev {
+                    let _ = events.send(ev);
+                }
+                commands.recv().await
+            }
+        };
+        next = interrupted;
+    }
+    rdzv.shutdown().await;
+}
+
+async fn run(rdzv: &mut Rendezvous, config: &LaunchConfig, c: Command) -> Option<RdzvEvent> {
+    match c {
+        Command::NextRound => Some(RdzvEvent::Round(rdzv.next_round(config).await)),
+        Command::CheckMembership => Some(RdzvEvent::Membership(rdzv.membership_changed().await)),
+        Command::Finish { success } => {
+            rdzv.finish(success).await;
+            Some(RdzvEvent::Finished)
+        }
+        Command::Leave => {
+            rdzv.leave().await;
+            None
+        }
+    }
+}
