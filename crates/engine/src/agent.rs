@@ -13,7 +13,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -25,7 +24,7 @@ use crate::lifeline;
 use crate::log_dir::LogDir;
 use crate::process::{Exit, ExitStatus};
 use crate::rendezvous::task::{RdzvEvent, RendezvousTask};
-use crate::rendezvous::{Rendezvous, RendezvousError};
+use crate::rendezvous::RendezvousError;
 use crate::signals::{signal_name, SignalEvent, Trap};
 use crate::terminate::{Expired, Stopping};
 use crate::worker_group::{Group, Launch};
@@ -145,8 +144,9 @@ pub struct Agent<'a> {
 }
 
 impl<'a> Agent<'a> {
-    /// An agent for `config`; `rdzv` moves into a task of its own. Call
-    /// inside the runtime, on the thread that will run [`Agent::run`].
+    /// An agent for `config`, driving the rendezvous task `rdzv` whose
+    /// results arrive on `rdzv_events`. Call inside the runtime, on the
+    /// thread that will run [`Agent::run`].
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &'a LaunchConfig,
@@ -154,13 +154,12 @@ impl<'a> Agent<'a> {
         args: Vec<String>,
         base_env: BTreeMap<String, String>,
         log_dir: LogDir,
-        rdzv: Rendezvous,
+        rdzv: RendezvousTask,
+        rdzv_events: mpsc::UnboundedReceiver<RdzvEvent>,
         trap: Trap,
         exits: mpsc::UnboundedReceiver<Exit>,
     ) -> Self {
         let poll_interval = rdzv.poll_interval();
-        let (events_tx, rdzv_events) = mpsc::unbounded_channel();
-        let rdzv = RendezvousTask::spawn(rdzv, Arc::new(config.clone()), events_tx);
         Agent {
             launch: Launch {
                 config,

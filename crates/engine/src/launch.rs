@@ -10,7 +10,7 @@ use crate::config::{ConfigError, LaunchConfig};
 use crate::failure::{self, ProcessFailure};
 use crate::log_dir::LogDir;
 use crate::process;
-use crate::rendezvous::{Rendezvous, RendezvousError};
+use crate::rendezvous::{self, RendezvousError};
 use crate::signals::{signal_name, Trap};
 
 #[derive(Debug, thiserror::Error)]
@@ -220,8 +220,9 @@ async fn run(
     let log_dir = LogDir::create(config.log_dir.as_deref(), &config.run_id)?;
     let run_dir = log_dir.run_dir().map(PathBuf::from);
     // A handled signal stops the launch while it waits for other nodes.
+    let (rdzv_tx, rdzv_events) = tokio::sync::mpsc::unbounded_channel();
     let created = tokio::select! {
-        r = Rendezvous::create(&config, &local_addr) => r,
+        r = rendezvous::start(&config, &local_addr, rdzv_tx) => r,
         sig = trap.next_shutdown() => {
             return Ok(LaunchOutcome {
                 result: RunResult::Signaled { signal: sig },
@@ -243,6 +244,7 @@ async fn run(
         base_env,
         log_dir,
         rdzv,
+        rdzv_events,
         trap,
         exits,
     );

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use super::{Assignment, Rendezvous, RendezvousError};
+use super::{Assignment, RendezvousBackend, RendezvousError};
 use crate::config::LaunchConfig;
 
 /// What the agent asks of the rendezvous.
@@ -39,18 +39,29 @@ pub enum RdzvEvent {
 pub struct RendezvousTask {
     commands: mpsc::UnboundedSender<Command>,
     task: tokio::task::JoinHandle<()>,
+    poll_interval: Option<std::time::Duration>,
 }
 
 impl RendezvousTask {
     /// Moves `rdzv` into a task; its results arrive on `events`.
-    pub fn spawn(
-        rdzv: Rendezvous,
+    pub fn spawn<B: RendezvousBackend>(
+        rdzv: B,
         config: Arc<LaunchConfig>,
         events: mpsc::UnboundedSender<RdzvEvent>,
     ) -> RendezvousTask {
+        let poll_interval = rdzv.poll_interval();
         let (commands, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(serve(rdzv, config, rx, events));
-        RendezvousTask { commands, task }
+        RendezvousTask {
+            commands,
+            task,
+            poll_interval,
+        }
+    }
+
+    /// How often the agent should ask whether membership changed.
+    pub fn poll_interval(&self) -> Option<std::time::Duration> {
+        self.poll_interval
     }
 
     fn send(&self, c: Command) {
@@ -78,8 +89,8 @@ impl RendezvousTask {
     }
 }
 
-async fn serve(
-    mut rdzv: Rendezvous,
+async fn serve<B: RendezvousBackend>(
+    mut rdzv: B,
     config: Arc<LaunchConfig>,
     mut commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<RdzvEvent>,
@@ -103,7 +114,11 @@ async fn serve(
     rdzv.shutdown().await;
 }
 
-async fn run(rdzv: &mut Rendezvous, config: &LaunchConfig, c: Command) -> Option<RdzvEvent> {
+async fn run<B: RendezvousBackend>(
+    rdzv: &mut B,
+    config: &LaunchConfig,
+    c: Command,
+) -> Option<RdzvEvent> {
     match c {
         Command::NextRound => Some(RdzvEvent::Round(rdzv.next_round(config).await)),
         Command::CheckMembership => Some(RdzvEvent::Membership(rdzv.membership_changed().await)),

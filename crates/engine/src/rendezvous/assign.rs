@@ -1,0 +1,241 @@
+//! What every backend shares once a round is known: torch's rank
+//! assignment through the store (`_assign_worker_ranks`, spec §4.2, same keys
+//! and JSON values, so heterogeneous `--nproc-per-node` and several roles
+//! rank exactly as with torchrun), and the exit barrier.
+
+use std::time::Duration;
+
+use tcpstore::Client;
+
+use super::{Assignment, RendezvousError};
+use crate::config::LaunchConfig;
+
+/// One node's role info, as torch serialises it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleInfo {
+    pub role: String,
+    pub rank: u32,
+    pub local_world_size: u32,
+}
+
+impl RoleInfo {
+    /// Python `json.dumps` with default separators.
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"role\": {}, \"rank\": {}, \"local_world_size\": {}}}",
+            crate::failure::Json::Str(self.role.clone()),
+            self.rank,
+            self.local_world_size
+        )
+    }
+
+    pub fn from_json(s: &str) -> Option<RoleInfo> {
+        let j = crate::failure::json::parse(s).ok()?;
+        let num = |k: &str| match j.get(k) {
+            Some(crate::failure::Json::Num(n)) => Some(*n as u32),
+            _ => None,
+        };
+        Some(RoleInfo {
+            role: j.get("role")?.as_str()?.to_string(),
+            rank: num("rank")?,
+            local_world_size: num("local_world_size")?,
+        })
+    }
+}
+
+/// torch's assignment (§4.2): for each node in group-rank order, `[base_global,
+/// global_size, base_role, role_size]`.
+pub fn assign_ranks(infos: &[RoleInfo]) -> Vec<[u32; 4]> {
+    let mut role_size = std::collections::BTreeMap::<&str, u32>::new();
+    let mut global = 0;
+    for i in infos {
+        *role_size.entry(&i.role).or_default() += i.local_world_size;
+        global += i.local_world_size;
+    }
+    let mut role_base = std::collections::BTreeMap::<&str, u32>::new();
+    let mut base_global = 0;
+    infos
+        .iter()
+        .map(|i| {
+            let rb = role_base.entry(&i.role).or_default();
+            let v = [base_global, global, *rb, role_size[i.role.as_str()]];
+            base_global += i.local_world_size;
+            *rb += i.local_world_size;
+            v
+        })
+        .collect()
+}
+
+/// This node's place in the current round, and the store client that
+/// carries the rank assignment and the exit barrier.
+pub(crate) struct RoundStore {
+    pub client: Client,
+    pub group_rank: u32,
+    pub group_world_size: u32,
+    pub master_addr: String,
+    pub master_port: u16,
+    /// Key prefix of the current round.
+    round_prefix: String,
+    /// How long a node that finished waits for the others.
+    exit_barrier_timeout: Duration,
+}
+
+impl RoundStore {
+    pub fn new(client: Client, exit_barrier_timeout: Duration) -> RoundStore {
+        RoundStore {
+            client,
+            group_rank: 0,
+            group_world_size: 1,
+            master_addr: String::new(),
+            master_port: 0,
+            round_prefix: String::new(),
+            exit_barrier_timeout,
+        }
+    }
+
+    /// torch's `_assign_worker_ranks` through the store under `prefix`.
+    pub async fn assign(
+        &mut self,
+        config: &LaunchConfig,
+        prefix: String,
+    ) -> Result<Assignment, RendezvousError> {
+        self.round_prefix = prefix.clone();
+        let c = &mut self.client;
+        let me = RoleInfo {
+            role: config.role.clone(),
+            rank: self.group_rank,
+            local_world_size: config.nproc_per_node,
+        };
+        c.set(
+            &format!("{prefix}/torchelastic/role_info/{}", self.group_rank),
+            me.to_json().as_bytes(),
+        )
+        .await?;
+        let assigned_key = |g: u32| format!("{prefix}/torchelastic/assigned_ranks/{g}");
+        if self.group_rank == 0 {
+            let keys: Vec<String> = (0..self.group_world_size)
+                .map(|g| format!("{prefix}/torchelastic/role_info/{g}"))
+                .collect();
+            let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let values = c.multi_get(&key_refs).await?;
+            let infos = values
+                .iter()
+                .map(|v| {
+                    let s = String::from_utf8_lossy(v);
+                    RoleInfo::from_json(&s)
+                        .ok_or_else(|| RendezvousError::BadAssignment(s.into_owned()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let ranks = assign_ranks(&infos);
+            let encoded: Vec<(String, Vec<u8>)> = ranks
+                .iter()
+                .enumerate()
+                .map(|(g, r)| {
+                    (
+                        assigned_key(g as u32),
+                        format!("[{}, {}, {}, {}]", r[0], r[1], r[2], r[3]).into_bytes(),
+                    )
+                })
+                .collect();
+            let pairs: Vec<(&str, &[u8])> = encoded
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_slice()))
+                .collect();
+            c.multi_set(&pairs).await?;
+        }
+        let raw = c.get(&assigned_key(self.group_rank)).await?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let nums: Vec<u32> = text
+            .trim_matches(|ch| ch == '[' || ch == ']')
+            .split(',')
+            .filter_map(|n| n.trim().parse().ok())
+            .collect();
+        let [base_global_rank, world_size, base_role_rank, role_world_size] = nums[..] else {
+            return Err(RendezvousError::BadAssignment(text));
+        };
+        Ok(Assignment {
+            group_rank: self.group_rank,
+            group_world_size: self.group_world_size,
+            base_global_rank,
+            world_size,
+            base_role_rank,
+            role_world_size,
+            master_addr: self.master_addr.clone(),
+            master_port: self.master_port,
+        })
+    }
+
+    /// On success, the exit barrier keeps the store's host alive until
+    /// every node is done (errors only logged).
+    pub async fn finish(&mut self, success: bool) {
+        if success && self.group_world_size > 1 {
+            self.exit_barrier().await;
+        }
+    }
+
+    async fn exit_barrier(&mut self) {
+        let prefix = format!("{}/torchelastic/agent/terminal_state", self.round_prefix);
+        let timeout = self.exit_barrier_timeout;
+        let result: Result<(), tcpstore::ClientError> = async {
+            let n = self.client.add(&format!("{prefix}/num_members"), 1).await?;
+            if n == i64::from(self.group_world_size) {
+                self.client
+                    .set(&format!("{prefix}/last_member"), b"<val_ignored>")
+                    .await?;
+            }
+            self.client
+                .wait(&[format!("{prefix}/last_member").as_str()], timeout)
+                .await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!("Error waiting on exit barrier: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ri(role: &str, rank: u32, n: u32) -> RoleInfo {
+        RoleInfo {
+            role: role.into(),
+            rank,
+            local_world_size: n,
+        }
+    }
+
+    #[test]
+    fn upstream_rank_table() {
+        // spec §4.2: (ps,0,4),(trainer,1,1),(trainer,2,2),(trainer,3,3),(ps,4,5)
+        let infos = [
+            ri("ps", 0, 4),
+            ri("trainer", 1, 1),
+            ri("trainer", 2, 2),
+            ri("trainer", 3, 3),
+            ri("ps", 4, 5),
+        ];
+        let r = assign_ranks(&infos);
+        assert_eq!(
+            r,
+            vec![
+                [0, 15, 0, 9],
+                [4, 15, 0, 6],
+                [5, 15, 1, 6],
+                [7, 15, 3, 6],
+                [10, 15, 4, 9]
+            ]
+        );
+    }
+
+    #[test]
+    fn role_info_json_matches_python() {
+        let r = ri("default", 0, 2);
+        assert_eq!(
+            r.to_json(),
+            r#"{"role": "default", "rank": 0, "local_world_size": 2}"#
+        );
+        assert_eq!(RoleInfo::from_json(&r.to_json()), Some(r));
+    }
+}

@@ -1,0 +1,185 @@
+//! `c10d` across nodes: torch's dynamic rendezvous (spec §8.2), its state
+//! kept in a TCPStore at the endpoint, hosted by the agent on that machine.
+//! The state machine is [`super::dynamic`]; [`super::c10d`] drives it over
+//! the store. Each agent also hosts a store for its workers, used in the
+//! rounds where it has group rank 0 (MASTER_ADDR/MASTER_PORT).
+
+use std::time::Duration;
+
+use tcpstore::{BindAddr, Server, ServerHandle};
+
+use super::assign::RoundStore;
+use super::{c10d, connect_store, dynamic, hosts, Assignment, RendezvousBackend, RendezvousError};
+use crate::config::LaunchConfig;
+use crate::rdzv_settings::RdzvSettings;
+
+pub struct C10dBackend {
+    store: RoundStore,
+    /// The rendezvous store, if this agent hosts it.
+    server: Option<ServerHandle>,
+    /// The rendezvous state machine's driver.
+    dynamic: c10d::DynamicRdzv,
+    /// This agent's store for its workers, published as
+    /// MASTER_ADDR:MASTER_PORT in the rounds where it has group rank 0.
+    worker_store: ServerHandle,
+    poll_interval: Duration,
+    run_id: String,
+}
+
+impl C10dBackend {
+    pub async fn create(
+        config: &LaunchConfig,
+        settings: &RdzvSettings,
+        local_addr: &str,
+        host: &str,
+        port: u16,
+        explicit_host: Option<bool>,
+    ) -> Result<C10dBackend, RendezvousError> {
+        let read_timeout = settings.read_timeout;
+        // The store lives on the endpoint's machine. With --local-addr given
+        // (several agents on one machine, each with its own address), only
+        // the agent at the endpoint's address hosts it.
+        let hosting = match explicit_host {
+            Some(h) => h,
+            // Address lookups may block on DNS: off the runtime's threads.
+            None => {
+                let (local, host) = (config.local_addr.clone(), host.to_string());
+                tokio::task::spawn_blocking(move || match local {
+                    Some(addr) => hosts::same_host(&addr, &host),
+                    None => hosts::host_is_local(&host),
+                })
+                .await
+                .unwrap_or(false)
+            }
+        };
+        let mut server = None;
+        if hosting {
+            match Server::bind(BindAddr::Any(port)) {
+                Ok(s) => server = Some(s.spawn()),
+                // Several agents on one machine share one endpoint: the
+                // first hosts, the others are clients (as torch does).
+                Err(e) if explicit_host.is_none() => {
+                    tracing::info!("not hosting the rendezvous store ({e}); joining it as a client")
+                }
+                Err(source) => return Err(RendezvousError::Bind { port, source }),
+            }
+        }
+        let (chost, cport) = match &server {
+            Some(s) => ("127.0.0.1".to_string(), s.port()),
+            None => (host.to_string(), port),
+        };
+        let client = connect_store(&chost, cport, read_timeout).await?;
+        let state_client = connect_store(&chost, cport, read_timeout).await?;
+        let heartbeat_client = connect_store(&chost, cport, read_timeout).await?;
+        let cfg = dynamic::Settings {
+            min_nodes: config.min_nodes,
+            max_nodes: config.max_nodes,
+            last_call_timeout: settings.last_call_timeout.as_secs_f64(),
+            keep_alive_interval: settings.keep_alive_interval.as_secs_f64(),
+            keep_alive_max_attempt: settings.keep_alive_max_attempt,
+        };
+        let node = dynamic::Node {
+            addr: local_addr.to_string(),
+            pid: std::process::id(),
+            local_id: 0,
+        };
+        let dynamic = c10d::DynamicRdzv::new(
+            state_client,
+            heartbeat_client,
+            &config.run_id,
+            node,
+            cfg,
+            settings.join_timeout.as_secs_f64(),
+            settings.close_timeout.as_secs_f64(),
+        );
+        let worker_store = Server::bind(BindAddr::Any(0))
+            .map_err(|source| RendezvousError::Bind { port: 0, source })?
+            .spawn();
+        let mut dynamic = dynamic;
+        dynamic
+            .publish_master(local_addr, worker_store.port())
+            .await?;
+        let keep_alive = settings.keep_alive_interval / 2;
+        Ok(C10dBackend {
+            store: RoundStore::new(client, settings.exit_barrier_timeout),
+            server,
+            dynamic,
+            worker_store,
+            poll_interval: config
+                .monitor_interval
+                .max(Duration::from_millis(200))
+                .min(keep_alive),
+            run_id: config.run_id.clone(),
+        })
+    }
+
+    /// c10d across nodes: joins the next round, whose workers use the store
+    /// of the round's rank-0 agent (every agent published its own when it
+    /// started). Returns the round's key prefix.
+    async fn join_dynamic(&mut self) -> Result<String, RendezvousError> {
+        let joined = self.dynamic.next_rendezvous().await?;
+        self.store.group_rank = joined.rank;
+        self.store.group_world_size = joined.world_size;
+        let prefix = format!("torch.rendezvous.{}.{}", self.run_id, joined.round);
+        tracing::info!(
+            "joined round {} of rendezvous '{}' as rank {} in a world of size {}",
+            joined.round,
+            self.run_id,
+            joined.rank,
+            joined.world_size
+        );
+        if joined.rank == 0 {
+            // Nothing of an earlier round's workers survives into this one.
+            // (No worker of this round starts before rank 0 has assigned
+            // the ranks, below, so none can have written here yet.)
+            self.worker_store.retain_keys(|_| false);
+        }
+        self.store.master_addr = joined.master_addr;
+        self.store.master_port = joined.master_port;
+        Ok(prefix)
+    }
+}
+
+impl RendezvousBackend for C10dBackend {
+    fn poll_interval(&self) -> Option<Duration> {
+        Some(self.poll_interval)
+    }
+
+    async fn next_round(&mut self, config: &LaunchConfig) -> Result<Assignment, RendezvousError> {
+        let prefix = self.join_dynamic().await?;
+        self.store.assign(config, prefix).await
+    }
+
+    async fn membership_changed(&mut self) -> Result<bool, RendezvousError> {
+        self.dynamic.membership_changed().await
+    }
+
+    /// The exit barrier on success, then the rendezvous is closed for
+    /// everyone (later joiners fail, spares exit 0).
+    async fn finish(&mut self, success: bool) {
+        self.store.finish(success).await;
+        if let Err(e) = self.dynamic.close().await {
+            tracing::warn!("could not close the rendezvous: {e}");
+        }
+    }
+
+    /// Takes this node out of the rendezvous (without closing it), so the
+    /// other nodes re-form at once rather than after the heartbeat window.
+    /// Bounded: a store that does not answer does not hold the exit.
+    async fn leave(&mut self) {
+        match tokio::time::timeout(Duration::from_secs(5), self.dynamic.quit()).await {
+            Ok(Ok(())) => tracing::info!("left the rendezvous"),
+            Ok(Err(e)) => tracing::warn!("could not leave the rendezvous: {e}"),
+            Err(_) => {
+                tracing::warn!("could not leave the rendezvous: the store did not answer in 5 s")
+            }
+        }
+    }
+
+    async fn shutdown(self) {
+        if let Some(s) = self.server {
+            s.shutdown().await;
+        }
+        self.worker_store.shutdown().await;
+    }
+}
