@@ -42,14 +42,10 @@ fn main() -> ExitCode {
     // Hold the handled signals from the first instant; the agent unblocks
     // them once its handlers are in place.
     signals::block(signals::EARLY_BLOCKED);
-    // The guardian must be forked while this process has a single thread.
-    let guardian = engine::lifeline::start();
     init_logging();
-    if let Err(e) = guardian {
-        tracing::warn!(
-            "cannot start the orphan guardian ({e}); workers still die with the launcher"
-        );
-    }
+    // First thing, while this process has a single thread: the guardian is
+    // forked, and every child of the process becomes the launcher's.
+    let supervisor = engine::Supervisor::for_launcher();
 
     let argv: Vec<String> = std::env::args_os()
         .skip(1)
@@ -84,7 +80,12 @@ fn main() -> ExitCode {
             "\n{stars}\nSetting OMP_NUM_THREADS environment variable for each process to be 1 in default, to avoid your system being overloaded, please further tune the variable for optimal performance in your application as needed. \n{stars}"
         );
     }
-    match engine::launch_agent(&resolved.config, &resolved.entrypoint, &resolved.args) {
+    match engine::launch_agent_with(
+        &supervisor,
+        &resolved.config,
+        &resolved.entrypoint,
+        &resolved.args,
+    ) {
         Ok(mut outcome) => {
             if let Some(name) = resolved.entrypoint_name {
                 outcome.entrypoint_name = name;

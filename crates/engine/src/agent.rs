@@ -20,12 +20,12 @@ use tokio::time::Instant;
 
 use crate::config::LaunchConfig;
 use crate::failure::ProcessFailure;
-use crate::lifeline;
 use crate::log_dir::LogDir;
 use crate::process::{Exit, ExitStatus};
 use crate::rendezvous::task::{RdzvEvent, RendezvousTask};
 use crate::rendezvous::RendezvousError;
 use crate::signals::{signal_name, SignalEvent, Trap};
+use crate::supervisor::Supervisor;
 use crate::terminate::{Expired, Stopping};
 use crate::worker_group::{Group, Launch};
 
@@ -150,6 +150,7 @@ impl<'a> Agent<'a> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &'a LaunchConfig,
+        supervisor: &'a Supervisor,
         program: PathBuf,
         args: Vec<String>,
         base_env: BTreeMap<String, String>,
@@ -157,12 +158,14 @@ impl<'a> Agent<'a> {
         rdzv: RendezvousTask,
         rdzv_events: mpsc::UnboundedReceiver<RdzvEvent>,
         trap: Trap,
-        exits: mpsc::UnboundedReceiver<Exit>,
     ) -> Self {
         let poll_interval = rdzv.poll_interval();
+        let (exits_tx, exits) = mpsc::unbounded_channel();
         Agent {
             launch: Launch {
                 config,
+                supervisor,
+                exits: exits_tx,
                 program,
                 args,
                 base_env,
@@ -502,13 +505,8 @@ impl<'a> Agent<'a> {
     /// rounds, so it runs off the runtime's threads.
     async fn cleanup(&mut self) {
         let started_any = self.started_any;
-        let sweep = move || {
-            if lifeline::stop_descendants().is_some() {
-                lifeline::disarm();
-            } else if started_any {
-                lifeline::sweep(lifeline::marker());
-            }
-        };
+        let supervisor = self.launch.supervisor.clone();
+        let sweep = move || supervisor.sweep_leftovers(started_any);
         if let Err(e) = tokio::task::spawn_blocking(sweep).await {
             tracing::error!("the final sweep of leftover processes failed: {e}");
         }

@@ -12,6 +12,7 @@ use crate::log_dir::LogDir;
 use crate::process;
 use crate::rendezvous::{self, RendezvousError};
 use crate::signals::{signal_name, Trap};
+use crate::supervisor::Supervisor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -144,6 +145,17 @@ pub fn launch_agent(
     entrypoint: &str,
     args: &[String],
 ) -> Result<LaunchOutcome, LaunchError> {
+    launch_agent_with(&Supervisor::embedded(), config, entrypoint, args)
+}
+
+/// [`launch_agent`] under a given [`Supervisor`]: the launcher binary's,
+/// which owns every child of the process and the orphan guardian.
+pub fn launch_agent_with(
+    supervisor: &Supervisor,
+    config: &LaunchConfig,
+    entrypoint: &str,
+    args: &[String],
+) -> Result<LaunchOutcome, LaunchError> {
     config.validate()?;
     let mut config = config.clone();
     if config.run_id.is_empty() {
@@ -161,7 +173,7 @@ pub fn launch_agent(
             .map_err(LaunchError::Runtime)?;
         // block_on runs this future on the calling thread, so workers are
         // forked (and tied by PDEATHSIG) from it.
-        rt.block_on(run(config, entrypoint, args))
+        rt.block_on(run(supervisor, config, entrypoint, args))
     };
     if tokio::runtime::Handle::try_current().is_err() {
         return launch();
@@ -181,6 +193,7 @@ pub fn launch_agent(
 }
 
 async fn run(
+    supervisor: &Supervisor,
     config: LaunchConfig,
     entrypoint: &str,
     args: &[String],
@@ -193,8 +206,6 @@ async fn run(
             w.reason
         );
     }
-    process::become_subreaper();
-    let exits = process::exits();
     let program = process::find_program(entrypoint)
         .ok_or_else(|| LaunchError::NotFound(entrypoint.to_string()))?;
 
@@ -239,6 +250,7 @@ async fn run(
     })?;
     let mut agent = Agent::new(
         &config,
+        supervisor,
         program,
         args.to_vec(),
         base_env,
@@ -246,7 +258,6 @@ async fn run(
         rdzv,
         rdzv_events,
         trap,
-        exits,
     );
     let result = agent.run().await;
     agent.shutdown().await;

@@ -9,6 +9,7 @@
 //! - [`rdzv_settings`]: the rendezvous configuration, typed and checked once.
 //! - [`rendezvous`]: the store, who hosts it, and rank assignment.
 //! - [`process`]: fork/exec of workers, the reaper, group signals.
+//! - [`supervisor`]: what a launching process owns: guardian, reaper mode.
 //! - [`lifeline`]: the guardian that leaves no process behind.
 //! - [`worker_env`]: the environment contract of spec §3.
 //! - [`log_dir`], [`log_stream`]: log files and tee through pipes.
@@ -30,10 +31,12 @@ pub mod process;
 pub mod rdzv_settings;
 pub mod rendezvous;
 pub mod signals;
+pub mod supervisor;
 pub mod terminate;
 pub mod worker_env;
 pub mod worker_group;
 
 pub use agent::RunResult;
 pub use config::{LaunchConfig, Std, StdSpec};
-pub use launch::{launch_agent, LaunchError, LaunchOutcome};
+pub use launch::{launch_agent, launch_agent_with, LaunchError, LaunchOutcome};
+pub use supervisor::Supervisor;

@@ -24,8 +24,11 @@ use crate::process;
 /// Environment variable that tags every process of a job.
 pub const MARKER_VAR: &str = "TORCHRUN_RS_JOB";
 
-/// The launcher's end of the lifeline, held for the life of the process.
-struct Lifeline {
+/// The launcher's end of the lifeline to its guardian. Owned by the
+/// [`crate::supervisor::Supervisor`]; dropping it (or the launcher dying)
+/// sets the guardian sweeping.
+#[derive(Debug)]
+pub struct Lifeline {
     write: OwnedFd,
     marker: String,
     guardian: i32,
@@ -39,23 +42,10 @@ struct RunIdentity {
     started: u64,
 }
 
-static LIFELINE: std::sync::OnceLock<Lifeline> = std::sync::OnceLock::new();
-static STANDALONE_MARKER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-
-/// The value of [`MARKER_VAR`] for this process's workers: the guardian's if
-/// [`start`] ran, else one made up for this process (then only the
-/// launcher's own final sweep uses it).
-pub fn marker() -> &'static str {
-    match LIFELINE.get() {
-        Some(l) => &l.marker,
-        None => STANDALONE_MARKER.get_or_init(make_marker),
-    }
-}
-
 /// A marker no other run can have: 128 random bits from the operating
 /// system's generator (unguessable, so no process gets it but by inheriting
 /// it from this run), after the pid for people reading `ps e`.
-fn make_marker() -> String {
+pub fn make_marker() -> String {
     use rand::Rng;
     format!(
         "{}-{:032x}",
@@ -106,36 +96,104 @@ fn read_at(dir: i32, name: &std::ffi::CStr) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Forks the guardian. Call from `main` before any other thread starts: the
-/// guardian is a copy of a single-threaded process, so it may allocate.
-/// Returns the guardian's pid.
-pub fn start() -> io::Result<i32> {
-    let marker = make_marker();
-    let started = own_start_time();
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills the array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
+/// The number of threads of this process (`None` if `/proc` cannot tell).
+fn thread_count() -> Option<usize> {
+    Some(std::fs::read_dir("/proc/self/task").ok()?.count())
+}
+
+impl Lifeline {
+    /// Forks the guardian. The guardian is a copy of this process and may
+    /// allocate, which is only sound while this process has a single thread:
+    /// called with more, it refuses (an error) rather than fork.
+    pub fn start() -> io::Result<Lifeline> {
+        if thread_count().is_some_and(|n| n > 1) {
+            return Err(io::Error::other(
+                "the guardian must be started before any other thread of the launcher",
+            ));
+        }
+        let marker = make_marker();
+        let started = own_start_time();
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills the array.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: this process has one thread (checked above), so the child
+        // is a complete copy of it.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            // SAFETY: fds[1] is ours to close in the guardian.
+            unsafe { libc::close(fds[1]) };
+            guardian_main(fds[0], &RunIdentity { marker, started });
+        }
+        // SAFETY: the parent owns the write end; the read end is the guardian's.
+        unsafe { libc::close(fds[0]) };
+        Ok(Lifeline {
+            // SAFETY: fds[1] is open and owned by nobody else.
+            write: unsafe { OwnedFd::from_raw_fd(fds[1]) },
+            marker,
+            guardian: pid,
+        })
     }
-    // SAFETY: see the function's contract: no other thread exists.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(io::Error::last_os_error());
+
+    /// The value of [`MARKER_VAR`] that this run's workers carry.
+    pub fn marker(&self) -> &str {
+        &self.marker
     }
-    if pid == 0 {
-        // SAFETY: fds[1] is ours to close in the guardian.
-        unsafe { libc::close(fds[1]) };
-        guardian_main(fds[0], &RunIdentity { marker, started });
+
+    /// The guardian's pid.
+    pub fn guardian(&self) -> i32 {
+        self.guardian
     }
-    // SAFETY: the parent owns the write end; the read end is the guardian's.
-    unsafe { libc::close(fds[0]) };
-    let _ = LIFELINE.set(Lifeline {
-        // SAFETY: fds[1] is open and owned by nobody else.
-        write: unsafe { OwnedFd::from_raw_fd(fds[1]) },
-        marker,
-        guardian: pid,
-    });
-    Ok(pid)
+
+    /// Tells the guardian that no process of the job is left, so it exits
+    /// without scanning. Call only once nothing else will be started.
+    pub fn disarm(&self) {
+        // SAFETY: writing one byte to a pipe we own.
+        unsafe { libc::write(self.write.as_raw_fd(), [DISARM].as_ptr().cast(), 1) };
+    }
+
+    /// Kills every live descendant of this process but the guardian, until
+    /// none is left. As a child subreaper the launcher inherits every orphan
+    /// of its subtree, so this reaches daemons that left their process group
+    /// without scanning the whole host. Returns `None` where the kernel does
+    /// not list children (`/proc/<pid>/task/<tid>/children`); then use
+    /// [`sweep`].
+    ///
+    /// Only direct children are killed, each while no child can be reaped
+    /// ([`process::with_reaping_paused`]): a listed child keeps its PID until
+    /// this launcher reaps it, so the PID cannot name a stranger. A killed
+    /// child's own children become ours (subreaper) and are killed in the
+    /// next round; a zombie's children are ours already.
+    pub fn stop_descendants(&self) -> Option<usize> {
+        let guardian = self.guardian;
+        // Probe once: without the kernel's child lists the caller sweeps instead.
+        process::children()?;
+        let mut killed = 0;
+        for _ in 0..100 {
+            let found = process::with_reaping_paused(|| {
+                let live: Vec<i32> = process::children()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|&p| p != guardian && !is_zombie(p))
+                    .collect();
+                for pid in &live {
+                    // SAFETY: plain syscall; `pid` is our unreaped child (see above).
+                    unsafe { libc::kill(*pid, libc::SIGKILL) };
+                }
+                live.len()
+            });
+            if found == 0 {
+                break;
+            }
+            killed += found;
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Some(killed)
+    }
 }
 
 fn guardian_main(read_fd: i32, run: &RunIdentity) -> ! {
@@ -191,57 +249,6 @@ fn guardian_main(read_fd: i32, run: &RunIdentity) -> ! {
 
 /// The byte that tells the guardian the launcher left nothing behind.
 const DISARM: u8 = b'c';
-
-/// Tells the guardian that no process of the job is left, so it exits
-/// without scanning. Call only once nothing else will be started.
-pub fn disarm() {
-    if let Some(l) = LIFELINE.get() {
-        // SAFETY: writing one byte to a pipe we own.
-        unsafe { libc::write(l.write.as_raw_fd(), [DISARM].as_ptr().cast(), 1) };
-    }
-}
-
-/// Kills every live descendant of this process but the guardian, until none
-/// is left. As a child subreaper the launcher inherits every orphan of its
-/// subtree, so this reaches daemons that left their process group without
-/// scanning the whole host. Returns `None` where the kernel does not list
-/// children (`/proc/<pid>/task/<tid>/children`); then use [`sweep`].
-///
-/// Only direct children are killed, each while no child can be reaped
-/// ([`process::with_reaping_paused`]): a listed child keeps its PID until
-/// this launcher reaps it, so the PID cannot name a stranger. A killed
-/// child's own children become ours (subreaper) and are killed in the next
-/// round; a zombie's children are ours already.
-///
-/// Only a launcher that started the guardian owns its whole subtree; a
-/// program embedding the engine may have children of its own, so there this
-/// returns `None` too.
-pub fn stop_descendants() -> Option<usize> {
-    let guardian = LIFELINE.get()?.guardian;
-    // Probe once: without the kernel's child lists the caller sweeps instead.
-    process::children()?;
-    let mut killed = 0;
-    for _ in 0..100 {
-        let found = process::with_reaping_paused(|| {
-            let live: Vec<i32> = process::children()
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|&p| p != guardian && !is_zombie(p))
-                .collect();
-            for pid in &live {
-                // SAFETY: plain syscall; `pid` is our unreaped child (see above).
-                unsafe { libc::kill(*pid, libc::SIGKILL) };
-            }
-            live.len()
-        });
-        if found == 0 {
-            break;
-        }
-        killed += found;
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    Some(killed)
-}
 
 fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {

@@ -19,6 +19,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use std::sync::Mutex;
@@ -101,14 +102,15 @@ pub struct SpawnSpec<'a> {
     pub stderr: Stdio,
 }
 
-/// Starts a worker in its own session (pgid = pid). Returns its pid.
+/// Starts a worker in its own session (pgid = pid). Returns its pid; its
+/// exit will be sent on `exits`.
 ///
 /// The worker is *held*: the reaper reports its exit without reaping it
 /// (`WNOWAIT`), so its PID stays reserved, as a zombie, until [`release`].
 /// While the PID is reserved no other process can have it, so no process
 /// group of that ID can exist but the worker's: every [`signal_group`]
 /// reaches this job's processes only.
-pub fn spawn(spec: SpawnSpec<'_>) -> io::Result<i32> {
+pub fn spawn(spec: SpawnSpec<'_>, exits: &mpsc::UnboundedSender<Exit>) -> io::Result<i32> {
     ensure_reaper()?;
     let prog = cstring(spec.program.as_os_str().as_bytes())?;
     let mut argv_c = vec![prog.clone()];
@@ -149,7 +151,13 @@ pub fn spawn(spec: SpawnSpec<'_>) -> io::Result<i32> {
     // _exit; everything it touches was allocated above.
     let pid = unsafe { libc::fork() };
     if pid > 0 {
-        held_now.insert(pid, false);
+        held_now.insert(
+            pid,
+            Held {
+                reported: false,
+                exits: exits.clone(),
+            },
+        );
     }
     drop(held_now);
     if pid < 0 {
@@ -310,38 +318,41 @@ pub fn with_reaping_paused<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
-/// Workers spawned and not yet reaped, with whether their exit was already
-/// reported. Its lock is held around every reap, which is what makes
-/// [`signal_group`] and [`with_reaping_paused`] safe against PID reuse.
-static HELD: Mutex<BTreeMap<i32, bool>> = Mutex::new(BTreeMap::new());
+/// A worker spawned and not yet reaped.
+#[derive(Debug)]
+struct Held {
+    /// Its exit was sent already.
+    reported: bool,
+    /// Where its exit goes: the launch that started it.
+    exits: mpsc::UnboundedSender<Exit>,
+}
 
-fn held() -> std::sync::MutexGuard<'static, BTreeMap<i32, bool>> {
+/// Workers spawned and not yet reaped. Its lock is held around every reap,
+/// which is what makes [`signal_group`] and [`with_reaping_paused`] safe
+/// against PID reuse. One per process, as the child table it mirrors.
+static HELD: Mutex<BTreeMap<i32, Held>> = Mutex::new(BTreeMap::new());
+
+fn held() -> std::sync::MutexGuard<'static, BTreeMap<i32, Held>> {
     HELD.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Where exits are delivered: the current subscriber, if any.
-static EXITS: Mutex<Option<mpsc::UnboundedSender<Exit>>> = Mutex::new(None);
 static REAPER: OnceLock<Result<(), i32>> = OnceLock::new();
 
-fn deliver(exit: Exit) {
-    if let Some(tx) = EXITS.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-        let _ = tx.send(exit);
-    }
-}
+/// Whether the reaper collects every child of the process (a launcher that
+/// owns them all) or only the workers it started (an embedding program).
+static REAP_ALL: AtomicBool = AtomicBool::new(false);
 
-/// Subscribes to child exits, replacing any earlier subscriber (one agent
-/// runs per process at a time). Subscribe before spawning, so no exit is
-/// missed; the channel is unbounded, so no exit is ever dropped.
-pub fn exits() -> mpsc::UnboundedReceiver<Exit> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    *EXITS.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
-    rx
+/// Lets the reaper collect every child of this process, orphans handed to
+/// it as subreaper included. Only for a process that owns all its children
+/// (the launcher binary; see [`crate::supervisor::Supervisor`]).
+pub fn reap_all_children() {
+    REAP_ALL.store(true, Ordering::Release);
 }
 
 /// Starts (once) the reaper: a thread woken by SIGCHLD that reports every
-/// child's exit the moment it happens. It reaps ordinary children (the
-/// orphaned descendants handed to us as subreaper) and only reports held
-/// workers, which [`release`] reaps.
+/// worker's exit the moment it happens, leaving the worker to [`release`].
+/// In a launcher ([`reap_all_children`]) it also reaps the other children:
+/// the orphaned descendants handed to us as subreaper.
 fn ensure_reaper() -> io::Result<()> {
     REAPER
         .get_or_init(|| start_reaper().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO)))
@@ -394,18 +405,20 @@ fn wait_readable(fd: RawFd) {
     }
 }
 
-/// One pass: reports every held worker that has exited, and reaps (and
-/// reports) every other child that has exited.
+/// One pass: reports every held worker that has exited and, in a launcher,
+/// reaps every other child that has exited.
 fn reap_once() {
-    let mut exits = Vec::new();
     {
         let mut held = held();
-        for (&pid, reported) in held.iter_mut().filter(|(_, r)| !**r) {
+        for (&pid, h) in held.iter_mut().filter(|(_, h)| !h.reported) {
             if let Some(status) = wait_status(libc::P_PID, pid as libc::id_t, libc::WNOWAIT).1 {
-                *reported = true;
-                exits.push(Exit { pid, status });
+                h.reported = true;
+                let _ = h.exits.send(Exit { pid, status });
             }
         }
+    }
+    if !REAP_ALL.load(Ordering::Acquire) {
+        return;
     }
     // Ordinary children: the first exited child is found with one call; a
     // held worker's zombie in the way means looking at each child instead.
@@ -420,22 +433,15 @@ fn reap_once() {
             blocked = true;
             break;
         }
-        if let Some(status) = reap(pid) {
-            exits.push(Exit { pid, status });
-        }
+        reap(pid);
     }
     if blocked {
         for pid in children().unwrap_or_default() {
             let held = held();
             if !held.contains_key(&pid) {
-                if let Some(status) = reap(pid) {
-                    exits.push(Exit { pid, status });
-                }
+                reap(pid);
             }
         }
-    }
-    for e in exits {
-        deliver(e);
     }
 }
 
@@ -461,18 +467,12 @@ fn wait_status(which: libc::idtype_t, id: libc::id_t, extra: i32) -> (i32, Optio
     (pid, Some(status))
 }
 
-/// Reaps `pid` if it has exited. Call with the reaper's lock held.
-fn reap(pid: i32) -> Option<ExitStatus> {
+/// Reaps `pid` if it has exited (an orphan: nobody waits for its status).
+/// Call with the reaper's lock held.
+fn reap(pid: i32) {
     let mut status = 0;
     // SAFETY: waitpid writes the local status.
-    if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != pid {
-        return None;
-    }
-    Some(if libc::WIFSIGNALED(status) {
-        ExitStatus::Signal(libc::WTERMSIG(status))
-    } else {
-        ExitStatus::Code(libc::WEXITSTATUS(status))
-    })
+    unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
 }
 
 /// This process's children, from every thread's child list; `None` where

@@ -15,6 +15,7 @@ use crate::log_dir::LogDir;
 use crate::log_stream::{self, Console, LineFilter, SharedTail, TeeHandle, TeeTargets};
 use crate::process::{self, Exit, ExitStatus, SpawnSpec, Stdio};
 use crate::rendezvous::Assignment;
+use crate::supervisor::Supervisor;
 use crate::worker_env::{self, GroupInfo, WorkerRanks};
 
 /// Where a worker is in its life, as the launcher knows it.
@@ -127,6 +128,9 @@ impl Group {
 /// What every attempt's workers are started from.
 pub struct Launch<'a> {
     pub config: &'a LaunchConfig,
+    pub supervisor: &'a Supervisor,
+    /// Where the reaper sends this launch's workers' exits.
+    pub exits: tokio::sync::mpsc::UnboundedSender<Exit>,
     pub program: PathBuf,
     pub args: Vec<String>,
     pub base_env: BTreeMap<String, String>,
@@ -353,7 +357,7 @@ impl Launch<'_> {
         )?;
         env.insert(
             lifeline::MARKER_VAR.to_string(),
-            lifeline::marker().to_string(),
+            self.supervisor.marker().to_string(),
         );
         let args: Vec<String> = self
             .args
@@ -370,14 +374,14 @@ impl Launch<'_> {
             .as_ref()
             .filter(|_| redirected_stderr)
             .map(|d| d.join("stderr.log"));
-        let pid = process::spawn(SpawnSpec {
+        let spec = SpawnSpec {
             program: &self.program,
             args: &args,
             env: &env,
             stdout: out.stdio,
             stderr: err.stdio,
-        })
-        .map_err(|source| AgentError::Spawn {
+        };
+        let pid = process::spawn(spec, &self.exits).map_err(|source| AgentError::Spawn {
             local_rank,
             nproc: cfg.nproc_per_node,
             program: self.program.display().to_string(),

@@ -1,7 +1,6 @@
 //! torch's launcher API in Rust: a `LaunchConfig` handed to `launch_agent`
-//! (no CLI involved). One test function, because the launcher reaps every
-//! child of its process and must not share the process with other tests
-//! that wait for their own children.
+//! (no CLI involved). An embedded launch touches only the workers it starts,
+//! so it shares the test process with other tests, and with other launches.
 
 use std::time::Duration;
 
@@ -90,4 +89,40 @@ fn launch_agent_api() {
         .unwrap();
     let outcome = rt.block_on(async { run_sh(&config(2), &dump) });
     assert_eq!(outcome.exit_code(), 0);
+}
+
+#[test]
+fn several_launches_run_side_by_side_in_one_process() {
+    let out = tempfile::tempdir().unwrap();
+    let mine = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let launches: Vec<_> = (0..3)
+        .map(|i| {
+            let dir = out.path().to_path_buf();
+            std::thread::spawn(move || {
+                let mut cfg = config(2);
+                cfg.run_id = format!("side-by-side-{i}");
+                // Launch i: rank 1 exits with code i (0 = success), after
+                // every rank has started, so the launches overlap.
+                let script = format!(
+                    "touch {d}/up.{i}.$RANK; while [ $(ls {d} | grep -c '^up') -lt 6 ]; do sleep 0.01; done; [ \"$RANK\" = 1 ] && exit {i}; exit 0",
+                    d = dir.display()
+                );
+                run_sh(&cfg, &script).exit_code()
+            })
+        })
+        .collect();
+    let codes: Vec<i32> = launches.into_iter().map(|t| t.join().unwrap()).collect();
+    // Each launch saw its own workers' exits, and only those.
+    assert_eq!(codes, vec![0, 1, 2]);
+    // The embedding program's own child was neither reaped nor signalled.
+    let mut mine = mine;
+    assert!(
+        mine.try_wait().unwrap().is_none(),
+        "the test's own child was touched"
+    );
+    mine.kill().unwrap();
+    mine.wait().unwrap();
 }
