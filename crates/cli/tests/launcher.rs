@@ -677,3 +677,28 @@ fn logs_specs_other_than_the_builtin_default_are_refused_before_anything_starts(
     assert_eq!(done.code, Some(0), "{}", done.stderr);
     assert!(dir.path().join("env.0.0.json").exists());
 }
+
+#[test]
+fn virtual_local_rank_with_too_few_visible_devices_is_a_usage_error() {
+    let run = start_with(
+        &["--nproc-per-node=3", "--virtual-local-rank"],
+        "env",
+        &[],
+        |c| {
+            c.env("CUDA_VISIBLE_DEVICES", "4,5");
+        },
+    );
+    let out = run.out.path().to_path_buf();
+    let (done, _dir) = run.finish();
+    assert_eq!(done.code, Some(2), "{}", done.stderr);
+    assert!(
+        done.stderr.contains("--virtual-local-rank")
+            && done.stderr.contains("CUDA_VISIBLE_DEVICES=4,5"),
+        "{}",
+        done.stderr
+    );
+    assert!(
+        std::fs::read_dir(&out).unwrap().next().is_none(),
+        "something was written"
+    );
+}

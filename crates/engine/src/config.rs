@@ -343,6 +343,25 @@ impl LaunchConfig {
             self.rdzv_secs(key, 1)?;
         }
         crate::rdzv_settings::RdzvSettings::from_config(self)?;
+        if self.virtual_local_rank {
+            // Each worker gets one entry of the visible-device list (the
+            // launcher's environment is the workers' base).
+            for var in ["HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"] {
+                if let Some(list) = std::env::var(var).ok().filter(|v| !v.is_empty()) {
+                    let n = list.split(',').count() as u32;
+                    if n < self.nproc_per_node {
+                        return Err(ConfigError::new(
+                            "--virtual-local-rank",
+                            format!(
+                                "local_rank {n} exceeds available GPUs in {var}={list} (--nproc-per-node={} needs one each)",
+                                self.nproc_per_node
+                            ),
+                        ));
+                    }
+                    break;
+                }
+            }
+        }
         Ok(())
     }
 

@@ -29,7 +29,7 @@ pub struct ProcessFailure {
     pub stderr_file: Option<PathBuf>,
     /// The last bytes of the worker's stderr, kept by the launcher when it
     /// was not redirected to a file.
-    pub stderr_tail: Option<crate::log_stream::SharedTail>,
+    pub(crate) stderr_tail: Option<crate::log_stream::SharedTail>,
     /// SIGKILLed while the memory cgroup's OOM-kill counter went up.
     pub oom_killed: bool,
 }

@@ -144,11 +144,6 @@ impl Lifeline {
         &self.marker
     }
 
-    /// The guardian's pid.
-    pub fn guardian(&self) -> i32 {
-        self.guardian
-    }
-
     /// Tells the guardian that no process of the job is left, so it exits
     /// without scanning. Call only once nothing else will be started.
     pub fn disarm(&self) {

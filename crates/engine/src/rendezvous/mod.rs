@@ -35,8 +35,6 @@ use crate::config::LaunchConfig;
 use crate::rdzv_settings::{Backend, RdzvSettings};
 use task::{RdzvEvent, RendezvousTask};
 
-pub use assign::{assign_ranks, RoleInfo};
-
 #[derive(Debug, thiserror::Error)]
 pub enum RendezvousError {
     #[error("cannot host the store on port {port}: {source} (is another job using it? pick another --master-port or --rdzv-endpoint port)")]
