@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v faketime >/dev/null 2>&1 || missing+=(faketime)
+# The completion test loads the zsh script in zsh.
+command -v zsh >/dev/null 2>&1 || missing+=(zsh)
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
 fi

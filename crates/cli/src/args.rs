@@ -18,6 +18,8 @@ enum Kind {
     Flag,
     /// `-h/--help`.
     Help,
+    /// `--version`.
+    Version,
 }
 
 struct Spec {
@@ -83,9 +85,29 @@ static SPECS: &[Spec] = &[
     v("signals_to_handle", &["--signals-to-handle", "--signals_to_handle"], "Signals forwarded to workers before shutdown (default SIGTERM,SIGINT,SIGHUP,SIGQUIT)"),
     v("shutdown_timeout", &["--shutdown-timeout", "--shutdown_timeout"], "Seconds between forwarding a signal and SIGKILL (default $TORCH_ELASTIC_SHUTDOWN_TIMEOUT or 30)"),
     f("virtual_local_rank", &["--virtual-local-rank", "--virtual_local_rank"], "LOCAL_RANK=0 and one visible device per worker"),
-    Spec { dest: "print_completion", names: &["--print-completion", "--print_completion"], kind: Kind::Value, pet: false, help: "Not supported by torchrun-rs" },
+    Spec { dest: "print_completion", names: &["--print-completion", "--print_completion"], kind: Kind::Value, pet: false, help: "Print a shell completion script (bash, zsh or fish) and exit" },
     v("forward_signals", &["--forward-signals", "--forward_signals"], "torchrun-rs: signals forwarded to workers while the job keeps running, e.g. SIGUSR1"),
+    Spec { dest: "dry_run", names: &["--dry-run", "--dry_run"], kind: Kind::Flag, pet: false, help: "torchrun-rs: print the resolved configuration and each worker's command and environment, start nothing" },
+    Spec { dest: "version", names: &["--version"], kind: Kind::Version, pet: false, help: "torchrun-rs: print the version and the torchrun release it follows, and exit" },
 ];
+
+/// One row of the flag table, for generated material (completions).
+pub struct FlagInfo {
+    pub dest: &'static str,
+    pub names: &'static [&'static str],
+    pub takes_value: bool,
+    pub help: &'static str,
+}
+
+/// Every flag, in `-h` order.
+pub fn flag_table() -> impl Iterator<Item = FlagInfo> {
+    SPECS.iter().map(|s| FlagInfo {
+        dest: s.dest,
+        names: s.names,
+        takes_value: s.kind == Kind::Value,
+        help: s.help,
+    })
+}
 
 /// Parsed command line: option values by dest, the script and its arguments.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -95,6 +117,7 @@ pub struct RawArgs {
     /// Dests given explicitly (command line or PET), for "was it set" rules.
     pub explicit: std::collections::BTreeSet<&'static str>,
     pub help: bool,
+    pub version: bool,
     pub script: Option<String>,
     pub script_args: Vec<String>,
 }
@@ -217,6 +240,7 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Ra
         };
         match spec.kind {
             Kind::Help => raw.help = true,
+            Kind::Version => raw.version = true,
             Kind::Flag => {
                 if let Some(v) = inline {
                     return Err(UsageError(format!(

@@ -2,6 +2,11 @@
 //! argparse, [`resolve`] turns them into a launch configuration and command.
 
 pub mod args;
+pub mod completions;
+pub mod dry_run;
 pub mod exit_code;
 pub mod log_format;
 pub mod resolve;
+
+/// The torch release whose torchrun the flags and behaviour follow.
+pub const TORCH_RELEASE: &str = "2.15";

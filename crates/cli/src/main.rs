@@ -60,6 +60,23 @@ fn main() -> ExitCode {
         print!("{}", cli::args::help_text());
         return ExitCode::SUCCESS;
     }
+    if raw.version {
+        println!(
+            "torchrun-rs {} (flags and behaviour of torchrun from torch {})",
+            env!("CARGO_PKG_VERSION"),
+            cli::TORCH_RELEASE
+        );
+        return ExitCode::SUCCESS;
+    }
+    if let Some(shell) = raw.get("print_completion") {
+        return match cli::completions::script(shell) {
+            Ok(s) => {
+                print!("{s}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => usage_error(&e.0),
+        };
+    }
     let resolved = match cli::resolve::resolve(&raw, &env) {
         Ok(r) => r,
         Err(e) => return usage_error(&e.0),
@@ -67,6 +84,23 @@ fn main() -> ExitCode {
     // Every value checked before anything touches the disk or the network.
     if let Err(e) = resolved.config.validate() {
         return usage_error(&format!("argument {}: {}", e.flag, e.message));
+    }
+    if raw.flag("dry_run") {
+        let launcher_env: std::collections::BTreeMap<String, String> = std::env::vars_os()
+            .map(|(k, v)| {
+                (
+                    k.to_string_lossy().into_owned(),
+                    v.to_string_lossy().into_owned(),
+                )
+            })
+            .collect();
+        return match cli::dry_run::render(&resolved, &launcher_env) {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => usage_error(&e.0),
+        };
     }
     for n in &resolved.notices {
         eprintln!("torchrun-rs: note: {n}");

@@ -372,12 +372,6 @@ pub fn resolve(
     if let Some(n) = raw.get("numa_binding") {
         notices.push(format!("--numa-binding={n} is not applied by torchrun-rs; workers keep the launcher's CPU affinity"));
     }
-    if raw.get("print_completion").is_some() {
-        return Err(usage(
-            "--print-completion",
-            "shell completion scripts are not available in torchrun-rs",
-        ));
-    }
 
     // The command (§6.1).
     let module = raw.flag("module");

@@ -16,6 +16,7 @@
 //! - `log_dir`, `log_stream`: log files, tee and pass-through pipes.
 //! - [`failure`]: error files and the failure summary.
 //! - `oom`: telling an OOM kill from other SIGKILLs.
+//! - [`preview`]: what each worker would get (`--dry-run`).
 //! - [`signals`]: signal names and trapping.
 //! - `host`: this host's names as Python computes them.
 
@@ -28,6 +29,7 @@ mod lifeline;
 mod log_dir;
 mod log_stream;
 mod oom;
+pub mod preview;
 pub mod process;
 pub mod rdzv_settings;
 mod rendezvous;

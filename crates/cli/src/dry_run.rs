@@ -1,0 +1,106 @@
+//! `--dry-run`: everything resolved (flags, `PET_*`, cluster detection,
+//! GPU count), printed, and nothing started: no process, no port, no file.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use engine::rdzv_settings::{Backend, RdzvSettings};
+
+use crate::args::UsageError;
+use crate::resolve::Resolved;
+
+/// Quotes a word for a POSIX shell when it needs it.
+fn shell_word(w: &str) -> String {
+    let plain = !w.is_empty()
+        && w.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b));
+    if plain {
+        w.to_string()
+    } else {
+        format!("'{}'", w.replace('\'', r"'\''"))
+    }
+}
+
+/// The report: the configuration, then each local rank's command and the
+/// variables the launcher would set for it.
+pub fn render(r: &Resolved, launcher_env: &BTreeMap<String, String>) -> Result<String, UsageError> {
+    let c = &r.config;
+    let settings = RdzvSettings::from_config(c).map_err(UsageError::from)?;
+    let mut out = String::new();
+    let w = &mut out;
+    let _ = writeln!(w, "torchrun-rs --dry-run: nothing was started");
+    let _ = writeln!(w, "configuration:");
+    let nnodes = if c.min_nodes == c.max_nodes {
+        c.max_nodes.to_string()
+    } else {
+        format!("{}:{}", c.min_nodes, c.max_nodes)
+    };
+    let _ = writeln!(w, "  nnodes: {nnodes}");
+    let _ = writeln!(w, "  nproc_per_node: {}", c.nproc_per_node);
+    let rdzv = match &settings.backend {
+        Backend::Static { host, port, rank } => {
+            format!("static, store at {host}:{port}, node rank {rank}")
+        }
+        Backend::Local { port: 0 } => "c10d on this node, store on a free port".to_string(),
+        Backend::Local { port } => format!("c10d on this node, store on port {port}"),
+        Backend::C10d {
+            host,
+            port,
+            is_host,
+        } => format!(
+            "c10d at {host}:{port}{}",
+            match is_host {
+                Some(true) => ", this node hosts the store",
+                Some(false) => ", another node hosts the store",
+                None => "",
+            }
+        ),
+    };
+    let _ = writeln!(w, "  rendezvous: {rdzv}");
+    let _ = writeln!(w, "  run_id: {}", c.run_id);
+    let _ = writeln!(w, "  max_restarts: {}", c.max_restarts);
+    let _ = writeln!(
+        w,
+        "  log_dir: {}",
+        c.log_dir
+            .as_ref()
+            .map_or("a new $TMPDIR/torchelastic_* directory".to_string(), |d| d
+                .display()
+                .to_string())
+    );
+    let _ = writeln!(w, "  signals_to_handle: {}", c.signals_to_handle);
+    let _ = writeln!(w, "  shutdown_timeout: {}s", c.shutdown_timeout.as_secs());
+    for n in &r.notices {
+        let _ = writeln!(w, "  note: {n}");
+    }
+    let mut base = launcher_env.clone();
+    if r.set_omp_threads {
+        base.insert("OMP_NUM_THREADS".to_string(), "1".to_string());
+    }
+    base.insert(
+        "TORCHELASTIC_SIGNALS_TO_HANDLE".to_string(),
+        c.signals_to_handle.clone(),
+    );
+    let local_addr = c
+        .local_addr
+        .clone()
+        .unwrap_or_else(|| "<this host's name>".to_string());
+    let workers = engine::preview::preview_workers(c, &r.entrypoint, &r.args, &base, &local_addr)
+        .map_err(UsageError::from)?;
+    for mut p in workers {
+        // Set by the launcher itself for every worker.
+        for k in ["OMP_NUM_THREADS", "TORCHELASTIC_SIGNALS_TO_HANDLE"] {
+            if let Some(v) = base.get(k).filter(|v| launcher_env.get(k) != Some(*v)) {
+                p.env.insert(k.to_string(), v.clone());
+            }
+        }
+        let _ = writeln!(w, "local rank {}:", p.local_rank);
+        let argv: Vec<String> = p.argv.iter().map(|a| shell_word(a)).collect();
+        let _ = writeln!(w, "  command: {}", argv.join(" "));
+        let _ = writeln!(w, "  environment (on top of the launcher's):");
+        for (k, v) in &p.env {
+            let _ = writeln!(w, "    {k}={v}");
+        }
+    }
+    Ok(out)
+}
