@@ -87,6 +87,7 @@ static SPECS: &[Spec] = &[
     f("virtual_local_rank", &["--virtual-local-rank", "--virtual_local_rank"], "LOCAL_RANK=0 and one visible device per worker"),
     Spec { dest: "print_completion", names: &["--print-completion", "--print_completion"], kind: Kind::Value, pet: false, help: "Print a shell completion script (bash, zsh or fish) and exit" },
     v("forward_signals", &["--forward-signals", "--forward_signals"], "torchrun-rs: signals forwarded to workers while the job keeps running, e.g. SIGUSR1"),
+    Spec { dest: "no_auto_config", names: &["--no-auto-config", "--no_auto_config"], kind: Kind::Flag, pet: false, help: "torchrun-rs: do not derive unset values from a Slurm or Kubernetes environment (also TORCHRUN_RS_NO_AUTO_CONFIG=1)" },
     Spec { dest: "dry_run", names: &["--dry-run", "--dry_run"], kind: Kind::Flag, pet: false, help: "torchrun-rs: print the resolved configuration and each worker's command and environment, start nothing" },
     Spec { dest: "version", names: &["--version"], kind: Kind::Version, pet: false, help: "torchrun-rs: print the version and the torchrun release it follows, and exit" },
 ];
@@ -118,6 +119,8 @@ pub struct RawArgs {
     pub explicit: std::collections::BTreeSet<&'static str>,
     pub help: bool,
     pub version: bool,
+    /// One-line notices about how values were read.
+    pub notes: Vec<String>,
     pub script: Option<String>,
     pub script_args: Vec<String>,
 }
@@ -131,6 +134,12 @@ impl RawArgs {
     }
     pub fn is_set(&self, dest: &str) -> bool {
         self.explicit.contains(dest)
+    }
+    /// Sets a value that was not given (derived, e.g. from the cluster).
+    pub fn set(&mut self, dest: &str, value: String) {
+        if let Some(s) = SPECS.iter().find(|s| s.dest == dest) {
+            self.values.insert(s.dest, value);
+        }
     }
 }
 
@@ -176,7 +185,14 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Ra
     for s in SPECS.iter().filter(|s| s.pet) {
         let var = format!("PET_{}", s.dest.to_uppercase());
         if let Some(v) = env(&var) {
-            let v = if s.kind == Kind::Flag {
+            let v = if s.kind == Kind::Flag && v.trim().is_empty() {
+                // Kubeflow writes PET_STANDALONE="" for `standalone: true`;
+                // torch crashes on it. We take it as set, and say so.
+                raw.notes.push(format!(
+                    "{var} is empty: taken as set (torchrun fails on it: bool(int(''))"
+                ));
+                "1".to_string()
+            } else if s.kind == Kind::Flag {
                 // torch: bool(int(value)).
                 match v.trim().parse::<i64>() {
                     Ok(n) => if n != 0 { "1" } else { "0" }.to_string(),

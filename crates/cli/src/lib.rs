@@ -2,9 +2,11 @@
 //! argparse, [`resolve`] turns them into a launch configuration and command.
 
 pub mod args;
+pub mod cluster;
 pub mod completions;
 pub mod dry_run;
 pub mod exit_code;
+pub mod hostlist;
 pub mod log_format;
 pub mod resolve;
 

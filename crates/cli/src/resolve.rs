@@ -214,7 +214,12 @@ pub fn resolve(
     raw: &RawArgs,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Resolved, UsageError> {
-    let mut notices = Vec::new();
+    let mut notices = raw.notes.clone();
+    let mut raw = raw.clone();
+    if let Some(note) = crate::cluster::apply(&mut raw, env, "/etc/hosts")? {
+        notices.push(note);
+    }
+    let raw = &raw;
     let script = raw.script.clone().ok_or_else(|| {
         UsageError(
             "the following arguments are required: training_script, training_script_args"

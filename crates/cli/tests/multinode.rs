@@ -937,3 +937,55 @@ fn a_worker_failing_on_one_node_restarts_the_whole_job() {
     }
     assert_eq!((oa + &ob).matches(" sum 10").count(), 4);
 }
+
+/// A Slurm step's environment for one node (`srun --ntasks-per-node=1`).
+fn slurm_agent(job: u64, node_id: u32, local_addr: &str, out: &std::path::Path) -> Child {
+    Command::new(BIN)
+        .args([
+            &format!("--local-addr={local_addr}"),
+            "--no-python",
+            "sh",
+            "-c",
+            &format!(
+                "echo \"$RANK $GROUP_RANK $WORLD_SIZE\" > {}/rank.$PPID",
+                out.display()
+            ),
+        ])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SLURM_JOB_ID", job.to_string())
+        .env("SLURM_STEP_ID", "0")
+        .env("SLURM_STEP_NUM_NODES", "2")
+        .env("SLURM_NODEID", node_id.to_string())
+        // The first node of the list has the higher address: ranks must
+        // follow Slurm's order, not the addresses'.
+        .env("SLURM_STEP_NODELIST", "127.0.0.[3,2]")
+        .env("SLURM_STEP_TASKS_PER_NODE", "1(x2)")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_slurm_step_forms_with_global_rank_0_on_its_first_node_from_the_environment_alone() {
+    // A job id whose derived port is free here.
+    let job = (1000..2000u64)
+        .find(|&j| {
+            let p = cli::cluster::slurm_port(j, 0);
+            std::net::TcpListener::bind(("0.0.0.0", p)).is_ok()
+        })
+        .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let second = slurm_agent(job, 1, "127.0.0.2", out.path());
+    let first = slurm_agent(job, 0, "127.0.0.3", out.path());
+    let (first_pid, second_pid) = (first.id(), second.id());
+    let (c1, _, e1) = finish(first);
+    let (c2, _, e2) = finish(second);
+    assert_eq!((c1, c2), (Some(0), Some(0)), "{e1}\n{e2}");
+    assert!(e1.contains("auto-configured from Slurm job"), "{e1}");
+    let rank_of =
+        |pid: u32| std::fs::read_to_string(out.path().join(format!("rank.{pid}"))).unwrap();
+    assert_eq!(rank_of(first_pid).trim(), "0 0 2", "node 0 of the step");
+    assert_eq!(rank_of(second_pid).trim(), "1 1 2", "node 1 of the step");
+}

@@ -173,3 +173,127 @@ fn completion_scripts_load_in_their_shells() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o.stderr).contains("choose from 'bash', 'zsh', 'fish'"));
 }
+
+/// `--dry-run` in a synthetic cluster environment: the report.
+fn dry_run_in(env: &[(&str, &str)], flags: &[&str]) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut args = flags.to_vec();
+    args.extend(["--dry-run", "train.py"]);
+    let o = launcher(&args, env, tmp.path());
+    assert_eq!(o.status.code(), Some(0), "{env:?}: {}", text(&o.stderr));
+    text(&o.stdout)
+}
+
+const SLURM: &[(&str, &str)] = &[
+    ("SLURM_JOB_ID", "4242"),
+    ("SLURM_STEP_ID", "0"),
+    ("SLURM_STEP_NUM_NODES", "4"),
+    ("SLURM_NODEID", "2"),
+    ("SLURM_STEP_NODELIST", "gpu[007-008],gpu[010-011]"),
+    ("SLURM_STEP_TASKS_PER_NODE", "1(x4)"),
+    ("SLURM_GPUS_ON_NODE", "8"),
+];
+
+#[test]
+fn a_slurm_step_configures_the_launch() {
+    let out = dry_run_in(SLURM, &[]);
+    let port = cli::cluster::slurm_port(4242, 0);
+    assert!(out.contains("  nnodes: 4\n  nproc_per_node: 8\n"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "  rendezvous: c10d at gpu007:{port}, another node hosts the store\n  run_id: 4242.0\n"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("note: auto-configured from Slurm job 4242 step 0: "),
+        "{out}"
+    );
+    // A flag wins over the cluster; --no-auto-config turns it all off.
+    let out = dry_run_in(SLURM, &["--nproc-per-node=2"]);
+    assert!(out.contains("  nproc_per_node: 2\n"), "{out}");
+    let out = dry_run_in(SLURM, &["--no-auto-config"]);
+    assert!(
+        out.contains("  nnodes: 1\n") && !out.contains("auto-configured"),
+        "{out}"
+    );
+    // More than one launcher per node is refused, with the fix.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut env = SLURM.to_vec();
+    env.push(("SLURM_STEP_TASKS_PER_NODE", "8(x4)"));
+    let o = launcher(&["--dry-run", "t.py"], &env, tmp.path());
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o.stderr).contains("srun --ntasks-per-node=1"),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+#[test]
+fn kubernetes_jobs_configure_the_launch() {
+    // LeaderWorkerSet.
+    let out = dry_run_in(
+        &[
+            ("LWS_LEADER_ADDRESS", "train-0.train.ns"),
+            ("LWS_GROUP_SIZE", "4"),
+            ("LWS_WORKER_INDEX", "2"),
+        ],
+        &[],
+    );
+    assert!(out.contains("  nnodes: 4\n"), "{out}");
+    assert!(
+        out.contains("rendezvous: static, store at train-0.train.ns:29500, node rank 2"),
+        "{out}"
+    );
+    // Kubeflow PyTorchJob v1, not elastic.
+    let out = dry_run_in(
+        &[
+            ("MASTER_ADDR", "job-master-0"),
+            ("MASTER_PORT", "23456"),
+            ("WORLD_SIZE", "3"),
+            ("RANK", "1"),
+        ],
+        &[],
+    );
+    assert!(
+        out.contains("rendezvous: static, store at job-master-0:23456, node rank 1"),
+        "{out}"
+    );
+    // Kubeflow Trainer v2: PET_* says it all; nothing is derived.
+    let out = dry_run_in(
+        &[
+            ("PET_NNODES", "2"),
+            ("PET_NPROC_PER_NODE", "2"),
+            ("PET_NODE_RANK", "1"),
+            ("PET_MASTER_ADDR", "tj-node-0-0.tj"),
+            ("PET_MASTER_PORT", "29500"),
+            ("JOB_COMPLETION_INDEX", "1"),
+        ],
+        &[],
+    );
+    assert!(
+        out.contains("rendezvous: static, store at tj-node-0-0.tj:29500, node rank 1"),
+        "{out}"
+    );
+    assert!(!out.contains("auto-configured"), "{out}");
+    // JobSet: the node count comes from --nnodes.
+    let out = dry_run_in(
+        &[
+            ("JOB_COMPLETION_INDEX", "3"),
+            ("HOSTNAME", "js-workers-0-3"),
+        ],
+        &["--nnodes=4"],
+    );
+    assert!(
+        out.contains("rendezvous: static, store at js-workers-0-0:29500, node rank 3"),
+        "{out}"
+    );
+    // Kubeflow's PET_STANDALONE="" (torch crashes on it): taken as set.
+    let out = dry_run_in(&[("PET_STANDALONE", "")], &[]);
+    assert!(
+        out.contains("PET_STANDALONE is empty: taken as set"),
+        "{out}"
+    );
+    assert!(out.contains("c10d on this node"), "{out}");
+}

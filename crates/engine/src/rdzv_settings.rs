@@ -48,6 +48,10 @@ pub struct RdzvSettings {
     /// How long a finished node waits for the others (`exit_barrier_timeout`,
     /// 300 s as torch hard-codes it).
     pub exit_barrier_timeout: Duration,
+    /// c10d: this node's index in the cluster's own order (`node_index`,
+    /// beyond torch; set from Slurm's node id by auto-configuration): group
+    /// ranks follow it.
+    pub node_index: Option<u32>,
 }
 
 fn bad(key: &str, v: &str, expected: &str) -> ConfigError {
@@ -138,7 +142,16 @@ impl RdzvSettings {
                 .filter(|&n: &u32| n > 0)
                 .ok_or_else(|| bad("keep_alive_max_attempt", v, "a positive integer"))?,
         };
+        let node_index = match conf.get("node_index") {
+            None => None,
+            Some(v) => Some(
+                v.trim()
+                    .parse()
+                    .map_err(|_| bad("node_index", v, "a non-negative integer"))?,
+            ),
+        };
         Ok(RdzvSettings {
+            node_index,
             backend,
             timeout: c.rdzv_secs("timeout", 900)?,
             read_timeout: c.rdzv_secs("read_timeout", 60)?,

@@ -689,6 +689,7 @@ mod tests {
         let connect = || Client::connect("127.0.0.1", port, ConnectOptions::default());
         let (c, hb) = (connect().await.unwrap(), connect().await.unwrap());
         let node = Node {
+            order: u32::MAX,
             // Host names as long as real ones: the requests of the two
             // rounds (about 30 KB) outgrow one log.
             addr: format!("node-{i:04}.cluster.example.com"),

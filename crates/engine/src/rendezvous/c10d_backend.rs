@@ -79,6 +79,7 @@ impl C10dBackend {
             keep_alive_max_attempt: settings.keep_alive_max_attempt,
         };
         let node = dynamic::Node {
+            order: settings.node_index.unwrap_or(u32::MAX),
             addr: local_addr.to_string(),
             pid: std::process::id(),
             local_id: 0,

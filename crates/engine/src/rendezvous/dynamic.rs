@@ -18,10 +18,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-/// A node: address, pid, and a per-process counter. Ordered by address
-/// string, then pid: that order gives the ranks.
+/// A node: its place in the cluster's own node order (Slurm's node index,
+/// say; `u32::MAX` when there is none), address, pid, and a per-process
+/// counter. Ordered by that index, then address string, then pid: that
+/// order gives the ranks, so global rank 0 lands on the cluster's first
+/// node when it has an order.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Node {
+    pub order: u32,
     pub addr: String,
     pub pid: u32,
     pub local_id: u32,
@@ -266,7 +270,7 @@ pub enum Request {
 }
 
 impl Request {
-    /// One line of the log: `J|L <pid> <local_id> <addr>`.
+    /// One line of the log: `J|L|Q <order> <pid> <local_id> <addr>`.
     pub fn line(&self) -> String {
         let (tag, n) = match self {
             Request::Join(n) => ('J', n),
@@ -392,18 +396,20 @@ pub fn remove_for_good(s: &mut State, n: &Node, cfg: &Settings) -> bool {
     was_participant
 }
 
-/// `<pid> <local_id> <addr>`: the address last, so that it may hold any
+/// `<order> <pid> <local_id> <addr>`: the address last, so that it may hold any
 /// character but a line break.
 fn node_text(n: &Node) -> String {
-    format!("{} {} {}", n.pid, n.local_id, n.addr)
+    format!("{} {} {} {}", n.order, n.pid, n.local_id, n.addr)
 }
 
 fn node_parse(text: &str) -> Option<Node> {
-    let mut f = text.splitn(3, ' ');
+    let mut f = text.splitn(4, ' ');
+    let order = f.next()?.parse().ok()?;
     let pid = f.next()?.parse().ok()?;
     let local_id = f.next()?.parse().ok()?;
     let addr = f.next().filter(|a| !a.is_empty() && !a.contains('\n'))?;
     Some(Node {
+        order,
         addr: addr.to_string(),
         pid,
         local_id,
@@ -411,7 +417,7 @@ fn node_parse(text: &str) -> Option<Node> {
 }
 
 /// First line of an encoded state; a format change gets a new tag.
-const STATE_TAG: &str = "torchrun-rs-rdzv/1";
+const STATE_TAG: &str = "torchrun-rs-rdzv/2";
 
 impl State {
     /// A compact line format (hundreds of agents read it at every change):
@@ -494,6 +500,7 @@ mod tests {
 
     fn node(addr: &str, pid: u32) -> Node {
         Node {
+            order: u32::MAX,
             addr: addr.into(),
             pid,
             local_id: 0,
