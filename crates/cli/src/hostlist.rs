@@ -46,14 +46,16 @@ pub fn expand(list: &str) -> Result<Vec<String>, HostlistError> {
                     }
                     let close = after.find(']').ok_or_else(|| err("'[' without ']'"))?;
                     let values = expand_group(&after[1..close]).map_err(|r| err(&r))?;
-                    let mut next = Vec::with_capacity(partial.len() * values.len());
+                    // Checked before anything is built: groups multiply.
+                    let count = partial.len().saturating_mul(values.len());
+                    if hosts.len().saturating_add(count) > MAX_HOSTS {
+                        return Err(err("expands to more than 1,048,576 hosts"));
+                    }
+                    let mut next = Vec::with_capacity(count);
                     for p in &partial {
                         for v in &values {
                             next.push(format!("{p}{lit}{v}"));
                         }
-                    }
-                    if hosts.len() + next.len() > MAX_HOSTS {
-                        return Err(err("expands to more than 1,048,576 hosts"));
                     }
                     partial = next;
                     rest = &after[close + 1..];
