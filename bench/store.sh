@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS="${1:-3}"
 PY="$(bash scripts/setup-python.sh)/bin/python"
-cargo build -q --release -p torchrun-rs-store -p torchrun-rs-bench
+cargo build -q --release -p torchrun-rs --bin torchrun-rs-store -p torchrun-rs-bench
 LOAD=target/release/store-load
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 

@@ -11,7 +11,7 @@ use tcpstore::{Client, ClientError, ConnectOptions};
 
 fn python_fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/python")
+        .join("../tcpstore/tests/python")
         .join(name)
 }
 

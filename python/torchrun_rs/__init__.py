@@ -1,0 +1,28 @@
+"""torchrun-rs: PyTorch's torchrun launcher rebuilt in Rust.
+
+The wheel installs two programs into the environment's bin directory,
+``torchrun-rs`` and ``torchrun-rs-store``. ``python -m torchrun_rs ARGS``
+runs the launcher; ``python -m torchrun_rs.shim`` installs an opt-in
+``torchrun`` shim into the active environment.
+"""
+
+import os
+import sys
+import sysconfig
+
+__all__ = ["find_bin"]
+
+
+def find_bin(name="torchrun-rs"):
+    """The path of an installed torchrun-rs program."""
+    exe = name + (".exe" if sys.platform == "win32" else "")
+    candidates = [sysconfig.get_path("scripts")]
+    user_scheme = sysconfig.get_preferred_scheme("user") if hasattr(sysconfig, "get_preferred_scheme") else None
+    if user_scheme:
+        candidates.append(sysconfig.get_path("scripts", scheme=user_scheme))
+    candidates.append(os.path.dirname(sys.executable))
+    for d in candidates:
+        p = os.path.join(d, exe)
+        if os.path.isfile(p) and os.access(p, os.X_OK):
+            return p
+    raise FileNotFoundError(f"{exe} is not installed next to this Python ({', '.join(candidates)})")
