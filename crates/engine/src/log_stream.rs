@@ -11,10 +11,10 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Which console stream a tee writes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,15 +42,22 @@ pub struct TeeTargets {
 
 /// A pipe: the read end for the launcher, the write end for the worker.
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = small_pipe()?;
+    // A larger pipe lets a chatty worker run ahead instead of waking the
+    // tee thread every 64 KiB (best effort: the limit is a sysctl).
+    // SAFETY: plain fcntl on our new descriptor.
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+    Ok((r, w))
+}
+
+/// A pipe of the kernel's default size (64 KiB), for streams that are only
+/// passed through.
+pub fn small_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills the array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    // A larger pipe lets a chatty worker run ahead instead of waking the
-    // tee thread every 64 KiB (best effort: the limit is a sysctl).
-    // SAFETY: plain fcntl on our new descriptor.
-    unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, PIPE_SIZE) };
     // SAFETY: both descriptors are new and owned by nobody else.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
@@ -58,20 +65,34 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// A running tee thread.
 pub struct TeeHandle {
     thread: JoinHandle<()>,
+    /// Closed (the sender dropped) when the thread is done.
+    done: std::sync::mpsc::Receiver<()>,
 }
 
 impl TeeHandle {
+    fn spawn(name: &str, work: impl FnOnce() + Send + 'static) -> io::Result<TeeHandle> {
+        let (tx, done) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let _done = tx;
+                work();
+            })?;
+        Ok(TeeHandle { thread, done })
+    }
+
     /// Waits for the stream to end, up to `deadline`. A stream held open by
     /// a process that outlived its worker is left behind rather than waited for.
     pub fn finish_by(self, deadline: Instant) {
-        while !self.thread.is_finished() {
-            if Instant::now() >= deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.done.recv_timeout(left) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 tracing::debug!("a worker's output pipe is still open; not waiting for it");
-                return;
             }
-            std::thread::sleep(Duration::from_millis(1));
+            _ => {
+                let _ = self.thread.join();
+            }
         }
-        let _ = self.thread.join();
     }
 }
 
@@ -83,10 +104,7 @@ const READ_CHUNK: usize = 256 * 1024;
 const MAX_PENDING: usize = 1 << 20;
 
 pub fn start(read: OwnedFd, targets: TeeTargets) -> io::Result<TeeHandle> {
-    let thread = std::thread::Builder::new()
-        .name("tee".into())
-        .spawn(move || copy_lines(File::from(read), targets))?;
-    Ok(TeeHandle { thread })
+    TeeHandle::spawn("tee", move || copy_lines(File::from(read), targets))
 }
 
 fn copy_lines(mut input: File, mut t: TeeTargets) {
@@ -241,36 +259,66 @@ impl Tail {
     }
 }
 
-/// Copies a worker's stream to the launcher's `console` unchanged (if any)
-/// and keeps its last bytes in `tail`.
-pub fn start_passthrough(
-    read: OwnedFd,
-    console: Option<Console>,
-    tail: SharedTail,
-) -> io::Result<TeeHandle> {
-    let thread = std::thread::Builder::new()
-        .name("passthrough".into())
-        .spawn(move || {
-            let mut input = File::from(read);
-            let mut chunk = vec![0u8; READ_CHUNK];
-            loop {
-                let n = match input.read(&mut chunk) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => break,
-                };
-                match console {
-                    Some(Console::Stdout) => console_write(1, &chunk[..n]),
-                    Some(Console::Stderr) => console_write(2, &chunk[..n]),
+/// One stream to pass through: read end, where it goes, what it keeps.
+pub struct PassThrough {
+    pub read: OwnedFd,
+    pub console: Option<Console>,
+    pub tail: SharedTail,
+}
+
+/// Copies every stream of `streams` to its console unchanged (if any) and
+/// keeps its last bytes in its tail: one thread for a whole group, which
+/// waits on all the pipes at once (a thread per worker costs launch time).
+pub fn start_passthrough(streams: Vec<PassThrough>) -> io::Result<TeeHandle> {
+    TeeHandle::spawn("passthrough", move || {
+        let mut streams = streams;
+        // A pipe's worth: these streams are not the hot path of a tee.
+        let mut chunk = vec![0u8; 64 * 1024];
+        while !streams.is_empty() {
+            let mut fds: Vec<libc::pollfd> = streams
+                .iter()
+                .map(|p| libc::pollfd {
+                    fd: p.read.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            // SAFETY: poll on a local array of pollfds.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if r < 0 {
+                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return;
+            }
+            let mut ended = Vec::new();
+            for (i, pfd) in fds.iter().enumerate() {
+                if pfd.revents == 0 {
+                    continue;
+                }
+                let p = &streams[i];
+                // SAFETY: reading into a local buffer from our pipe.
+                let n = unsafe { libc::read(pfd.fd, chunk.as_mut_ptr().cast(), chunk.len()) };
+                if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if n <= 0 {
+                    ended.push(i);
+                    continue;
+                }
+                let data = &chunk[..n as usize];
+                match p.console {
+                    Some(Console::Stdout) => console_write(1, data),
+                    Some(Console::Stderr) => console_write(2, data),
                     None => {}
                 }
-                tail.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(&chunk[..n]);
+                p.tail.lock().unwrap_or_else(|e| e.into_inner()).push(data);
             }
-        })?;
-    Ok(TeeHandle { thread })
+            for i in ended.into_iter().rev() {
+                streams.swap_remove(i);
+            }
+        }
+    })
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {

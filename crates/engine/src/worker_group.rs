@@ -12,7 +12,9 @@ use crate::config::LaunchConfig;
 use crate::failure::ProcessFailure;
 use crate::lifeline;
 use crate::log_dir::LogDir;
-use crate::log_stream::{self, Console, LineFilter, SharedTail, TeeHandle, TeeTargets};
+use crate::log_stream::{
+    self, Console, LineFilter, PassThrough, SharedTail, TeeHandle, TeeTargets,
+};
 use crate::process::{self, Exit, ExitStatus, SpawnSpec, Stdio};
 use crate::rendezvous::Assignment;
 use crate::supervisor::Supervisor;
@@ -172,7 +174,8 @@ fn open_filter(
 struct Stream {
     stdio: Stdio,
     tee: Option<TeeHandle>,
-    tail: Option<SharedTail>,
+    /// A stream to pass through, by the group's one pass-through thread.
+    pass: Option<PassThrough>,
 }
 
 impl Stream {
@@ -180,7 +183,7 @@ impl Stream {
         Stream {
             stdio,
             tee: None,
-            tail: None,
+            pass: None,
         }
     }
 }
@@ -246,7 +249,7 @@ impl Launch<'_> {
             return Ok(Stream {
                 stdio: Stdio::Fd(w),
                 tee: Some(handle),
-                tail: None,
+                pass: None,
             });
         }
         if let Some(p) = &file_path {
@@ -255,14 +258,15 @@ impl Launch<'_> {
         }
         let discarded = teed && rank_dir.is_none();
         if !is_out && self.tail_stderr && !discarded {
-            let (r, w) = log_stream::pipe().map_err(streams_err)?;
-            let tail = SharedTail::default();
-            let handle = log_stream::start_passthrough(r, shown.then_some(console), tail.clone())
-                .map_err(streams_err)?;
+            let (r, w) = log_stream::small_pipe().map_err(streams_err)?;
             return Ok(Stream {
                 stdio: Stdio::Fd(w),
-                tee: Some(handle),
-                tail: Some(tail),
+                tee: None,
+                pass: Some(PassThrough {
+                    read: r,
+                    console: shown.then_some(console),
+                    tail: SharedTail::default(),
+                }),
             });
         }
         if !shown || discarded {
@@ -311,6 +315,7 @@ impl Launch<'_> {
                 "filtered_stderr.log",
             )?,
         };
+        let mut passed = Vec::new();
         for local_rank in 0..nproc {
             let ranks = WorkerRanks {
                 local_rank,
@@ -319,9 +324,19 @@ impl Launch<'_> {
                 world_size: a.world_size,
                 role_world_size: a.role_world_size,
             };
-            let worker =
-                self.start_worker(&group_info, ranks, attempt_dir.as_deref(), &filters, group)?;
+            let worker = self.start_worker(
+                &group_info,
+                ranks,
+                attempt_dir.as_deref(),
+                &filters,
+                group,
+                &mut passed,
+            )?;
             group.workers.push(worker);
+        }
+        if !passed.is_empty() {
+            let handle = log_stream::start_passthrough(passed).map_err(streams_err)?;
+            group.tees.push(handle);
         }
         tracing::info!(
             "[{}] started {} workers (restart {}), master {}:{}",
@@ -341,6 +356,7 @@ impl Launch<'_> {
         attempt_dir: Option<&Path>,
         filters: &Filters,
         group: &mut Group,
+        passed: &mut Vec<PassThrough>,
     ) -> Result<Worker, AgentError> {
         let cfg = self.config;
         let local_rank = ranks.local_rank;
@@ -368,6 +384,9 @@ impl Launch<'_> {
         group.tees.extend(out.tee);
         let err = self.stream(false, &ranks, rank_dir.as_deref(), filters.stderr.clone())?;
         group.tees.extend(err.tee);
+        let stderr_tail = err.pass.as_ref().map(|p| p.tail.clone());
+        passed.extend(out.pass);
+        passed.extend(err.pass);
         let redirected_stderr =
             cfg.redirects.for_rank(local_rank).stderr || cfg.tee.for_rank(local_rank).stderr;
         let stderr_file = rank_dir
@@ -393,7 +412,7 @@ impl Launch<'_> {
             state: WorkerState::Running,
             error_file,
             stderr_file,
-            stderr_tail: err.tail,
+            stderr_tail,
         })
     }
 }
