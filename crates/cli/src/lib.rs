@@ -8,6 +8,7 @@ pub mod dry_run;
 pub mod exit_code;
 pub mod hostlist;
 pub mod log_format;
+pub mod panic_hook;
 pub mod resolve;
 
 /// The torch release whose torchrun the flags and behaviour follow.

@@ -6,26 +6,6 @@ use std::process::ExitCode;
 use cli::exit_code;
 use engine::signals;
 
-/// A bug: one line on stderr, never a backtrace, and the launcher exits at
-/// once from whichever thread panicked; the guardian then stops every
-/// worker, as for a launcher that was killed.
-fn install_panic_hook() {
-    std::panic::set_hook(Box::new(|info| {
-        let msg = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "panic".to_string());
-        let at = info
-            .location()
-            .map(|l| format!(" at {}:{}", l.file(), l.line()))
-            .unwrap_or_default();
-        eprintln!("torchrun-rs: internal error: {msg}{at} (please report it)");
-        std::process::exit(i32::from(exit_code::INTERNAL_ERROR));
-    }));
-}
-
 fn init_logging() {
     let level = std::env::var("LOGLEVEL").unwrap_or_else(|_| "warn".to_string());
     let filter = tracing_subscriber::EnvFilter::try_new(level.to_lowercase())
@@ -38,7 +18,9 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
-    install_panic_hook();
+    // A bug: one line, no backtrace, and the launcher exits at once from
+    // whichever thread panicked; the guardian then stops every worker.
+    cli::panic_hook::install("torchrun-rs", Some(exit_code::INTERNAL_ERROR));
     // Hold the handled signals from the first instant; the agent unblocks
     // them once its handlers are in place.
     signals::block(signals::EARLY_BLOCKED);

@@ -46,6 +46,17 @@ fn run(mode: &str) -> Outcome {
     }
 }
 
+/// The decoy got a finished worker's PID and is still alive.
+fn assert_took_the_pid_and_survived(o: &Outcome) {
+    assert_eq!(o.decoy, "taken", "{o:?}");
+    assert_eq!(
+        o.decoy_alive,
+        Some(true),
+        "the decoy died by signal {:?}: {o:?}",
+        o.decoy_signal
+    );
+}
+
 #[test]
 fn a_finished_workers_pid_stays_reserved_while_its_group_may_be_signalled() {
     // Rank 0 has exited; its sibling still runs, so the launcher may still
@@ -66,26 +77,14 @@ fn a_failed_job_stops_its_groups_without_touching_a_pid_taker() {
 fn a_stranger_with_a_pid_from_an_earlier_attempt_survives_the_job() {
     let o = run("restart");
     assert_eq!(o.launcher_rc, 0, "{o:?}");
-    assert_eq!(o.decoy, "taken", "{o:?}");
-    assert_eq!(
-        o.decoy_alive,
-        Some(true),
-        "the decoy died by signal {:?}: {o:?}",
-        o.decoy_signal
-    );
+    assert_took_the_pid_and_survived(&o);
 }
 
 #[test]
 fn a_stranger_with_a_pid_from_an_earlier_attempt_survives_a_sigterm_stop() {
     let o = run("sigterm");
     assert_eq!(o.launcher_rc, 128 + libc::SIGTERM as i64, "{o:?}");
-    assert_eq!(o.decoy, "taken", "{o:?}");
-    assert_eq!(
-        o.decoy_alive,
-        Some(true),
-        "the decoy died by signal {:?}: {o:?}",
-        o.decoy_signal
-    );
+    assert_took_the_pid_and_survived(&o);
     assert!(
         o.stderr.contains("SIGTERM") || o.stderr.contains("15"),
         "{}",

@@ -7,31 +7,14 @@
 
 use std::process::ExitCode;
 
-use tcpstore::cli::{self, Command, USAGE};
+use tcpstore::cli::{self as store_cli, Command, USAGE};
 use tcpstore::Server;
 
-/// A bug: one line on stderr instead of a backtrace. A panic in a
-/// connection's task ends that connection only (the runtime catches it and
-/// the store's locks survive it); one in the main thread ends the process
-/// with status 70.
-fn install_panic_hook() {
-    std::panic::set_hook(Box::new(|info| {
-        let msg = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "panic".to_string());
-        let at = info
-            .location()
-            .map(|l| format!(" at {}:{}", l.file(), l.line()))
-            .unwrap_or_default();
-        eprintln!("torchrun-rs-store: internal error: {msg}{at} (please report it)");
-    }));
-}
-
 fn main() -> ExitCode {
-    install_panic_hook();
+    // A panic in a connection's task ends that connection only (the runtime
+    // catches it and the store's locks survive it); one in the main thread
+    // ends the process with status 70.
+    cli::panic_hook::install("torchrun-rs-store", None);
     match std::panic::catch_unwind(run) {
         Ok(code) => code,
         Err(_) => ExitCode::from(70),
@@ -50,7 +33,7 @@ fn run() -> ExitCode {
         .skip(1)
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    let (bind, threads) = match cli::parse(&args, &|k| std::env::var(k).ok()) {
+    let (bind, threads) = match store_cli::parse(&args, &|k| std::env::var(k).ok()) {
         Ok(Command::Serve { bind, threads }) => (bind, threads),
         Ok(Command::Help) => {
             println!("{USAGE}");
