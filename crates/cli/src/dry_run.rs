@@ -74,6 +74,9 @@ pub fn render(r: &Resolved, launcher_env: &BTreeMap<String, String>) -> Result<S
         let _ = writeln!(w, "  note: {n}");
     }
     let mut base = launcher_env.clone();
+    if let Some(list) = &r.cuda_visible_devices {
+        base.insert("CUDA_VISIBLE_DEVICES".to_string(), list.clone());
+    }
     if r.set_omp_threads {
         base.insert("OMP_NUM_THREADS".to_string(), "1".to_string());
     }
@@ -87,9 +90,22 @@ pub fn render(r: &Resolved, launcher_env: &BTreeMap<String, String>) -> Result<S
         .unwrap_or_else(|| "<this host's name>".to_string());
     let workers = engine::preview::preview_workers(c, &r.entrypoint, &r.args, &base, &local_addr)
         .map_err(UsageError::from)?;
+    let cpus = match c.numa_binding {
+        None => Vec::new(),
+        Some(mode) => {
+            let visible = base.get("CUDA_VISIBLE_DEVICES").cloned();
+            engine::numa::Topology::of_this_host(visible.as_deref())
+                .and_then(|t| t.bindings(mode, c.nproc_per_node))
+                .map_err(|e| UsageError(e.to_string()))?
+        }
+    };
     for mut p in workers {
         // Set by the launcher itself for every worker.
-        for k in ["OMP_NUM_THREADS", "TORCHELASTIC_SIGNALS_TO_HANDLE"] {
+        for k in [
+            "OMP_NUM_THREADS",
+            "TORCHELASTIC_SIGNALS_TO_HANDLE",
+            "CUDA_VISIBLE_DEVICES",
+        ] {
             if let Some(v) = base.get(k).filter(|v| launcher_env.get(k) != Some(*v)) {
                 p.env.insert(k.to_string(), v.clone());
             }
@@ -97,6 +113,9 @@ pub fn render(r: &Resolved, launcher_env: &BTreeMap<String, String>) -> Result<S
         let _ = writeln!(w, "local rank {}:", p.local_rank);
         let argv: Vec<String> = p.argv.iter().map(|a| shell_word(a)).collect();
         let _ = writeln!(w, "  command: {}", argv.join(" "));
+        if let Some(set) = cpus.get(p.local_rank as usize) {
+            let _ = writeln!(w, "  cpus: {}", engine::numa::format_ranges(set));
+        }
         let _ = writeln!(w, "  environment (on top of the launcher's):");
         for (k, v) in &p.env {
             let _ = writeln!(w, "    {k}={v}");

@@ -87,6 +87,10 @@ fn main() -> ExitCode {
     for n in &resolved.notices {
         eprintln!("torchrun-rs: note: {n}");
     }
+    if let Some(list) = &resolved.cuda_visible_devices {
+        // Still without other threads: setting the variable is safe.
+        std::env::set_var("CUDA_VISIBLE_DEVICES", list);
+    }
     if resolved.set_omp_threads {
         // Still single-threaded but for the guardian: setting the variable is safe.
         std::env::set_var("OMP_NUM_THREADS", "1");

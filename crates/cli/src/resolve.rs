@@ -21,6 +21,8 @@ pub struct Resolved {
     pub notices: Vec<String>,
     /// Whether `OMP_NUM_THREADS=1` must be exported (and the banner shown).
     pub set_omp_threads: bool,
+    /// `CUDA_VISIBLE_DEVICES` for the workers, from `--gpus`.
+    pub cuda_visible_devices: Option<String>,
     /// The failure summary's title when it is not derived from the command
     /// (`run_script_path` for `--run-path`, as torch names its function).
     pub entrypoint_name: Option<String>,
@@ -98,8 +100,14 @@ pub fn cpu_count() -> u32 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
 }
 
-/// Physical NVIDIA GPUs, from the driver's /proc entries or `nvidia-smi -L`.
+/// Physical NVIDIA GPUs, from the driver's /proc entries or `nvidia-smi -L`
+/// (under `TORCHRUN_RS_SYSFS_ROOT`, a test hook: the fake machine's PCI
+/// devices).
 fn physical_gpus() -> u32 {
+    if let Some(root) = std::env::var_os("TORCHRUN_RS_SYSFS_ROOT") {
+        return engine::numa::Topology::new(std::path::Path::new(&root), Default::default(), None)
+            .map_or(0, |t| t.gpu_count() as u32);
+    }
     if let Ok(dir) = std::fs::read_dir("/proc/driver/nvidia/gpus") {
         let n = dir.count() as u32;
         if n > 0 {
@@ -139,8 +147,36 @@ pub fn visible_gpus(physical: u32, cuda_visible: Option<&str>) -> u32 {
     n.min(physical)
 }
 
-fn determine_nproc(v: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<u32, UsageError> {
-    let gpus = || visible_gpus(physical_gpus(), env("CUDA_VISIBLE_DEVICES").as_deref());
+/// `--gpus 0,2,5` or `0-3` (or a mix), in the order given.
+pub fn parse_gpus(v: &str) -> Result<Vec<u32>, UsageError> {
+    let bad = || {
+        usage(
+            "--gpus",
+            format!("invalid value '{v}': expected GPU indices like 0,2,5 or 0-3"),
+        )
+    };
+    let mut out: Vec<u32> = Vec::new();
+    for part in v.split(',').map(str::trim) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (u32, u32) = (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        );
+        if b < a || b - a > 4096 {
+            return Err(bad());
+        }
+        for g in a..=b {
+            if out.contains(&g) {
+                return Err(usage("--gpus", format!("GPU {g} is listed twice in '{v}'")));
+            }
+            out.push(g);
+        }
+    }
+    Ok(out)
+}
+
+fn determine_nproc(v: &str, cuda_visible: Option<&str>) -> Result<u32, UsageError> {
+    let gpus = || visible_gpus(physical_gpus(), cuda_visible);
     match v.trim() {
         "cpu" => Ok(cpu_count()),
         "gpu" => match gpus() {
@@ -301,7 +337,27 @@ pub fn resolve(
     c.rdzv_backend = backend;
     c.rdzv_endpoint = endpoint;
     c.run_id = run_id;
-    c.nproc_per_node = determine_nproc(raw.get("nproc_per_node").unwrap_or("1"), env)?;
+    let inherited_visible = env("CUDA_VISIBLE_DEVICES").filter(|v| !v.trim().is_empty());
+    let cuda_visible_devices = match raw.get("gpus") {
+        None => None,
+        Some(v) => {
+            let list = parse_gpus(v)?
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            if let Some(existing) = inherited_visible.as_ref().filter(|e| e.trim() != list) {
+                return Err(usage(
+                    "--gpus",
+                    format!("{v} conflicts with CUDA_VISIBLE_DEVICES={existing} already set; give one of them"),
+                ));
+            }
+            Some(list)
+        }
+    };
+    let visible = cuda_visible_devices.clone().or(inherited_visible);
+    c.nproc_per_node =
+        determine_nproc(raw.get("nproc_per_node").unwrap_or("1"), visible.as_deref())?;
     c.log_dir = raw.get("log_dir").map(PathBuf::from);
     c.redirects = StdSpec::parse("--redirects", raw.get("redirects").unwrap_or("0"))?;
     c.tee = StdSpec::parse("--tee", raw.get("tee").unwrap_or("0"))?;
@@ -375,7 +431,19 @@ pub fn resolve(
         }
     }
     if let Some(n) = raw.get("numa_binding") {
-        notices.push(format!("--numa-binding={n} is not applied by torchrun-rs; workers keep the launcher's CPU affinity"));
+        c.numa_binding = Some(engine::numa::AffinityMode::parse(n).ok_or_else(|| {
+            usage(
+                "--numa-binding",
+                format!(
+                    "invalid choice: '{n}' (choose from {})",
+                    engine::numa::AffinityMode::CHOICES
+                        .iter()
+                        .map(|c| format!("'{c}'"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })?);
     }
 
     // The command (§6.1).
@@ -422,6 +490,7 @@ pub fn resolve(
         args,
         notices,
         set_omp_threads,
+        cuda_visible_devices,
         entrypoint_name: run_path.then(|| "run_script_path".to_string()),
     })
 }

@@ -158,6 +158,7 @@ impl<'a> Agent<'a> {
         rdzv: RendezvousTask,
         rdzv_events: mpsc::UnboundedReceiver<RdzvEvent>,
         trap: Trap,
+        cpus: Vec<libc::cpu_set_t>,
     ) -> Self {
         let poll_interval = rdzv.poll_interval();
         let (exits_tx, exits) = mpsc::unbounded_channel();
@@ -166,6 +167,7 @@ impl<'a> Agent<'a> {
                 config,
                 supervisor,
                 exits: exits_tx,
+                cpus,
                 program,
                 args,
                 base_env,

@@ -237,6 +237,8 @@ pub struct LaunchConfig {
     pub duplicate_stdout_filters: Vec<String>,
     pub duplicate_stderr_filters: Vec<String>,
     pub virtual_local_rank: bool,
+    /// `--numa-binding`: pin each local rank's CPUs near its GPU.
+    pub numa_binding: Option<crate::numa::AffinityMode>,
     /// Grace between forwarding a signal and SIGKILL on shutdown.
     pub shutdown_timeout: Duration,
     /// Static backend: the store every agent and worker uses.
@@ -299,6 +301,7 @@ impl Default for LaunchConfig {
             duplicate_stdout_filters: Vec::new(),
             duplicate_stderr_filters: Vec::new(),
             virtual_local_rank: false,
+            numa_binding: None,
             shutdown_timeout: Duration::from_secs(30),
             master_addr: None,
             master_port: None,

@@ -26,6 +26,8 @@ pub enum LaunchError {
     Agent(#[from] AgentError),
     #[error(transparent)]
     LogDir(#[from] crate::log_dir::LogDirError),
+    #[error(transparent)]
+    Numa(#[from] crate::numa::NumaError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -112,6 +114,25 @@ fn root_cause_details(f: &ProcessFailure) -> String {
         }
     }
     out
+}
+
+/// Each local rank's CPUs under `--numa-binding` (none without it), as
+/// torch computes them; a failure is an error before anything starts, as in
+/// torch.
+fn numa_bindings(config: &LaunchConfig) -> Result<Vec<libc::cpu_set_t>, crate::numa::NumaError> {
+    let Some(mode) = config.numa_binding else {
+        return Ok(Vec::new());
+    };
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    let topology = crate::numa::Topology::of_this_host(visible.as_deref())?;
+    let sets = topology.bindings(mode, config.nproc_per_node)?;
+    for (r, s) in sets.iter().enumerate() {
+        tracing::info!(
+            "--numa-binding: local rank {r} on CPUs {}",
+            crate::numa::format_ranges(s)
+        );
+    }
+    Ok(sets.iter().map(crate::numa::cpu_set).collect())
 }
 
 /// torch's `_get_entrypoint_name`: for a Python interpreter, the first
@@ -226,6 +247,7 @@ async fn run(
         .filter(|v| !v.is_empty())
         .map(PathBuf::from);
 
+    let cpus = numa_bindings(&config)?;
     let host = crate::host::fqdn();
     let local_addr = config.local_addr.clone().unwrap_or_else(|| host.clone());
     let log_dir = LogDir::create(config.log_dir.as_deref(), &config.run_id)?;
@@ -258,6 +280,7 @@ async fn run(
         rdzv,
         rdzv_events,
         trap,
+        cpus,
     );
     let result = agent.run().await;
     agent.shutdown().await;

@@ -18,6 +18,7 @@
 //! - `oom`: telling an OOM kill from other SIGKILLs.
 //! - [`preview`]: what each worker would get (`--dry-run`).
 //! - [`signals`]: signal names and trapping.
+//! - [`numa`]: `--numa-binding`, torch's four modes over sysfs.
 //! - `host`: this host's names as Python computes them.
 
 mod agent;
@@ -28,6 +29,7 @@ mod launch;
 mod lifeline;
 mod log_dir;
 mod log_stream;
+pub mod numa;
 mod oom;
 pub mod preview;
 pub mod process;

@@ -100,6 +100,8 @@ pub struct SpawnSpec<'a> {
     pub env: &'a BTreeMap<String, String>,
     pub stdout: Stdio,
     pub stderr: Stdio,
+    /// The CPUs the worker may run on (`--numa-binding`), set before exec.
+    pub cpus: Option<libc::cpu_set_t>,
 }
 
 /// Starts a worker in its own session (pgid = pid). Returns its pid; its
@@ -181,6 +183,9 @@ pub fn spawn(spec: SpawnSpec<'_>, exits: &mpsc::UnboundedSender<Exit>) -> io::Re
                 prog.as_ptr(),
                 argv.as_ptr(),
                 envp.as_ptr(),
+                spec.cpus
+                    .as_ref()
+                    .map_or(std::ptr::null(), |c| c as *const _),
                 err_w,
             );
         }
@@ -230,6 +235,7 @@ unsafe fn child_after_fork(
     prog: *const libc::c_char,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
+    cpus: *const libc::cpu_set_t,
     err_w: RawFd,
 ) -> ! {
     // SAFETY: the caller guarantees this is the child of a fork with
@@ -268,6 +274,11 @@ unsafe fn child_after_fork(
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        if !cpus.is_null()
+            && libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), cpus) < 0
+        {
+            fail(err_w);
+        }
         if out_fd != 1 && libc::dup2(out_fd, 1) < 0 {
             fail(err_w);
         }

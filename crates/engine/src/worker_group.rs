@@ -133,6 +133,8 @@ pub struct Launch<'a> {
     pub supervisor: &'a Supervisor,
     /// Where the reaper sends this launch's workers' exits.
     pub exits: tokio::sync::mpsc::UnboundedSender<Exit>,
+    /// Each local rank's CPUs (`--numa-binding`), computed at start.
+    pub cpus: Vec<libc::cpu_set_t>,
     pub program: PathBuf,
     pub args: Vec<String>,
     pub base_env: BTreeMap<String, String>,
@@ -399,6 +401,7 @@ impl Launch<'_> {
             env: &env,
             stdout: out.stdio,
             stderr: err.stdio,
+            cpus: self.cpus.get(local_rank as usize).copied(),
         };
         let pid = process::spawn(spec, &self.exits).map_err(|source| AgentError::Spawn {
             local_rank,
