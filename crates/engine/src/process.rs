@@ -228,6 +228,9 @@ pub fn spawn(spec: SpawnSpec<'_>, exits: &mpsc::UnboundedSender<Exit>) -> io::Re
 /// # Safety
 /// Call only in the child of a fork, with pointers that stay valid there (a
 /// copy of the parent's memory): it runs only async-signal-safe functions.
+// Plain values and pointers prepared before the fork: the child may not
+// allocate, so they are not gathered into anything richer.
+#[allow(clippy::too_many_arguments)]
 unsafe fn child_after_fork(
     parent: libc::pid_t,
     out_fd: RawFd,
