@@ -119,6 +119,73 @@ fn run_path_failures_are_titled_and_recorded_as_torch_does() {
     }
 }
 
+/// The console event lines of a launch, with what differs between two
+/// launches (run id, pids, durations) redacted.
+fn console_events(launcher: &std::path::Path, job: &[&str]) -> Vec<String> {
+    let out = run(Command::new(launcher)
+        .args([
+            "--standalone",
+            "--nproc-per-node=2",
+            "--max-restarts=1",
+            "--event-log-handler=console",
+            "--no-python",
+        ])
+        .args(job)
+        .env_remove("LOGLEVEL"));
+    let mut lines = Vec::new();
+    for l in text(&out.stderr).lines().filter(|l| l.starts_with('{')) {
+        let mut l = l.to_string();
+        for (start, end) in [
+            ("\"run_id\": \"", "\""),
+            ("\"worker_id\": \"", "\""),
+            ("\"duration_ms\": ", "}"),
+            ("\\\"worker_pid\\\": [", "]"),
+        ] {
+            let mut from = 0;
+            while let Some(i) = l[from..].find(start).map(|i| i + from + start.len()) {
+                let j = i + l[i..].find(end).unwrap();
+                if &l[i..j] != "null" {
+                    l.replace_range(i..j, "X");
+                }
+                from = i;
+            }
+        }
+        lines.push(l);
+    }
+    lines
+}
+
+#[test]
+fn console_events_match_torchruns_byte_for_byte() {
+    for job in [&["true"][..], &["sh", "-c", "exit 3"][..]] {
+        let ours = console_events(std::path::Path::new(BIN), job);
+        let theirs = console_events(&torchrun(), job);
+        assert!(ours.len() >= 7, "{ours:#?}");
+        assert_eq!(ours, theirs, "{job:?}");
+    }
+    // Silenced as torch's event logger is; an unknown handler fails at once.
+    let out = run(Command::new(BIN)
+        .args([
+            "--standalone",
+            "--event-log-handler=console",
+            "--no-python",
+            "true",
+        ])
+        .env("LOGLEVEL", "WARNING"));
+    assert!(
+        !text(&out.stderr).contains("torchelastic.worker.status"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(Command::new(BIN).args(["--event-log-handler=kafka", "--no-python", "true"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("choose from 'null', 'console', 'dynamic_rendezvous'"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 /// Replaces the values that legitimately differ between two launches with
 /// their shape, so the two environments can be compared key by key.
 fn shape(key: &str, value: &str, run_id: &str) -> String {

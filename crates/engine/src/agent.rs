@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::LaunchConfig;
+use crate::events::{EventLog, WorkerFacts};
 use crate::failure::ProcessFailure;
 use crate::log_dir::LogDir;
 use crate::process::{Exit, ExitStatus};
@@ -141,6 +142,12 @@ pub struct Agent<'a> {
     oom_counter: Option<PathBuf>,
     /// The last membership check could not reach the rendezvous store.
     rdzv_failing: bool,
+    /// torch's agent events (`--event-log-handler`).
+    events: EventLog,
+    /// When the rendezvous task was last asked for a round.
+    round_asked: std::time::Instant,
+    /// The workers of the last group started, for the final events.
+    last_workers: Vec<WorkerFacts>,
 }
 
 impl<'a> Agent<'a> {
@@ -159,6 +166,7 @@ impl<'a> Agent<'a> {
         rdzv_events: mpsc::UnboundedReceiver<RdzvEvent>,
         trap: Trap,
         cpus: Vec<libc::cpu_set_t>,
+        events: EventLog,
     ) -> Self {
         let poll_interval = rdzv.poll_interval();
         let (exits_tx, exits) = mpsc::unbounded_channel();
@@ -189,19 +197,36 @@ impl<'a> Agent<'a> {
             stopping_signal: None,
             oom_counter: crate::oom::counter_file(),
             rdzv_failing: false,
+            events,
+            round_asked: std::time::Instant::now(),
+            last_workers: Vec::new(),
         }
     }
 
     /// Runs worker groups until success, exhausted restarts, or a signal.
     pub async fn run(&mut self) -> Result<RunResult, AgentError> {
-        self.phase = Phase::Joining;
-        self.rdzv.next_round();
+        self.join_next();
         let result = loop {
             let ev = self.next_event().await;
             if let Some(done) = self.handle(ev) {
                 break done;
             }
         };
+        let restarts = self.restart_count;
+        match &result {
+            Ok(RunResult::Succeeded) => self.events.finished(&self.last_workers, &[], restarts),
+            Ok(RunResult::Failed { failures }) => {
+                self.events.finished(&self.last_workers, failures, restarts)
+            }
+            Ok(RunResult::Signaled { signal }) => self.events.agent_failed(
+                &format!(
+                    "SignalException: Process {} got signal: {signal}",
+                    std::process::id()
+                ),
+                restarts,
+            ),
+            Err(e) => self.events.agent_failed(&e.to_string(), restarts),
+        }
         self.phase = Phase::Between;
         self.cleanup().await;
         if let Ok(RunResult::Signaled { .. }) = result {
@@ -337,6 +362,16 @@ impl<'a> Agent<'a> {
     fn on_rendezvous(&mut self, r: RdzvEvent) -> Done {
         match (r, &self.phase) {
             (RdzvEvent::Round(Ok(a)), Phase::Joining) => {
+                // Ranks are assigned within the round here: its time is the
+                // rendezvous's, the assignment's is not told apart.
+                let took = self.round_asked.elapsed().as_secs_f64() * 1000.0;
+                self.events.round(
+                    took,
+                    0.0,
+                    self.restart_count,
+                    a.group_rank,
+                    a.group_world_size,
+                );
                 let oom_now = self
                     .oom_counter
                     .as_deref()
@@ -346,6 +381,15 @@ impl<'a> Agent<'a> {
                 self.started_any |= !group.workers.is_empty();
                 match started {
                     Ok(()) => {
+                        self.last_workers = group
+                            .workers
+                            .iter()
+                            .map(|w| WorkerFacts {
+                                ranks: w.ranks,
+                                pid: w.pid,
+                            })
+                            .collect();
+                        self.events.started(&self.last_workers, self.restart_count);
                         // The first membership check at once, as a fresh
                         // round may already be outdated.
                         self.next_check = self.poll_interval.map(|_| Instant::now());
@@ -483,6 +527,7 @@ impl<'a> Agent<'a> {
 
     fn join_next(&mut self) {
         self.phase = Phase::Joining;
+        self.round_asked = std::time::Instant::now();
         self.rdzv.next_round();
     }
 

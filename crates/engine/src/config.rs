@@ -346,6 +346,7 @@ impl LaunchConfig {
             self.rdzv_secs(key, 1)?;
         }
         crate::rdzv_settings::RdzvSettings::from_config(self)?;
+        crate::events::check_handler(&self.event_log_handler)?;
         if self.virtual_local_rank {
             // Each worker gets one entry of the visible-device list (the
             // launcher's environment is the workers' base).

@@ -277,6 +277,8 @@ pub mod json {
         Null,
         Bool(bool),
         Num(f64),
+        /// A Python float: always written with a fraction (`5.0`).
+        Float(f64),
         Str(String),
         Array(Vec<Json>),
         /// Keys in file order.
@@ -306,6 +308,8 @@ pub mod json {
                 Json::Bool(b) => write!(f, "{b}"),
                 Json::Num(n) if n.fract() == 0.0 && n.abs() < 1e15 => write!(f, "{}", *n as i64),
                 Json::Num(n) => write!(f, "{n}"),
+                Json::Float(n) if n.is_finite() && n.fract() == 0.0 => write!(f, "{n:.1}"),
+                Json::Float(n) => write!(f, "{n}"),
                 Json::Str(s) => write_str(f, s),
                 Json::Array(a) => {
                     write!(f, "[")?;

@@ -281,6 +281,7 @@ async fn run(
         rdzv_events,
         trap,
         cpus,
+        crate::events::EventLog::new(&config, host.clone(), entrypoint_name(entrypoint, args)),
     );
     let result = agent.run().await;
     agent.shutdown().await;

@@ -15,6 +15,7 @@
 //! - `worker_env`: the environment contract of spec §3.
 //! - `log_dir`, `log_stream`: log files, tee and pass-through pipes.
 //! - [`failure`]: error files and the failure summary.
+//! - `events`: torch's agent events (`--event-log-handler console`).
 //! - `oom`: telling an OOM kill from other SIGKILLs.
 //! - [`preview`]: what each worker would get (`--dry-run`).
 //! - [`signals`]: signal names and trapping.
@@ -23,6 +24,7 @@
 
 mod agent;
 pub mod config;
+mod events;
 pub mod failure;
 mod host;
 mod launch;
