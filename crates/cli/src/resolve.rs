@@ -359,6 +359,10 @@ pub fn resolve(
     c.nproc_per_node =
         determine_nproc(raw.get("nproc_per_node").unwrap_or("1"), visible.as_deref())?;
     c.log_dir = raw.get("log_dir").map(PathBuf::from);
+    c.events_file = raw
+        .get("events_file")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from);
     c.redirects = StdSpec::parse("--redirects", raw.get("redirects").unwrap_or("0"))?;
     c.tee = StdSpec::parse("--tee", raw.get("tee").unwrap_or("0"))?;
     c.log_line_prefix_template = raw

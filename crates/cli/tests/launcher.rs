@@ -702,3 +702,122 @@ fn virtual_local_rank_with_too_few_visible_devices_is_a_usage_error() {
         "something was written"
     );
 }
+
+fn journal(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn the_events_file_tells_a_restarted_jobs_story() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("events.jsonl");
+    let (done, _d) = start(
+        &[
+            "--nproc-per-node=2",
+            "--max-restarts=1",
+            "--events-file",
+            file.to_str().unwrap(),
+        ],
+        "fail-once",
+        &["1"],
+    )
+    .finish();
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let ev = journal(&file);
+    let names: Vec<&str> = ev.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    let mut ts = 0.0;
+    for e in &ev {
+        assert_eq!(e["schema"], "torchrun-rs.events/1", "{e}");
+        let t = e["ts"].as_f64().unwrap();
+        assert!(t >= ts, "timestamps go forward: {e}");
+        ts = t;
+    }
+    assert_eq!(names.first(), Some(&"launcher_started"));
+    assert_eq!(names.last(), Some(&"job_finished"));
+    assert_eq!(ev.last().unwrap()["result"], "succeeded");
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| **n == "rendezvous_completed")
+            .count(),
+        2,
+        "{names:?}"
+    );
+    assert_eq!(
+        names.iter().filter(|n| **n == "worker_started").count(),
+        4,
+        "{names:?}"
+    );
+    let failed = ev
+        .iter()
+        .find(|e| e["event"] == "worker_exited" && e["reason"] == "failed")
+        .expect("the failure");
+    assert_eq!(
+        (failed["rank"].as_u64(), failed["exit_code"].as_i64()),
+        (Some(1), Some(7))
+    );
+    assert_eq!(failed["attempt"], 0);
+    let stopping = ev.iter().find(|e| e["event"] == "group_stopping").unwrap();
+    assert_eq!(stopping["cause"], "worker_failed");
+    let restart = ev.iter().find(|e| e["event"] == "restart").unwrap();
+    assert_eq!(
+        (
+            restart["restarts_left"].as_u64(),
+            restart["attempt"].as_u64()
+        ),
+        (Some(0), Some(1))
+    );
+    let ok = ev
+        .iter()
+        .filter(|e| {
+            e["event"] == "worker_exited" && e["reason"] == "succeeded" && e["attempt"] == 1
+        })
+        .count();
+    assert_eq!(ok, 2, "{names:?}");
+}
+
+#[test]
+fn the_events_file_records_a_signal_and_how_the_job_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("events.jsonl");
+    let run = start(
+        &[
+            "--nproc-per-node=1",
+            "--events-file",
+            file.to_str().unwrap(),
+        ],
+        "sleep",
+        &[],
+    );
+    run.pid_of("pid.0");
+    run.signal(libc::SIGTERM);
+    let (done, _d) = run.finish();
+    assert_eq!(done.code, Some(143), "{}", done.stderr);
+    let ev = journal(&file);
+    let sig = ev
+        .iter()
+        .find(|e| e["event"] == "signal_received")
+        .expect("signal");
+    assert_eq!(
+        (sig["signal"].as_str(), sig["action"].as_str()),
+        (Some("SIGTERM"), Some("shutdown"))
+    );
+    let end = ev.last().unwrap();
+    assert_eq!(
+        (
+            end["event"].as_str(),
+            end["result"].as_str(),
+            end["detail"].as_i64()
+        ),
+        (Some("job_finished"), Some("signaled"), Some(15))
+    );
+}

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use crate::config::LaunchConfig;
 use crate::events::{EventLog, WorkerFacts};
 use crate::failure::ProcessFailure;
+use crate::journal::{Journal, V};
 use crate::log_dir::LogDir;
 use crate::process::{Exit, ExitStatus};
 use crate::rendezvous::task::{RdzvEvent, RendezvousTask};
@@ -148,6 +149,8 @@ pub struct Agent<'a> {
     round_asked: std::time::Instant,
     /// The workers of the last group started, for the final events.
     last_workers: Vec<WorkerFacts>,
+    /// `--events-file`: every lifecycle fact, one JSON line each.
+    journal: Journal,
 }
 
 impl<'a> Agent<'a> {
@@ -167,6 +170,7 @@ impl<'a> Agent<'a> {
         trap: Trap,
         cpus: Vec<libc::cpu_set_t>,
         events: EventLog,
+        journal: Journal,
     ) -> Self {
         let poll_interval = rdzv.poll_interval();
         let (exits_tx, exits) = mpsc::unbounded_channel();
@@ -200,11 +204,24 @@ impl<'a> Agent<'a> {
             events,
             round_asked: std::time::Instant::now(),
             last_workers: Vec::new(),
+            journal,
         }
     }
 
     /// Runs worker groups until success, exhausted restarts, or a signal.
     pub async fn run(&mut self) -> Result<RunResult, AgentError> {
+        let c = self.launch.config;
+        self.journal.record(
+            "launcher_started",
+            &[
+                ("pid", V::U(u64::from(std::process::id()))),
+                ("nproc_per_node", V::U(c.nproc_per_node.into())),
+                ("min_nodes", V::U(c.min_nodes.into())),
+                ("max_nodes", V::U(c.max_nodes.into())),
+                ("rdzv_backend", V::S(c.rdzv_backend.clone())),
+                ("max_restarts", V::U(c.max_restarts.into())),
+            ],
+        );
         self.join_next();
         let result = loop {
             let ev = self.next_event().await;
@@ -227,6 +244,24 @@ impl<'a> Agent<'a> {
             ),
             Err(e) => self.events.agent_failed(&e.to_string(), restarts),
         }
+        let (outcome, detail) = match &result {
+            Ok(RunResult::Succeeded) => ("succeeded", V::Null),
+            Ok(RunResult::Failed { failures }) => (
+                "failed",
+                crate::failure::root_cause(failures)
+                    .map_or(V::Null, |i| V::U(failures[i].global_rank.into())),
+            ),
+            Ok(RunResult::Signaled { signal }) => ("signaled", V::I((*signal).into())),
+            Err(e) => ("error", V::S(e.to_string())),
+        };
+        self.journal.record(
+            "job_finished",
+            &[
+                ("result", V::S(outcome.to_string())),
+                ("detail", detail),
+                ("restarts", V::U(restarts.into())),
+            ],
+        );
         self.phase = Phase::Between;
         self.cleanup().await;
         if let Ok(RunResult::Signaled { .. }) = result {
@@ -267,6 +302,18 @@ impl<'a> Agent<'a> {
     }
 
     fn on_signal(&mut self, s: SignalEvent) -> Done {
+        let (sig, action) = match s {
+            SignalEvent::Forward(sig) => (sig, "forward"),
+            SignalEvent::Shutdown(sig) if self.stopping_signal.is_some() => (sig, "kill_now"),
+            SignalEvent::Shutdown(sig) => (sig, "shutdown"),
+        };
+        self.journal.record(
+            "signal_received",
+            &[
+                ("signal", V::S(signal_name(sig).unwrap_or("?").to_string())),
+                ("action", V::S(action.to_string())),
+            ],
+        );
         match (s, &mut self.phase) {
             (SignalEvent::Forward(sig), Phase::Running(group))
             | (SignalEvent::Forward(sig), Phase::Stopping { group, .. }) => {
@@ -314,6 +361,35 @@ impl<'a> Agent<'a> {
     }
 
     fn on_exit(&mut self, exit: Exit) -> Done {
+        let who = match &self.phase {
+            Phase::Running(g) | Phase::Stopping { group: g, .. } => {
+                g.alive().find(|w| w.pid == exit.pid).map(|w| w.ranks)
+            }
+            _ => None,
+        };
+        if let Some(r) = who {
+            let reason = match (&self.phase, exit.status.success()) {
+                (Phase::Stopping { .. }, _) => "stopped",
+                (_, true) => "succeeded",
+                _ => "failed",
+            };
+            let (code, sig) = match exit.status {
+                ExitStatus::Code(c) => (V::I(c.into()), V::Null),
+                ExitStatus::Signal(n) => (V::Null, V::S(signal_name(n).unwrap_or("?").to_string())),
+            };
+            self.journal.record(
+                "worker_exited",
+                &[
+                    ("local_rank", V::U(r.local_rank.into())),
+                    ("rank", V::U(r.global_rank.into())),
+                    ("pid", V::I(exit.pid.into())),
+                    ("exit_code", code),
+                    ("signal", sig),
+                    ("reason", V::S(reason.to_string())),
+                    ("attempt", V::U(self.restart_count.into())),
+                ],
+            );
+        }
         match &mut self.phase {
             Phase::Running(group) => {
                 let Some(f) = record_exit(group, exit, &mut self.seq, self.oom_counter.as_deref())
@@ -372,6 +448,18 @@ impl<'a> Agent<'a> {
                     a.group_rank,
                     a.group_world_size,
                 );
+                self.journal.record(
+                    "rendezvous_completed",
+                    &[
+                        ("group_rank", V::U(a.group_rank.into())),
+                        ("group_world_size", V::U(a.group_world_size.into())),
+                        ("world_size", V::U(a.world_size.into())),
+                        ("master_addr", V::S(a.master_addr.clone())),
+                        ("master_port", V::U(a.master_port.into())),
+                        ("duration_ms", V::F((took * 1000.0).round() / 1000.0)),
+                        ("attempt", V::U(self.restart_count.into())),
+                    ],
+                );
                 let oom_now = self
                     .oom_counter
                     .as_deref()
@@ -390,6 +478,17 @@ impl<'a> Agent<'a> {
                             })
                             .collect();
                         self.events.started(&self.last_workers, self.restart_count);
+                        for w in &self.last_workers {
+                            self.journal.record(
+                                "worker_started",
+                                &[
+                                    ("local_rank", V::U(w.ranks.local_rank.into())),
+                                    ("rank", V::U(w.ranks.global_rank.into())),
+                                    ("pid", V::I(w.pid.into())),
+                                    ("attempt", V::U(self.restart_count.into())),
+                                ],
+                            );
+                        }
                         // The first membership check at once, as a fresh
                         // round may already be outdated.
                         self.next_check = self.poll_interval.map(|_| Instant::now());
@@ -411,7 +510,11 @@ impl<'a> Agent<'a> {
                 );
                 Some(Ok(RunResult::Succeeded))
             }
-            (RdzvEvent::Round(Err(e)), Phase::Joining) => Some(Err(e.into())),
+            (RdzvEvent::Round(Err(e)), Phase::Joining) => {
+                self.journal
+                    .record("rendezvous_failed", &[("error", V::S(e.to_string()))]);
+                Some(Err(e.into()))
+            }
             (RdzvEvent::Membership(changed), Phase::Running(_)) => {
                 self.next_check = self.poll_interval.map(|p| Instant::now() + p);
                 self.on_membership(changed)
@@ -476,6 +579,20 @@ impl<'a> Agent<'a> {
     }
 
     fn begin_stop(&mut self, group: Group, sig: i32, grace: Duration, then: AfterStop) -> Done {
+        let cause = match &then {
+            AfterStop::Failed(_) => "worker_failed",
+            AfterStop::Regroup => "membership_changed",
+            AfterStop::Signaled(_) => "signal",
+            AfterStop::Error(_) => "start_failed",
+        };
+        self.journal.record(
+            "group_stopping",
+            &[
+                ("cause", V::S(cause.to_string())),
+                ("signal", V::S(signal_name(sig).unwrap_or("?").to_string())),
+                ("grace_s", V::F(grace.as_secs_f64())),
+            ],
+        );
         let stop = Stopping::begin(&group, sig, grace);
         self.enter_stopping(group, stop, then)
     }
@@ -504,6 +621,14 @@ impl<'a> Agent<'a> {
                 let max = self.launch.config.max_restarts;
                 let remaining = max - self.restart_count;
                 if remaining > 0 {
+                    self.journal.record(
+                        "restart",
+                        &[
+                            ("cause", V::S("worker_failed".to_string())),
+                            ("restarts_left", V::U((remaining - 1).into())),
+                            ("attempt", V::U((self.restart_count + 1).into())),
+                        ],
+                    );
                     tracing::info!(
                         "[{}] Worker group FAILED. {remaining}/{max} attempts left; will restart worker group",
                         self.launch.config.role
@@ -517,6 +642,10 @@ impl<'a> Agent<'a> {
                 None
             }
             AfterStop::Regroup => {
+                self.journal.record(
+                    "regroup",
+                    &[("cause", V::S("membership_changed".to_string()))],
+                );
                 self.join_next();
                 None
             }

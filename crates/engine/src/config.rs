@@ -237,6 +237,8 @@ pub struct LaunchConfig {
     pub duplicate_stdout_filters: Vec<String>,
     pub duplicate_stderr_filters: Vec<String>,
     pub virtual_local_rank: bool,
+    /// `--events-file` (beyond torch): every lifecycle fact as JSON Lines.
+    pub events_file: Option<PathBuf>,
     /// `--numa-binding`: pin each local rank's CPUs near its GPU.
     pub numa_binding: Option<crate::numa::AffinityMode>,
     /// Grace between forwarding a signal and SIGKILL on shutdown.
@@ -302,6 +304,7 @@ impl Default for LaunchConfig {
             duplicate_stderr_filters: Vec::new(),
             virtual_local_rank: false,
             numa_binding: None,
+            events_file: None,
             shutdown_timeout: Duration::from_secs(30),
             master_addr: None,
             master_port: None,

@@ -28,6 +28,11 @@ pub enum LaunchError {
     LogDir(#[from] crate::log_dir::LogDirError),
     #[error(transparent)]
     Numa(#[from] crate::numa::NumaError),
+    #[error("--events-file {}: {source}", path.display())]
+    EventsFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -249,6 +254,12 @@ async fn run(
 
     let cpus = numa_bindings(&config)?;
     let host = crate::host::fqdn();
+    let journal =
+        crate::journal::Journal::open(config.events_file.as_deref(), &config.run_id, &host)
+            .map_err(|source| LaunchError::EventsFile {
+                path: config.events_file.clone().unwrap_or_default(),
+                source,
+            })?;
     let local_addr = config.local_addr.clone().unwrap_or_else(|| host.clone());
     let log_dir = LogDir::create(config.log_dir.as_deref(), &config.run_id)?;
     let run_dir = log_dir.run_dir().map(PathBuf::from);
@@ -282,6 +293,7 @@ async fn run(
         trap,
         cpus,
         crate::events::EventLog::new(&config, host.clone(), entrypoint_name(entrypoint, args)),
+        journal,
     );
     let result = agent.run().await;
     agent.shutdown().await;

@@ -16,6 +16,7 @@
 //! - `log_dir`, `log_stream`: log files, tee and pass-through pipes.
 //! - [`failure`]: error files and the failure summary.
 //! - `events`: torch's agent events (`--event-log-handler console`).
+//! - `journal`: `--events-file`, every lifecycle fact as JSON Lines.
 //! - `oom`: telling an OOM kill from other SIGKILLs.
 //! - [`preview`]: what each worker would get (`--dry-run`).
 //! - [`signals`]: signal names and trapping.
@@ -27,6 +28,7 @@ pub mod config;
 mod events;
 pub mod failure;
 mod host;
+mod journal;
 mod launch;
 mod lifeline;
 mod log_dir;
