@@ -363,6 +363,35 @@ pub fn resolve(
         .get("events_file")
         .filter(|p| !p.is_empty())
         .map(PathBuf::from);
+    // torch accepts TORCHELASTIC_HEALTH_CHECK_PORT and, in its open-source
+    // build, serves nothing there; we serve the health endpoints on it.
+    let port = match raw.get("metrics_port") {
+        Some(v) => Some(("--metrics-port", v.to_string())),
+        None => env("TORCHELASTIC_HEALTH_CHECK_PORT")
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| ("TORCHELASTIC_HEALTH_CHECK_PORT", v)),
+    };
+    if let Some((flag, v)) = port {
+        c.metrics_port = Some(v.trim().parse().map_err(|_| {
+            usage(
+                flag,
+                format!("invalid value '{v}': expected a port, 0 to 65535"),
+            )
+        })?);
+    }
+    if let Some(a) = raw.get("metrics_addr") {
+        c.metrics_addr = a
+            .trim()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|_| {
+                usage(
+                    "--metrics-addr",
+                    format!("invalid value '{a}': expected an IPv4 or IPv6 address"),
+                )
+            })?;
+    }
     c.redirects = StdSpec::parse("--redirects", raw.get("redirects").unwrap_or("0"))?;
     c.tee = StdSpec::parse("--tee", raw.get("tee").unwrap_or("0"))?;
     c.log_line_prefix_template = raw

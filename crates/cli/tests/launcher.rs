@@ -821,3 +821,106 @@ fn the_events_file_records_a_signal_and_how_the_job_ended() {
         (Some("job_finished"), Some("signaled"), Some(15))
     );
 }
+
+/// Reads the launcher's stderr until it names its health port.
+fn health_port(stderr: &mut impl std::io::BufRead) -> u16 {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "no health port line"
+        );
+        if let Some(rest) = line
+            .trim()
+            .strip_prefix("torchrun-rs: health and metrics on http://")
+        {
+            return rest.rsplit(':').next().unwrap().parse().unwrap();
+        }
+    }
+}
+
+#[test]
+fn health_status_and_metrics_over_http_through_a_jobs_life() {
+    let out = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--nproc-per-node=2", "--metrics-port=0"])
+        .arg(helper())
+        .args(["until-file"])
+        .arg(out.path())
+        .env("PYTHON_EXEC", "python3")
+        .env("TMPDIR", out.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let port = health_port(&mut err);
+    wait_for(Duration::from_secs(30), "both workers", || {
+        (out.path().join("pid.0").exists() && out.path().join("pid.1").exists()).then_some(())
+    });
+    let scrape = Command::new(testkit::torch_python())
+        .arg(testkit::cli_helper("scrape.py"))
+        .arg(port.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        scrape.status.success(),
+        "{}",
+        String::from_utf8_lossy(&scrape.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&scrape.stdout).unwrap();
+    for (path, code) in [
+        ("/healthz", 200),
+        ("/readyz", 200),
+        ("/status", 200),
+        ("/metrics", 200),
+        ("/nope", 404),
+    ] {
+        assert_eq!(v[path], code, "{path}: {v}");
+    }
+    let s = &v["status"];
+    assert_eq!(s["phase"], "running", "{s}");
+    assert_eq!(s["world_size"], 2);
+    let workers = s["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 2);
+    for (r, w) in workers.iter().enumerate() {
+        assert_eq!(w["state"], "running");
+        let pid: i64 = std::fs::read_to_string(out.path().join(format!("pid.{r}")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(w["pid"], pid);
+    }
+    let m = &v["metrics"];
+    assert_eq!(
+        m["torchelastic_workers_remaining_restarts,role=default"], 0.0,
+        "{m}"
+    );
+    assert_eq!(
+        m["torchrun_rs_workers,role=default,state=running"], 2.0,
+        "{m}"
+    );
+    assert_eq!(m["torchrun_rs_rendezvous_rounds"], 1.0, "{m}");
+    eprintln!("/metrics p99 over 200 scrapes: {} ms", v["p99_ms"]);
+    std::fs::write(out.path().join("go"), "").unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn a_health_port_in_use_is_a_warning_not_a_failed_job() {
+    let taken = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let (done, _d) = start_with(&["--nproc-per-node=1"], "env", &[], |c| {
+        c.env("TORCHELASTIC_HEALTH_CHECK_PORT", &port);
+    })
+    .finish();
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    assert!(
+        done.stderr.contains("cannot serve health and metrics on"),
+        "{}",
+        done.stderr
+    );
+}

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use crate::config::LaunchConfig;
 use crate::events::{EventLog, WorkerFacts};
 use crate::failure::ProcessFailure;
+use crate::health::{Observed, Ping, SharedObserved, WorkerStatus};
 use crate::journal::{Journal, V};
 use crate::log_dir::LogDir;
 use crate::process::{Exit, ExitStatus};
@@ -86,6 +87,8 @@ enum Event {
     Rendezvous(RdzvEvent),
     /// The earliest deadline of the current phase passed.
     Timer,
+    /// The health endpoint asks whether the loop answers.
+    Ping(Ping),
 }
 
 /// What a group being stopped leads to once every worker is gone.
@@ -151,6 +154,9 @@ pub struct Agent<'a> {
     last_workers: Vec<WorkerFacts>,
     /// `--events-file`: every lifecycle fact, one JSON line each.
     journal: Journal,
+    /// What the health and metrics endpoints show.
+    observed: SharedObserved,
+    pings: mpsc::UnboundedReceiver<Ping>,
 }
 
 impl<'a> Agent<'a> {
@@ -171,6 +177,7 @@ impl<'a> Agent<'a> {
         cpus: Vec<libc::cpu_set_t>,
         events: EventLog,
         journal: Journal,
+        (observed, pings): (SharedObserved, mpsc::UnboundedReceiver<Ping>),
     ) -> Self {
         let poll_interval = rdzv.poll_interval();
         let (exits_tx, exits) = mpsc::unbounded_channel();
@@ -205,6 +212,8 @@ impl<'a> Agent<'a> {
             round_asked: std::time::Instant::now(),
             last_workers: Vec::new(),
             journal,
+            observed,
+            pings,
         }
     }
 
@@ -263,6 +272,7 @@ impl<'a> Agent<'a> {
             ],
         );
         self.phase = Phase::Between;
+        self.observe(|o| o.phase = "done");
         self.cleanup().await;
         if let Ok(RunResult::Signaled { .. }) = result {
             // The workers are stopped: let the other nodes go on without us.
@@ -288,6 +298,7 @@ impl<'a> Agent<'a> {
             Some(s) = self.trap.recv() => Event::Signal(s),
             Some(e) = self.exits.recv() => Event::Exited(e),
             Some(r) = self.rdzv_events.recv() => Event::Rendezvous(r),
+            Some(p) = self.pings.recv() => Event::Ping(p),
             _ = sleep_until(timer) => Event::Timer,
         }
     }
@@ -298,6 +309,10 @@ impl<'a> Agent<'a> {
             Event::Exited(e) => self.on_exit(e),
             Event::Rendezvous(r) => self.on_rendezvous(r),
             Event::Timer => self.on_timer(),
+            Event::Ping(p) => {
+                let _ = p.send(());
+                None
+            }
         }
     }
 
@@ -389,6 +404,16 @@ impl<'a> Agent<'a> {
                     ("attempt", V::U(self.restart_count.into())),
                 ],
             );
+            self.observe(|o| {
+                if let Some(w) = o.workers.iter_mut().find(|w| w.pid == exit.pid) {
+                    w.state = reason;
+                    match exit.status {
+                        ExitStatus::Code(c) => w.exit_code = Some(c),
+                        ExitStatus::Signal(n) => w.signal = Some(n),
+                    }
+                }
+                *o.exits_by_reason.entry(reason).or_default() += 1;
+            });
         }
         match &mut self.phase {
             Phase::Running(group) => {
@@ -402,6 +427,7 @@ impl<'a> Agent<'a> {
                     };
                     group.release(std::time::Instant::now() + PIPE_DRAIN);
                     self.rdzv.finish(true);
+                    self.observe(|o| o.phase = "finishing");
                     self.phase = Phase::Finishing(RunResult::Succeeded);
                     return None;
                 };
@@ -460,6 +486,13 @@ impl<'a> Agent<'a> {
                         ("attempt", V::U(self.restart_count.into())),
                     ],
                 );
+                self.observe(|o| {
+                    o.rounds += 1;
+                    o.round_seconds = took / 1000.0;
+                    o.group_rank = Some(a.group_rank);
+                    o.group_world_size = Some(a.group_world_size);
+                    o.world_size = Some(a.world_size);
+                });
                 let oom_now = self
                     .oom_counter
                     .as_deref()
@@ -478,6 +511,25 @@ impl<'a> Agent<'a> {
                             })
                             .collect();
                         self.events.started(&self.last_workers, self.restart_count);
+                        let statuses: Vec<WorkerStatus> = group
+                            .workers
+                            .iter()
+                            .map(|w| WorkerStatus {
+                                local_rank: w.ranks.local_rank,
+                                rank: w.ranks.global_rank,
+                                pid: w.pid,
+                                state: "running",
+                                exit_code: None,
+                                signal: None,
+                                tail: w.stderr_tail(),
+                            })
+                            .collect();
+                        let attempt = self.restart_count;
+                        self.observe(|o| {
+                            o.workers = statuses;
+                            o.phase = "running";
+                            o.attempt = attempt;
+                        });
                         for w in &self.last_workers {
                             self.journal.record(
                                 "worker_started",
@@ -593,6 +645,7 @@ impl<'a> Agent<'a> {
                 ("grace_s", V::F(grace.as_secs_f64())),
             ],
         );
+        self.observe(|o| o.phase = "stopping");
         let stop = Stopping::begin(&group, sig, grace);
         self.enter_stopping(group, stop, then)
     }
@@ -621,6 +674,7 @@ impl<'a> Agent<'a> {
                 let max = self.launch.config.max_restarts;
                 let remaining = max - self.restart_count;
                 if remaining > 0 {
+                    self.observe(|o| *o.restarts_by_cause.entry("worker_failed").or_default() += 1);
                     self.journal.record(
                         "restart",
                         &[
@@ -637,11 +691,15 @@ impl<'a> Agent<'a> {
                     self.join_next();
                 } else {
                     self.rdzv.finish(false);
+                    self.observe(|o| o.phase = "finishing");
                     self.phase = Phase::Finishing(RunResult::Failed { failures });
                 }
                 None
             }
             AfterStop::Regroup => {
+                self.observe(|o| {
+                    *o.restarts_by_cause.entry("membership_changed").or_default() += 1
+                });
                 self.journal.record(
                     "regroup",
                     &[("cause", V::S("membership_changed".to_string()))],
@@ -654,7 +712,13 @@ impl<'a> Agent<'a> {
         }
     }
 
+    /// Updates what the health and metrics endpoints show.
+    fn observe(&self, f: impl FnOnce(&mut Observed)) {
+        f(&mut self.observed.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
     fn join_next(&mut self) {
+        self.observe(|o| o.phase = "rendezvous");
         self.phase = Phase::Joining;
         self.round_asked = std::time::Instant::now();
         self.rdzv.next_round();

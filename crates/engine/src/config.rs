@@ -237,6 +237,11 @@ pub struct LaunchConfig {
     pub duplicate_stdout_filters: Vec<String>,
     pub duplicate_stderr_filters: Vec<String>,
     pub virtual_local_rank: bool,
+    /// `--metrics-port` (or torch's TORCHELASTIC_HEALTH_CHECK_PORT): health,
+    /// status and metrics over HTTP; 0 picks a free port.
+    pub metrics_port: Option<u16>,
+    /// `--metrics-addr`: where that server listens (all interfaces).
+    pub metrics_addr: std::net::IpAddr,
     /// `--events-file` (beyond torch): every lifecycle fact as JSON Lines.
     pub events_file: Option<PathBuf>,
     /// `--numa-binding`: pin each local rank's CPUs near its GPU.
@@ -305,6 +310,8 @@ impl Default for LaunchConfig {
             virtual_local_rank: false,
             numa_binding: None,
             events_file: None,
+            metrics_port: None,
+            metrics_addr: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             shutdown_timeout: Duration::from_secs(30),
             master_addr: None,
             master_port: None,

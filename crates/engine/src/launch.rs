@@ -264,6 +264,37 @@ async fn run(
     let log_dir = LogDir::create(config.log_dir.as_deref(), &config.run_id)?;
     let run_dir = log_dir.run_dir().map(PathBuf::from);
     // A handled signal stops the launch while it waits for other nodes.
+    // Health and metrics first: they answer while the rendezvous waits.
+    let observed = std::sync::Arc::new(std::sync::Mutex::new(crate::health::Observed {
+        role: config.role.clone(),
+        phase: "starting",
+        max_restarts: config.max_restarts,
+        ..Default::default()
+    }));
+    let (ping_tx, pings) = tokio::sync::mpsc::unbounded_channel();
+    let _health = match config.metrics_port {
+        None => None,
+        Some(port) => {
+            let addr = std::net::SocketAddr::new(config.metrics_addr, port);
+            match crate::health::start(addr, observed.clone(), ping_tx).await {
+                Ok(server) => {
+                    if port == 0 {
+                        eprintln!("torchrun-rs: health and metrics on http://{}", server.addr);
+                    } else {
+                        tracing::info!("health and metrics on http://{}", server.addr);
+                    }
+                    Some(server)
+                }
+                Err(e) => {
+                    // Observability must never fail the job.
+                    tracing::warn!(
+                        "cannot serve health and metrics on {addr}: {e}; the job runs without them"
+                    );
+                    None
+                }
+            }
+        }
+    };
     let (rdzv_tx, rdzv_events) = tokio::sync::mpsc::unbounded_channel();
     let created = tokio::select! {
         r = rendezvous::start(&config, &local_addr, rdzv_tx) => r,
@@ -294,6 +325,7 @@ async fn run(
         cpus,
         crate::events::EventLog::new(&config, host.clone(), entrypoint_name(entrypoint, args)),
         journal,
+        (observed, pings),
     );
     let result = agent.run().await;
     agent.shutdown().await;

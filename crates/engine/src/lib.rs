@@ -17,6 +17,7 @@
 //! - [`failure`]: error files and the failure summary.
 //! - `events`: torch's agent events (`--event-log-handler console`).
 //! - `journal`: `--events-file`, every lifecycle fact as JSON Lines.
+//! - `health`: `/healthz`, `/readyz`, `/status`, `/metrics` over HTTP.
 //! - `oom`: telling an OOM kill from other SIGKILLs.
 //! - [`preview`]: what each worker would get (`--dry-run`).
 //! - [`signals`]: signal names and trapping.
@@ -27,6 +28,7 @@ mod agent;
 pub mod config;
 mod events;
 pub mod failure;
+mod health;
 mod host;
 mod journal;
 mod launch;

@@ -231,6 +231,8 @@ fn emit<'a>(
 #[derive(Debug, Default)]
 pub struct Tail {
     buf: std::collections::VecDeque<u8>,
+    /// When the stream last carried bytes.
+    last: Option<Instant>,
 }
 
 /// A [`Tail`] shared between the thread that fills it and the report.
@@ -239,7 +241,13 @@ pub type SharedTail = Arc<Mutex<Tail>>;
 impl Tail {
     pub const CAPACITY: usize = 64 * 1024;
 
+    /// When the stream last carried bytes.
+    pub fn last_output(&self) -> Option<Instant> {
+        self.last
+    }
+
     fn push(&mut self, data: &[u8]) {
+        self.last = Some(Instant::now());
         let data = &data[data.len().saturating_sub(Self::CAPACITY)..];
         let over = (self.buf.len() + data.len()).saturating_sub(Self::CAPACITY);
         self.buf.drain(..over);

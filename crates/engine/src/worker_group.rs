@@ -39,6 +39,11 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// The worker's stderr tail, when the launcher keeps one.
+    pub fn stderr_tail(&self) -> Option<SharedTail> {
+        self.stderr_tail.clone()
+    }
+
     pub fn exit_status(&self) -> Option<ExitStatus> {
         match self.state {
             WorkerState::Running => None,

@@ -1,0 +1,296 @@
+//! Health, status and metrics over HTTP (`--metrics-port`, or torch's
+//! `TORCHELASTIC_HEALTH_CHECK_PORT`, which torch's open-source build accepts
+//! but never serves). One small hyper server, started before the rendezvous
+//! and kept across restarts:
+//!
+//! - `/healthz`: 200 when the agent's loop answers a ping within 5 s;
+//! - `/readyz`: 200 while workers of a completed rendezvous run;
+//! - `/status`: JSON: phase, attempt, ranks, each local worker;
+//! - `/metrics`: Prometheus text (torch's metric names, sanitized, and ours).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::failure::Json;
+use crate::log_stream::SharedTail;
+
+/// One local worker, as `/status` and `/metrics` show it.
+#[derive(Debug, Clone)]
+pub struct WorkerStatus {
+    pub local_rank: u32,
+    pub rank: u32,
+    pub pid: i32,
+    /// `running`, `succeeded`, `failed`, `stopped`.
+    pub state: &'static str,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// The worker's stderr tail, when the launcher keeps one (its last
+    /// output time).
+    pub tail: Option<SharedTail>,
+}
+
+/// What the agent reports; read by the server.
+#[derive(Debug, Default)]
+pub struct Observed {
+    pub role: String,
+    /// `starting`, `rendezvous`, `running`, `stopping`, `finishing`, `done`.
+    pub phase: &'static str,
+    pub attempt: u32,
+    pub max_restarts: u32,
+    pub rounds: u64,
+    pub round_seconds: f64,
+    pub group_rank: Option<u32>,
+    pub group_world_size: Option<u32>,
+    pub world_size: Option<u32>,
+    pub workers: Vec<WorkerStatus>,
+    pub restarts_by_cause: BTreeMap<&'static str, u64>,
+    pub exits_by_reason: BTreeMap<&'static str, u64>,
+}
+
+pub type SharedObserved = Arc<Mutex<Observed>>;
+
+/// A ping to the agent's loop; the loop answers by dropping or sending.
+pub type Ping = oneshot::Sender<()>;
+
+/// Where the server runs.
+pub struct HealthServer {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HealthServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Binds `addr` and serves; `pings` reach the agent's loop.
+pub async fn start(
+    addr: SocketAddr,
+    observed: SharedObserved,
+    pings: mpsc::UnboundedSender<Ping>,
+) -> std::io::Result<HealthServer> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (observed, pings) = (observed.clone(), pings.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let (observed, pings) = (observed.clone(), pings.clone());
+                    async move { Ok::<_, Infallible>(respond(req, &observed, &pings).await) }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    });
+    Ok(HealthServer { addr, task })
+}
+
+fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+async fn respond(
+    req: Request<hyper::body::Incoming>,
+    observed: &SharedObserved,
+    pings: &mpsc::UnboundedSender<Ping>,
+) -> Response<Full<Bytes>> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    match req.uri().path() {
+        "/healthz" => {
+            let (tx, rx) = oneshot::channel();
+            let alive = pings.send(tx).is_ok()
+                && tokio::time::timeout(Duration::from_secs(5), rx)
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+            if alive {
+                reply(StatusCode::OK, TEXT, "ok\n".into())
+            } else {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    TEXT,
+                    "the agent does not answer\n".into(),
+                )
+            }
+        }
+        "/readyz" => {
+            let phase = lock(observed).phase;
+            if phase == "running" {
+                reply(StatusCode::OK, TEXT, "ready\n".into())
+            } else {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    TEXT,
+                    format!("not ready: {phase}\n"),
+                )
+            }
+        }
+        "/status" => reply(
+            StatusCode::OK,
+            "application/json",
+            status_json(&lock(observed)),
+        ),
+        "/metrics" => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics_text(&lock(observed)),
+        ),
+        other => reply(
+            StatusCode::NOT_FOUND,
+            TEXT,
+            format!("no {other}: try /healthz, /readyz, /status or /metrics\n"),
+        ),
+    }
+}
+
+fn lock(o: &SharedObserved) -> std::sync::MutexGuard<'_, Observed> {
+    o.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn num<T: Into<f64>>(v: Option<T>) -> Json {
+    v.map_or(Json::Null, |n| Json::Num(n.into()))
+}
+
+fn seconds_since_output(w: &WorkerStatus) -> Option<f64> {
+    let tail = w.tail.as_ref()?;
+    let at = tail
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .last_output()?;
+    Some(at.elapsed().as_secs_f64())
+}
+
+fn status_json(o: &Observed) -> String {
+    let workers = o
+        .workers
+        .iter()
+        .map(|w| {
+            Json::Object(vec![
+                ("local_rank".into(), Json::Num(w.local_rank.into())),
+                ("rank".into(), Json::Num(w.rank.into())),
+                ("pid".into(), Json::Num(w.pid.into())),
+                ("state".into(), Json::Str(w.state.into())),
+                ("exit_code".into(), num(w.exit_code)),
+                ("signal".into(), num(w.signal)),
+                (
+                    "seconds_since_output".into(),
+                    seconds_since_output(w).map_or(Json::Null, Json::Float),
+                ),
+            ])
+        })
+        .collect();
+    Json::Object(vec![
+        ("phase".into(), Json::Str(o.phase.into())),
+        ("role".into(), Json::Str(o.role.clone())),
+        ("attempt".into(), Json::Num(o.attempt.into())),
+        (
+            "restarts_left".into(),
+            Json::Num((o.max_restarts - o.attempt.min(o.max_restarts)).into()),
+        ),
+        ("rendezvous_rounds".into(), Json::Num(o.rounds as f64)),
+        ("group_rank".into(), num(o.group_rank)),
+        ("group_world_size".into(), num(o.group_world_size)),
+        ("world_size".into(), num(o.world_size)),
+        ("workers".into(), Json::Array(workers)),
+    ])
+    .to_string()
+        + "\n"
+}
+
+fn metrics_text(o: &Observed) -> String {
+    let mut reg = Registry::default();
+    let role = vec![("role".to_string(), o.role.clone())];
+    // torch's names (group `torchelastic`), sanitized.
+    let remaining = Family::<Vec<(String, String)>, Gauge>::default();
+    remaining
+        .get_or_create(&role)
+        .set(i64::from(o.max_restarts - o.attempt.min(o.max_restarts)));
+    reg.register(
+        "torchelastic_workers_remaining_restarts",
+        "Restarts left (torch: workers.<role>.remaining_restarts)",
+        remaining,
+    );
+    let state = Family::<Vec<(String, String)>, Gauge>::default();
+    for s in ["running", "succeeded", "failed", "stopped"] {
+        let n = o.workers.iter().filter(|w| w.state == s).count();
+        let mut labels = role.clone();
+        labels.push(("state".into(), s.into()));
+        state.get_or_create(&labels).set(n as i64);
+    }
+    reg.register("torchrun_rs_workers", "Local workers by state", state);
+    let rounds = Gauge::<i64>::default();
+    rounds.set(o.rounds as i64);
+    reg.register(
+        "torchrun_rs_rendezvous_rounds",
+        "Rendezvous rounds completed by this agent",
+        rounds,
+    );
+    let took = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    took.set(o.round_seconds);
+    reg.register(
+        "torchrun_rs_rendezvous_last_round_seconds",
+        "How long the last rendezvous round took",
+        took,
+    );
+    let restarts = Family::<Vec<(String, String)>, Gauge>::default();
+    for cause in ["worker_failed", "membership_changed"] {
+        restarts
+            .get_or_create(&vec![("cause".into(), cause.into())])
+            .set(*o.restarts_by_cause.get(cause).unwrap_or(&0) as i64);
+    }
+    reg.register(
+        "torchrun_rs_restarts",
+        "Worker group restarts by cause",
+        restarts,
+    );
+    let exits = Family::<Vec<(String, String)>, Gauge>::default();
+    for reason in ["succeeded", "failed", "stopped"] {
+        exits
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .set(*o.exits_by_reason.get(reason).unwrap_or(&0) as i64);
+    }
+    reg.register("torchrun_rs_worker_exits", "Worker exits by reason", exits);
+    let quiet =
+        Family::<Vec<(String, String)>, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    for w in &o.workers {
+        if let Some(s) = seconds_since_output(w) {
+            quiet
+                .get_or_create(&vec![("local_rank".into(), w.local_rank.to_string())])
+                .set(s);
+        }
+    }
+    reg.register(
+        "torchrun_rs_seconds_since_output",
+        "Seconds since each local rank last wrote to stderr (when the launcher carries it)",
+        quiet,
+    );
+    let mut out = String::new();
+    if encode(&mut out, &reg).is_err() {
+        out.clear();
+    }
+    out
+}
