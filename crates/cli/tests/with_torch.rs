@@ -335,3 +335,121 @@ fn multi_node_environment_matches_real_torchrun() {
         assert_eq!(mine, theirs[r], "rank {r}");
     }
 }
+
+fn timer_job(restarts: &str, dir: &std::path::Path, env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(BIN);
+    c.args(["--nproc-per-node=2", &format!("--max-restarts={restarts}")])
+        .arg(helper("timer_job.py"))
+        .arg(dir)
+        .env("TMPDIR", dir)
+        .env("TORCHELASTIC_ENABLE_FILE_TIMER", "1");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    run(&mut c)
+}
+
+fn pid_in(dir: &std::path::Path, name: &str) -> i32 {
+    std::fs::read_to_string(dir.join(name))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn an_expired_file_timer_fails_the_worker_and_the_job_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = timer_job("1", dir.path(), &[]);
+    let stderr = text(&out.stderr);
+    // The launcher survives (torch kills itself here) and restarts the group.
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("watchdog timer 'stuck-step' of local_rank 1"),
+        "{stderr}"
+    );
+    assert!(dir.path().join("pid.0.1").exists() && dir.path().join("pid.1.1").exists());
+    // Nothing of the first attempt is left.
+    for name in ["pid.0.0", "pid.1.0"] {
+        assert!(
+            !testkit::pid_alive(pid_in(dir.path(), name)),
+            "{name} still runs"
+        );
+    }
+    // The FIFO was ours and is gone.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("watchdog_timer_")
+        })
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn an_expired_file_timer_without_restarts_is_the_summarys_root_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = timer_job("0", dir.path(), &[]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + 9), "{stderr}");
+    assert!(
+        stderr.contains("Root Cause (first observed failure):"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("Root cause: rank 1 (local_rank 1, pid ")
+            && stderr
+                .contains("watchdog timer 'stuck-step' expired; the worker was stopped (SIGKILL)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn garbage_a_huge_line_and_a_foreign_pid_on_the_timer_file_are_warnings() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("timers");
+    let mut launcher = Command::new(BIN)
+        .args(["--nproc-per-node=2", "--max-restarts=1"])
+        .arg(helper("timer_job.py"))
+        .arg(dir.path())
+        .env("PYTHON_EXEC", python())
+        .env("TMPDIR", dir.path())
+        .env("TORCHELASTIC_TIMER_FILE", &fifo)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    testkit::wait_for(std::time::Duration::from_secs(60), "the workers", || {
+        dir.path().join("pid.0.0").exists().then_some(())
+    });
+    {
+        // A stranger's timer: this test process, expiring at once.
+        let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        w.write_all(b"not json at all\n").unwrap();
+        w.write_all(&vec![b'x'; 10 << 20]).unwrap();
+        w.write_all(b"\n").unwrap();
+        let foreign = format!(
+            "{{\"version\": 1, \"pid\": {}, \"scope_id\": \"evil\", \"expiration_time\": 1.0, \"signal\": 9}}\n",
+            std::process::id()
+        );
+        w.write_all(foreign.as_bytes()).unwrap();
+    }
+    let out = launcher.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    // The real timer still works; the junk changed nothing else.
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("ignored a malformed request"), "{stderr}");
+    assert!(stderr.contains("longer than 4096 bytes"), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "pid {}, which is not a worker",
+            std::process::id()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("watchdog timer 'stuck-step'"), "{stderr}");
+}

@@ -89,6 +89,8 @@ enum Event {
     Timer,
     /// The health endpoint asks whether the loop answers.
     Ping(Ping),
+    /// A worker's watchdog timer expired.
+    Expired(crate::watchdog::Expired),
 }
 
 /// What a group being stopped leads to once every worker is gone.
@@ -157,6 +159,12 @@ pub struct Agent<'a> {
     /// What the health and metrics endpoints show.
     observed: SharedObserved,
     pings: mpsc::UnboundedReceiver<Ping>,
+    /// torch's file watchdog, when asked for: the FIFO, the pids whose
+    /// timers count, and the expiries.
+    /// Held for its life: dropping it removes the FIFO.
+    _watchdog: Option<crate::watchdog::Watchdog>,
+    watched: crate::watchdog::Workers,
+    expiries: mpsc::UnboundedReceiver<crate::watchdog::Expired>,
 }
 
 impl<'a> Agent<'a> {
@@ -181,6 +189,28 @@ impl<'a> Agent<'a> {
     ) -> Self {
         let poll_interval = rdzv.poll_interval();
         let (exits_tx, exits) = mpsc::unbounded_channel();
+        let mut base_env = base_env;
+        let watched = crate::watchdog::Workers::default();
+        let (expired_tx, expiries) = mpsc::unbounded_channel();
+        let watchdog = crate::watchdog::wanted(&|k| base_env.get(k).cloned()).and_then(|path| {
+            match crate::watchdog::start(&path, watched.clone(), expired_tx) {
+                Ok(w) => {
+                    base_env.insert(
+                        "TORCHELASTIC_TIMER_FILE".to_string(),
+                        path.display().to_string(),
+                    );
+                    tracing::info!("watchdog: reading timers at {}", path.display());
+                    Some(w)
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot start the watchdog at {}: {e}; timers are off",
+                        path.display()
+                    );
+                    None
+                }
+            }
+        });
         Agent {
             launch: Launch {
                 config,
@@ -214,6 +244,9 @@ impl<'a> Agent<'a> {
             journal,
             observed,
             pings,
+            _watchdog: watchdog,
+            watched,
+            expiries,
         }
     }
 
@@ -299,6 +332,7 @@ impl<'a> Agent<'a> {
             Some(e) = self.exits.recv() => Event::Exited(e),
             Some(r) = self.rdzv_events.recv() => Event::Rendezvous(r),
             Some(p) = self.pings.recv() => Event::Ping(p),
+            Some(e) = self.expiries.recv() => Event::Expired(e),
             _ = sleep_until(timer) => Event::Timer,
         }
     }
@@ -313,6 +347,7 @@ impl<'a> Agent<'a> {
                 let _ = p.send(());
                 None
             }
+            Event::Expired(e) => self.on_expired(e),
         }
     }
 
@@ -461,6 +496,67 @@ impl<'a> Agent<'a> {
         }
     }
 
+    /// A watchdog timer expired: the worker it belongs to has failed. Its
+    /// process group gets the signal the timer asked for, the rest of the
+    /// group is stopped, and the restart policy applies.
+    fn on_expired(&mut self, e: crate::watchdog::Expired) -> Done {
+        let Phase::Running(group) = &self.phase else {
+            return None;
+        };
+        let is_worker = |pid: i32| group.alive().any(|w| w.pid == pid);
+        // The timer's pid, or the worker it descends from.
+        let mut p = e.pid;
+        while !is_worker(p) {
+            let parent = std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .and_then(|(_, r)| r.split_whitespace().nth(1).map(str::to_string))
+                })
+                .and_then(|s| s.parse::<i32>().ok());
+            match parent {
+                Some(pp) if pp > 1 => p = pp,
+                _ => return None,
+            }
+        }
+        let Some(w) = group.alive().find(|w| w.pid == p) else {
+            return None;
+        };
+        self.seq += 1;
+        let mut f = w.failure(ExitStatus::Signal(e.signal), self.seq);
+        f.watchdog_scope = Some(e.scope.clone());
+        tracing::error!(
+            "watchdog timer '{}' of local_rank {} (pid {}) expired; stopping it with {}",
+            e.scope,
+            w.ranks.local_rank,
+            w.pid,
+            signal_name(e.signal).unwrap_or("its signal")
+        );
+        self.journal.record(
+            "watchdog_expired",
+            &[
+                ("local_rank", V::U(w.ranks.local_rank.into())),
+                ("rank", V::U(w.ranks.global_rank.into())),
+                ("pid", V::I(e.pid.into())),
+                ("scope", V::S(e.scope.clone())),
+                (
+                    "signal",
+                    V::S(signal_name(e.signal).unwrap_or("?").to_string()),
+                ),
+            ],
+        );
+        crate::process::signal_group(w.pid, e.signal);
+        let Phase::Running(group) = self.take_phase() else {
+            unreachable!("matched above")
+        };
+        self.begin_stop(
+            group,
+            libc::SIGTERM,
+            RESTART_GRACE,
+            AfterStop::Failed(vec![f]),
+        )
+    }
+
     fn on_rendezvous(&mut self, r: RdzvEvent) -> Done {
         match (r, &self.phase) {
             (RdzvEvent::Round(Ok(a)), Phase::Joining) => {
@@ -524,6 +620,8 @@ impl<'a> Agent<'a> {
                                 tail: w.stderr_tail(),
                             })
                             .collect();
+                        *self.watched.lock().unwrap_or_else(|p| p.into_inner()) =
+                            group.workers.iter().map(|w| w.pid).collect();
                         let attempt = self.restart_count;
                         self.observe(|o| {
                             o.workers = statuses;
@@ -667,6 +765,10 @@ impl<'a> Agent<'a> {
         else {
             unreachable!("called while stopping")
         };
+        self.watched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         group.release(std::time::Instant::now() + PIPE_DRAIN);
         match then {
             AfterStop::Failed(mut failures) => {

@@ -32,6 +32,8 @@ pub struct ProcessFailure {
     pub(crate) stderr_tail: Option<crate::log_stream::SharedTail>,
     /// SIGKILLed while the memory cgroup's OOM-kill counter went up.
     pub oom_killed: bool,
+    /// Stopped because its watchdog timer (this scope) expired.
+    pub watchdog_scope: Option<String>,
 }
 
 pub use json::Json;
@@ -61,6 +63,7 @@ impl ProcessFailure {
             stderr_file: None,
             stderr_tail: None,
             oom_killed: false,
+            watchdog_scope: None,
         };
         if let Some(path) = error_file.filter(|p| p.is_file()) {
             f.error_file = Some(path.to_path_buf());
@@ -214,6 +217,13 @@ pub fn summary(name: &str, failures: &[ProcessFailure], host: &str) -> String {
 
 /// The cause in words, where it is knowable.
 pub fn reason(f: &ProcessFailure) -> String {
+    if let Some(scope) = &f.watchdog_scope {
+        let sig = match f.status {
+            ExitStatus::Signal(s) => signal_name(s).unwrap_or("a signal").to_string(),
+            ExitStatus::Code(c) => format!("exit code {c}"),
+        };
+        return format!("watchdog timer '{scope}' expired; the worker was stopped ({sig})");
+    }
     match f.status {
         ExitStatus::Signal(9) if f.oom_killed => {
             "killed by the kernel's OOM killer (SIGKILL)".to_string()

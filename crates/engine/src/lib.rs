@@ -9,6 +9,7 @@
 //! - `agent`: one node's dispatcher: every event, every phase, restarts.
 //! - `worker_group`: starting a group's workers and their output wiring.
 //! - `terminate`: stopping a group: signal, grace, SIGKILL.
+//! - `watchdog`: torch's file watchdog (`FileTimerClient`), as events.
 //! - `rendezvous`: one backend per file behind one trait, run in a task.
 //! - [`process`]: fork/exec of workers, the reaper, group signals.
 //! - `lifeline`: the guardian that leaves no process behind.
@@ -44,6 +45,7 @@ mod rendezvous;
 pub mod signals;
 mod supervisor;
 mod terminate;
+mod watchdog;
 mod worker_env;
 mod worker_group;
 
