@@ -519,9 +519,7 @@ impl<'a> Agent<'a> {
                 _ => return None,
             }
         }
-        let Some(w) = group.alive().find(|w| w.pid == p) else {
-            return None;
-        };
+        let w = group.alive().find(|w| w.pid == p)?;
         self.seq += 1;
         let mut f = w.failure(ExitStatus::Signal(e.signal), self.seq);
         f.watchdog_scope = Some(e.scope.clone());
