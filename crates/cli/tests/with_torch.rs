@@ -412,7 +412,7 @@ fn garbage_a_huge_line_and_a_foreign_pid_on_the_timer_file_are_warnings() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("timers");
-    let mut launcher = Command::new(BIN)
+    let launcher = Command::new(BIN)
         .args(["--nproc-per-node=2", "--max-restarts=1"])
         .arg(helper("timer_job.py"))
         .arg(dir.path())
