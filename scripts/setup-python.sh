@@ -10,12 +10,13 @@ if [ ! -f "$VENV/.complete" ]; then
   mkdir -p "$CACHE"
   rm -rf "$VENV"
   python3 -m venv "$VENV" >&2
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION" numpy prometheus_client >&2
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION" numpy prometheus_client py-spy >&2
   "$VENV/bin/python" -c "import torch, torch.distributed" >&2
   touch "$VENV/.complete"
 fi
-# Added later than the venv: the metrics test parses /metrics with it.
-if ! "$VENV/bin/python" -c "import prometheus_client" 2>/dev/null; then
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check prometheus_client >&2
+# Added later than the venv: the metrics test parses /metrics with
+# prometheus_client; the hang test takes stacks with py-spy.
+if ! "$VENV/bin/python" -c "import prometheus_client" 2>/dev/null || [ ! -x "$VENV/bin/py-spy" ]; then
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check prometheus_client py-spy >&2
 fi
 echo "$VENV"

@@ -363,6 +363,36 @@ pub fn resolve(
         .get("events_file")
         .filter(|p| !p.is_empty())
         .map(PathBuf::from);
+    if let Some(v) = raw.get("hang_timeout").filter(|v| !v.trim().is_empty()) {
+        let t = v.trim();
+        let (num, unit) = match t.char_indices().last() {
+            Some((i, 's')) => (&t[..i], 1.0),
+            Some((i, 'm')) => (&t[..i], 60.0),
+            Some((i, 'h')) => (&t[..i], 3600.0),
+            _ => (t, 1.0),
+        };
+        let secs = num.trim().parse::<f64>().ok().map(|n| n * unit);
+        c.hang_timeout = Some(
+            secs.and_then(|s| engine::config::parse_seconds(&s.to_string()))
+                .ok_or_else(|| {
+                    usage(
+                        "--hang-timeout",
+                        format!("invalid value '{v}': expected a positive duration like 300, 90s, 5m or 1h"),
+                    )
+                })?,
+        );
+    }
+    c.on_hang = match raw.get("on_hang").map(str::trim) {
+        None | Some("report") => engine::config::OnHang::Report,
+        Some("fail") => engine::config::OnHang::Fail,
+        Some("restart") => engine::config::OnHang::Restart,
+        Some(other) => {
+            return Err(usage(
+                "--on-hang",
+                format!("invalid choice: '{other}' (choose from 'report', 'fail', 'restart')"),
+            ))
+        }
+    };
     // torch accepts TORCHELASTIC_HEALTH_CHECK_PORT and, in its open-source
     // build, serves nothing there; we serve the health endpoints on it.
     let port = match raw.get("metrics_port") {

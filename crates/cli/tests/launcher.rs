@@ -904,6 +904,19 @@ fn health_status_and_metrics_over_http_through_a_jobs_life() {
     );
     assert_eq!(m["torchrun_rs_rendezvous_rounds"], 1.0, "{m}");
     eprintln!("/metrics p99 over 200 scrapes: {} ms", v["p99_ms"]);
+    // On demand: every running rank's stack (py-spy from the test venv).
+    let stacks = {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.write_all(b"GET /stacks HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        c.read_to_string(&mut body).unwrap();
+        body
+    };
+    for r in 0..2 {
+        assert!(stacks.contains(&format!("== local rank {r} (pid ")), "{stacks}");
+    }
+    assert!(stacks.contains("worker.py"), "{stacks}");
     std::fs::write(out.path().join("go"), "").unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));

@@ -453,3 +453,70 @@ fn garbage_a_huge_line_and_a_foreign_pid_on_the_timer_file_are_warnings() {
     );
     assert!(stderr.contains("watchdog timer 'stuck-step'"), "{stderr}");
 }
+
+#[test]
+fn a_hang_is_reported_with_every_ranks_frame_and_on_hang_fail_ends_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    let mut c = Command::new(BIN);
+    c.args([
+        "--nproc-per-node=2",
+        "--hang-timeout=3s",
+        "--on-hang=fail",
+        "--log-dir",
+    ])
+    .arg(&logs)
+    .arg(helper("hang_job.py"))
+    .arg(dir.path())
+    .env("TMPDIR", dir.path());
+    let t0 = std::time::Instant::now();
+    let out = run(&mut c);
+    let took = t0.elapsed();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + 15), "{stderr}");
+    assert!(
+        stderr.contains("no worker wrote any output for"),
+        "{stderr}"
+    );
+    let report: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("  rank ") && !l.starts_with("  rank  "))
+        .collect();
+    assert_eq!(report.len(), 2, "{stderr}");
+    assert!(
+        report
+            .iter()
+            .any(|l| l.starts_with("  rank 1: stuck_forever (")),
+        "{stderr}"
+    );
+    assert!(
+        report
+            .iter()
+            .any(|l| l.starts_with("  rank 0: all_reduce (")),
+        "{stderr}"
+    );
+    // The stuck rank is the root cause, and each rank's stack is on disk.
+    assert!(
+        stderr.contains("Root cause: rank 1 (local_rank 1"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("hung: no output for"), "{stderr}");
+    let run_dir = std::fs::read_dir(&logs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    for r in 0..2 {
+        let stacks: Vec<_> = std::fs::read_dir(run_dir.join(format!("attempt_0/{r}")))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("stack-"))
+            .collect();
+        assert_eq!(stacks.len(), 1, "rank {r}");
+        let text = std::fs::read_to_string(stacks[0].path()).unwrap();
+        assert!(text.contains("Thread"), "{text}");
+    }
+    eprintln!("hang reported and the job ended {took:?} after the launch (timeout 3 s)");
+    assert!(took < std::time::Duration::from_secs(60), "{took:?}");
+}

@@ -91,6 +91,25 @@ enum Event {
     Ping(Ping),
     /// A worker's watchdog timer expired.
     Expired(crate::watchdog::Expired),
+    /// The stacks of a group that stopped writing (`--hang-timeout`).
+    Hung(HangDumps),
+}
+
+/// One rank's dump: (local rank, rank, pid, its log directory, the stack
+/// or why there is none).
+type RankDump = (
+    u32,
+    u32,
+    i32,
+    Option<PathBuf>,
+    Result<crate::stacks::Stack, String>,
+);
+
+/// Every rank's stack, taken because no rank wrote for `quiet` seconds.
+#[derive(Debug)]
+struct HangDumps {
+    quiet: f64,
+    dumps: Vec<RankDump>,
 }
 
 /// What a group being stopped leads to once every worker is gone.
@@ -165,6 +184,15 @@ pub struct Agent<'a> {
     _watchdog: Option<crate::watchdog::Watchdog>,
     watched: crate::watchdog::Workers,
     expiries: mpsc::UnboundedReceiver<crate::watchdog::Expired>,
+    /// `--hang-timeout`: the next look at the workers' output, whether the
+    /// current quiet spell was reported, whether stacks are being taken.
+    hang_check: Option<Instant>,
+    hang_reported: bool,
+    hang_capturing: bool,
+    hang_tx: mpsc::UnboundedSender<HangDumps>,
+    hang_rx: mpsc::UnboundedReceiver<HangDumps>,
+    /// `--on-hang=fail`: the group stops with no restart.
+    no_more_restarts: bool,
 }
 
 impl<'a> Agent<'a> {
@@ -189,6 +217,7 @@ impl<'a> Agent<'a> {
     ) -> Self {
         let poll_interval = rdzv.poll_interval();
         let (exits_tx, exits) = mpsc::unbounded_channel();
+        let (hang_tx, hang_rx) = mpsc::unbounded_channel();
         let mut base_env = base_env;
         let watched = crate::watchdog::Workers::default();
         let (expired_tx, expiries) = mpsc::unbounded_channel();
@@ -224,6 +253,7 @@ impl<'a> Agent<'a> {
                 hostname: crate::host::hostname(),
                 // SAFETY: isatty only reads the descriptor's state.
                 tail_stderr: unsafe { libc::isatty(2) } == 0,
+                watch_output: config.hang_timeout.is_some(),
             },
             trap,
             exits,
@@ -247,6 +277,12 @@ impl<'a> Agent<'a> {
             _watchdog: watchdog,
             watched,
             expiries,
+            hang_check: None,
+            hang_reported: false,
+            hang_capturing: false,
+            hang_tx,
+            hang_rx,
+            no_more_restarts: false,
         }
     }
 
@@ -322,7 +358,10 @@ impl<'a> Agent<'a> {
 
     async fn next_event(&mut self) -> Event {
         let timer = match &self.phase {
-            Phase::Running(_) => self.next_check,
+            Phase::Running(_) => match (self.next_check, self.hang_check) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
             Phase::Stopping { stop, .. } => Some(stop.deadline()),
             _ => None,
         };
@@ -333,6 +372,7 @@ impl<'a> Agent<'a> {
             Some(r) = self.rdzv_events.recv() => Event::Rendezvous(r),
             Some(p) = self.pings.recv() => Event::Ping(p),
             Some(e) = self.expiries.recv() => Event::Expired(e),
+            Some(h) = self.hang_rx.recv() => Event::Hung(h),
             _ = sleep_until(timer) => Event::Timer,
         }
     }
@@ -348,6 +388,7 @@ impl<'a> Agent<'a> {
                 None
             }
             Event::Expired(e) => self.on_expired(e),
+            Event::Hung(h) => self.on_hung(h),
         }
     }
 
@@ -620,6 +661,12 @@ impl<'a> Agent<'a> {
                             .collect();
                         *self.watched.lock().unwrap_or_else(|p| p.into_inner()) =
                             group.workers.iter().map(|w| w.pid).collect();
+                        self.hang_check = self
+                            .launch
+                            .config
+                            .hang_timeout
+                            .map(|_| Instant::now() + Duration::from_secs(1));
+                        self.hang_reported = false;
                         let attempt = self.restart_count;
                         self.observe(|o| {
                             o.workers = statuses;
@@ -710,6 +757,10 @@ impl<'a> Agent<'a> {
                     self.next_check = None;
                     self.rdzv.check_membership();
                 }
+                if self.hang_check.is_some_and(|t| t <= now) {
+                    self.hang_check = Some(now + Duration::from_secs(1));
+                    self.look_for_a_hang();
+                }
                 None
             }
             Phase::Stopping { group, stop, .. } if stop.deadline() <= now => {
@@ -720,6 +771,161 @@ impl<'a> Agent<'a> {
             }
             _ => None,
         }
+    }
+
+    /// `--hang-timeout`: when no running worker has written for that long,
+    /// takes every rank's stack (off the loop); `on_hung` reports.
+    fn look_for_a_hang(&mut self) {
+        let (Some(timeout), Phase::Running(group)) = (self.launch.config.hang_timeout, &self.phase)
+        else {
+            return;
+        };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let last = group
+            .alive()
+            .map(|w| w.activity.load(std::sync::atomic::Ordering::Relaxed))
+            .max()
+            .unwrap_or(now_ms);
+        let quiet = now_ms.saturating_sub(last) as f64 / 1000.0;
+        if quiet < timeout.as_secs_f64() {
+            self.hang_reported = false;
+            return;
+        }
+        if self.hang_reported || self.hang_capturing {
+            return;
+        }
+        self.hang_capturing = true;
+        let ranks: Vec<(u32, u32, i32, Option<PathBuf>)> = group
+            .alive()
+            .map(|w| (w.ranks.local_rank, w.ranks.global_rank, w.pid, w.rank_dir()))
+            .collect();
+        let tx = self.hang_tx.clone();
+        tokio::spawn(async move {
+            let mut dumps = Vec::new();
+            let takes: Vec<_> = ranks
+                .into_iter()
+                .map(|(l, r, pid, dir)| {
+                    tokio::spawn(async move { (l, r, pid, dir, crate::stacks::capture(pid).await) })
+                })
+                .collect();
+            for t in takes {
+                if let Ok(d) = t.await {
+                    dumps.push(d);
+                }
+            }
+            let _ = tx.send(HangDumps { quiet, dumps });
+        });
+    }
+
+    /// The stacks of a hung group: written beside each rank's logs, one
+    /// grouped report, then `--on-hang`.
+    fn on_hung(&mut self, h: HangDumps) -> Done {
+        self.hang_capturing = false;
+        if !matches!(self.phase, Phase::Running(_)) {
+            return None;
+        }
+        self.hang_reported = true;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut files = Vec::new();
+        let mut tops = Vec::new();
+        for (_, rank, _, dir, stack) in &h.dumps {
+            let (text, top) = match stack {
+                Ok(s) => (s.text.clone(), s.top.clone()),
+                Err(e) => (format!("no stack: {e}\n"), Some(format!("<no stack: {e}>"))),
+            };
+            tops.push((*rank, top));
+            if let Some(d) = dir {
+                let path = d.join(format!("stack-{stamp}.txt"));
+                if crate::log_dir::create_file(&path)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+                    .is_ok()
+                {
+                    files.push(path);
+                }
+            }
+        }
+        let lines = crate::stacks::group_report(&tops);
+        let mut report = format!(
+            "torchrun-rs: no worker wrote any output for {:.1} s (--hang-timeout); where each rank is:\n",
+            h.quiet
+        );
+        for l in &lines {
+            report.push_str(&format!("  {l}\n"));
+        }
+        if let Some(dir) = files
+            .first()
+            .and_then(|f| f.parent())
+            .and_then(|d| d.parent())
+        {
+            report.push_str(&format!(
+                "Stacks: {}/<local rank>/stack-{stamp}.txt\n",
+                dir.display()
+            ));
+        }
+        eprint!("{report}");
+        self.journal.record(
+            "hang_detected",
+            &[
+                ("quiet_s", V::F(h.quiet)),
+                ("ranks", V::S(lines.join("; "))),
+                (
+                    "action",
+                    V::S(format!("{:?}", self.launch.config.on_hang).to_lowercase()),
+                ),
+            ],
+        );
+        let on_hang = self.launch.config.on_hang;
+        if on_hang == crate::config::OnHang::Report {
+            return None;
+        }
+        // Failures for every rank, so ordered that the root cause is where
+        // the job is stuck: ranks outside torch.distributed (the others wait
+        // for them in a collective) first, then the odd ones out (smallest
+        // groups of the same frame).
+        let Phase::Running(group) = self.take_phase() else {
+            unreachable!("checked above")
+        };
+        let mut order: Vec<(bool, usize, u32)> = Vec::new();
+        for (_, rank, _, _, stack) in &h.dumps {
+            let top = stack.as_ref().ok().and_then(|s| s.top.clone());
+            let waiting = top
+                .as_deref()
+                .is_some_and(|t| t.contains("torch/distributed/"));
+            let same = h
+                .dumps
+                .iter()
+                .filter(|d| d.4.as_ref().ok().and_then(|s| s.top.clone()) == top)
+                .count();
+            order.push((waiting, same, *rank));
+        }
+        order.sort_unstable();
+        let mut failures = Vec::new();
+        for (_, _, rank) in order {
+            let Some(w) = group.workers.iter().find(|w| w.ranks.global_rank == rank) else {
+                continue;
+            };
+            let top = h
+                .dumps
+                .iter()
+                .find(|d| d.1 == rank)
+                .and_then(|d| d.4.as_ref().ok().and_then(|s| s.top.clone()))
+                .unwrap_or_else(|| "an unknown frame".to_string());
+            self.seq += 1;
+            let mut f = w.failure(ExitStatus::Signal(libc::SIGTERM), self.seq);
+            f.hang = Some(format!("no output for {:.0} s, in {top}", h.quiet));
+            failures.push(f);
+        }
+        self.no_more_restarts = on_hang == crate::config::OnHang::Fail;
+        self.begin_stop(
+            group,
+            libc::SIGTERM,
+            RESTART_GRACE,
+            AfterStop::Failed(failures),
+        )
     }
 
     fn take_phase(&mut self) -> Phase {
@@ -772,7 +978,11 @@ impl<'a> Agent<'a> {
             AfterStop::Failed(mut failures) => {
                 self.collect_terminated(&group, &mut failures);
                 let max = self.launch.config.max_restarts;
-                let remaining = max - self.restart_count;
+                let remaining = if self.no_more_restarts {
+                    0
+                } else {
+                    max - self.restart_count
+                };
                 if remaining > 0 {
                     self.observe(|o| *o.restarts_by_cause.entry("worker_failed").or_default() += 1);
                     self.journal.record(

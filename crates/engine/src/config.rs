@@ -242,6 +242,10 @@ pub struct LaunchConfig {
     pub metrics_port: Option<u16>,
     /// `--metrics-addr`: where that server listens (all interfaces).
     pub metrics_addr: std::net::IpAddr,
+    /// `--hang-timeout` (beyond torch): no output from any rank for this
+    /// long is a hang: every rank's stack is dumped and `on_hang` applies.
+    pub hang_timeout: Option<Duration>,
+    pub on_hang: OnHang,
     /// `--events-file` (beyond torch): every lifecycle fact as JSON Lines.
     pub events_file: Option<PathBuf>,
     /// `--numa-binding`: pin each local rank's CPUs near its GPU.
@@ -257,6 +261,17 @@ pub struct LaunchConfig {
 }
 
 pub const DEFAULT_SIGNALS: &str = "SIGTERM,SIGINT,SIGHUP,SIGQUIT";
+
+/// What `--on-hang` does once a hang is reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnHang {
+    /// Report it and let the job run.
+    Report,
+    /// Stop the job as failed (no restart).
+    Fail,
+    /// Stop the group as failed; the restart budget applies.
+    Restart,
+}
 
 /// `--rdzv-conf` keys that hold a number of seconds.
 pub const DURATION_KEYS: &[&str] = &[
@@ -310,6 +325,8 @@ impl Default for LaunchConfig {
             virtual_local_rank: false,
             numa_binding: None,
             events_file: None,
+            hang_timeout: None,
+            on_hang: OnHang::Report,
             metrics_port: None,
             metrics_addr: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             shutdown_timeout: Duration::from_secs(30),

@@ -34,6 +34,8 @@ pub struct ProcessFailure {
     pub oom_killed: bool,
     /// Stopped because its watchdog timer (this scope) expired.
     pub watchdog_scope: Option<String>,
+    /// Stopped as hung (`--on-hang`): what the report said of it.
+    pub hang: Option<String>,
 }
 
 pub use json::Json;
@@ -64,6 +66,7 @@ impl ProcessFailure {
             stderr_tail: None,
             oom_killed: false,
             watchdog_scope: None,
+            hang: None,
         };
         if let Some(path) = error_file.filter(|p| p.is_file()) {
             f.error_file = Some(path.to_path_buf());
@@ -217,6 +220,9 @@ pub fn summary(name: &str, failures: &[ProcessFailure], host: &str) -> String {
 
 /// The cause in words, where it is knowable.
 pub fn reason(f: &ProcessFailure) -> String {
+    if let Some(h) = &f.hang {
+        return format!("hung: {h}; stopped by --on-hang");
+    }
     if let Some(scope) = &f.watchdog_scope {
         let sig = match f.status {
             ExitStatus::Signal(s) => signal_name(s).unwrap_or("a signal").to_string(),

@@ -6,7 +6,8 @@
 //! - `/healthz`: 200 when the agent's loop answers a ping within 5 s;
 //! - `/readyz`: 200 while workers of a completed rendezvous run;
 //! - `/status`: JSON: phase, attempt, ranks, each local worker;
-//! - `/metrics`: Prometheus text (torch's metric names, sanitized, and ours).
+//! - `/metrics`: Prometheus text (torch's metric names, sanitized, and ours);
+//! - `/stacks`: every running local rank's stacks (py-spy).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -154,6 +155,23 @@ async fn respond(
             "application/json",
             status_json(&lock(observed)),
         ),
+        "/stacks" => {
+            let running: Vec<(u32, i32)> = lock(observed)
+                .workers
+                .iter()
+                .filter(|w| w.state == "running")
+                .map(|w| (w.local_rank, w.pid))
+                .collect();
+            let mut out = String::new();
+            for (local_rank, pid) in running {
+                out.push_str(&format!("== local rank {local_rank} (pid {pid})\n"));
+                match crate::stacks::capture(pid).await {
+                    Ok(s) => out.push_str(&s.text),
+                    Err(e) => out.push_str(&format!("no stack: {e}\n")),
+                }
+            }
+            reply(StatusCode::OK, TEXT, out)
+        }
         "/metrics" => reply(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -162,7 +180,7 @@ async fn respond(
         other => reply(
             StatusCode::NOT_FOUND,
             TEXT,
-            format!("no {other}: try /healthz, /readyz, /status or /metrics\n"),
+            format!("no {other}: try /healthz, /readyz, /status, /metrics or /stacks\n"),
         ),
     }
 }

@@ -22,6 +22,7 @@
 //! - `oom`: telling an OOM kill from other SIGKILLs.
 //! - [`preview`]: what each worker would get (`--dry-run`).
 //! - [`signals`]: signal names and trapping.
+//! - `stacks`: a worker's stacks through py-spy, grouped by top frame.
 //! - [`numa`]: `--numa-binding`, torch's four modes over sysfs.
 //! - `host`: this host's names as Python computes them.
 
@@ -43,6 +44,7 @@ pub mod process;
 pub mod rdzv_settings;
 mod rendezvous;
 pub mod signals;
+mod stacks;
 mod supervisor;
 mod terminate;
 mod watchdog;

@@ -31,7 +31,21 @@ pub struct LineFilter {
 }
 
 /// Where the bytes of one tee'd stream go.
+/// When a worker last wrote anything (ms since the Unix epoch), shared by
+/// the threads that carry its streams: what `--hang-timeout` watches.
+pub type Activity = std::sync::Arc<std::sync::atomic::AtomicU64>;
+
+/// Marks `a` active now.
+pub fn touch(a: &Activity) {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    a.store(ms, std::sync::atomic::Ordering::Relaxed);
+}
+
 pub struct TeeTargets {
+    /// When the worker last wrote, updated at every read.
+    pub activity: Option<Activity>,
     /// The stream's log file (`stdout.log` / `stderr.log`).
     pub file: Option<File>,
     /// The console, or `None` for a rank left out by `--local-ranks-filter`.
@@ -120,6 +134,9 @@ fn copy_lines(mut input: File, mut t: TeeTargets) {
             Err(_) => break,
         };
         let data = &chunk[..n];
+        if let Some(a) = &t.activity {
+            touch(a);
+        }
         if let Some(f) = t.file.as_mut() {
             let _ = f.write_all(data);
         }
@@ -272,6 +289,7 @@ pub struct PassThrough {
     pub read: OwnedFd,
     pub console: Option<Console>,
     pub tail: SharedTail,
+    pub activity: Option<Activity>,
 }
 
 /// Copies every stream of `streams` to its console unchanged (if any) and
@@ -321,6 +339,9 @@ pub fn start_passthrough(streams: Vec<PassThrough>) -> io::Result<TeeHandle> {
                     None => {}
                 }
                 p.tail.lock().unwrap_or_else(|e| e.into_inner()).push(data);
+                if let Some(a) = &p.activity {
+                    touch(a);
+                }
             }
             for i in ended.into_iter().rev() {
                 streams.swap_remove(i);

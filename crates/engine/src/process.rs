@@ -267,6 +267,10 @@ unsafe fn child_after_fork(
         if libc::getppid() != parent {
             libc::_exit(137);
         }
+        // Let the launcher's descendants (py-spy, for a stack dump) trace
+        // this worker where Yama restricts ptrace to ancestors. Without
+        // Yama this fails harmlessly.
+        libc::prctl(libc::PR_SET_PTRACER, parent as libc::c_ulong, 0, 0, 0);
         // Handlers do not survive exec, but ignored signals and the blocked
         // mask do: restore defaults.
         for sig in 1..32 {

@@ -13,7 +13,7 @@ use crate::failure::ProcessFailure;
 use crate::lifeline;
 use crate::log_dir::LogDir;
 use crate::log_stream::{
-    self, Console, LineFilter, PassThrough, SharedTail, TeeHandle, TeeTargets,
+    self, Activity, Console, LineFilter, PassThrough, SharedTail, TeeHandle, TeeTargets,
 };
 use crate::process::{self, Exit, ExitStatus, SpawnSpec, Stdio};
 use crate::rendezvous::Assignment;
@@ -36,9 +36,16 @@ pub struct Worker {
     error_file: Option<PathBuf>,
     stderr_file: Option<PathBuf>,
     stderr_tail: Option<SharedTail>,
+    /// When it last wrote (where the launcher carries its output).
+    pub activity: Activity,
 }
 
 impl Worker {
+    /// This worker's log directory of the attempt, if logs are kept.
+    pub fn rank_dir(&self) -> Option<PathBuf> {
+        self.error_file.as_ref()?.parent().map(Path::to_path_buf)
+    }
+
     /// The worker's stderr tail, when the launcher keeps one.
     pub fn stderr_tail(&self) -> Option<SharedTail> {
         self.stderr_tail.clone()
@@ -151,6 +158,8 @@ pub struct Launch<'a> {
     /// not a terminal (a cluster job's log), where a pipe changes nothing a
     /// user sees.
     pub tail_stderr: bool,
+    /// Carry stdout too, to see when workers write (`--hang-timeout`).
+    pub watch_output: bool,
 }
 
 /// The filter files of one attempt, shared by its ranks.
@@ -222,6 +231,7 @@ impl Launch<'_> {
         ranks: &WorkerRanks,
         rank_dir: Option<&Path>,
         filter: Option<LineFilter>,
+        activity: &Activity,
     ) -> Result<Stream, AgentError> {
         let cfg = self.config;
         let local_rank = ranks.local_rank;
@@ -247,6 +257,7 @@ impl Launch<'_> {
                 None => None,
             };
             let targets = TeeTargets {
+                activity: Some(activity.clone()),
                 file,
                 console: shown.then_some(console),
                 prefix: self.prefix_for(ranks),
@@ -264,7 +275,7 @@ impl Launch<'_> {
             return Ok(Stream::plain(Stdio::Fd(fd)));
         }
         let discarded = teed && rank_dir.is_none();
-        if !is_out && self.tail_stderr && !discarded {
+        if (!is_out && self.tail_stderr || self.watch_output) && !discarded {
             let (r, w) = log_stream::small_pipe().map_err(streams_err)?;
             return Ok(Stream {
                 stdio: Stdio::Fd(w),
@@ -273,6 +284,7 @@ impl Launch<'_> {
                     read: r,
                     console: shown.then_some(console),
                     tail: SharedTail::default(),
+                    activity: Some(activity.clone()),
                 }),
             });
         }
@@ -387,9 +399,23 @@ impl Launch<'_> {
             .iter()
             .map(|a| worker_env::substitute_local_rank(a, local_rank))
             .collect();
-        let out = self.stream(true, &ranks, rank_dir.as_deref(), filters.stdout.clone())?;
+        let activity = Activity::default();
+        log_stream::touch(&activity);
+        let out = self.stream(
+            true,
+            &ranks,
+            rank_dir.as_deref(),
+            filters.stdout.clone(),
+            &activity,
+        )?;
         group.tees.extend(out.tee);
-        let err = self.stream(false, &ranks, rank_dir.as_deref(), filters.stderr.clone())?;
+        let err = self.stream(
+            false,
+            &ranks,
+            rank_dir.as_deref(),
+            filters.stderr.clone(),
+            &activity,
+        )?;
         group.tees.extend(err.tee);
         let stderr_tail = err.pass.as_ref().map(|p| p.tail.clone());
         passed.extend(out.pass);
@@ -421,6 +447,7 @@ impl Launch<'_> {
             error_file,
             stderr_file,
             stderr_tail,
+            activity,
         })
     }
 }
