@@ -914,7 +914,10 @@ fn health_status_and_metrics_over_http_through_a_jobs_life() {
         body
     };
     for r in 0..2 {
-        assert!(stacks.contains(&format!("== local rank {r} (pid ")), "{stacks}");
+        assert!(
+            stacks.contains(&format!("== local rank {r} (pid ")),
+            "{stacks}"
+        );
     }
     assert!(stacks.contains("worker.py"), "{stacks}");
     std::fs::write(out.path().join("go"), "").unwrap();
