@@ -940,3 +940,35 @@ fn a_health_port_in_use_is_a_warning_not_a_failed_job() {
         done.stderr
     );
 }
+
+#[test]
+fn a_worker_that_ignores_the_stop_signal_has_its_stack_taken_before_the_sigkill() {
+    let logs = tempfile::tempdir().unwrap();
+    let run = start(
+        &[
+            "--nproc-per-node=1",
+            "--shutdown-timeout=1",
+            "--log-dir",
+            logs.path().to_str().unwrap(),
+        ],
+        "stubborn",
+        &[],
+    );
+    let pid = run.pid_of("pid.0");
+    run.signal(libc::SIGTERM);
+    let (done, _d) = run.finish();
+    assert_eq!(done.code, Some(143), "{}", done.stderr);
+    assert!(!pid_alive(pid));
+    assert!(
+        done.stderr.contains(&format!(
+            "local_rank 0 (pid {pid}) ignored the stop signal for the whole grace period; it is in stubborn ("
+        )),
+        "{}",
+        done.stderr
+    );
+    assert!(
+        done.stderr.contains("/attempt_0/0/stack-"),
+        "{}",
+        done.stderr
+    );
+}

@@ -93,6 +93,8 @@ enum Event {
     Expired(crate::watchdog::Expired),
     /// The stacks of a group that stopped writing (`--hang-timeout`).
     Hung(HangDumps),
+    /// The stacks of workers that outlived a stop's grace period.
+    Stubborn(Vec<RankDump>),
 }
 
 /// One rank's dump: (local rank, rank, pid, its log directory, the stack
@@ -193,6 +195,12 @@ pub struct Agent<'a> {
     hang_rx: mpsc::UnboundedReceiver<HangDumps>,
     /// `--on-hang=fail`: the group stops with no restart.
     no_more_restarts: bool,
+    /// Stacks of workers that outlived a grace period: being taken, and
+    /// their top frames by pid for the report.
+    stubborn_capturing: bool,
+    stuck: BTreeMap<i32, String>,
+    stubborn_tx: mpsc::UnboundedSender<Vec<RankDump>>,
+    stubborn_rx: mpsc::UnboundedReceiver<Vec<RankDump>>,
 }
 
 impl<'a> Agent<'a> {
@@ -218,6 +226,7 @@ impl<'a> Agent<'a> {
         let poll_interval = rdzv.poll_interval();
         let (exits_tx, exits) = mpsc::unbounded_channel();
         let (hang_tx, hang_rx) = mpsc::unbounded_channel();
+        let (stubborn_tx, stubborn_rx) = mpsc::unbounded_channel();
         let mut base_env = base_env;
         let watched = crate::watchdog::Workers::default();
         let (expired_tx, expiries) = mpsc::unbounded_channel();
@@ -283,6 +292,10 @@ impl<'a> Agent<'a> {
             hang_tx,
             hang_rx,
             no_more_restarts: false,
+            stubborn_capturing: false,
+            stuck: BTreeMap::new(),
+            stubborn_tx,
+            stubborn_rx,
         }
     }
 
@@ -373,6 +386,7 @@ impl<'a> Agent<'a> {
             Some(p) = self.pings.recv() => Event::Ping(p),
             Some(e) = self.expiries.recv() => Event::Expired(e),
             Some(h) = self.hang_rx.recv() => Event::Hung(h),
+            Some(d) = self.stubborn_rx.recv() => Event::Stubborn(d),
             _ = sleep_until(timer) => Event::Timer,
         }
     }
@@ -389,6 +403,7 @@ impl<'a> Agent<'a> {
             }
             Event::Expired(e) => self.on_expired(e),
             Event::Hung(h) => self.on_hung(h),
+            Event::Stubborn(d) => self.on_stubborn(d),
         }
     }
 
@@ -764,6 +779,25 @@ impl<'a> Agent<'a> {
                 None
             }
             Phase::Stopping { group, stop, .. } if stop.deadline() <= now => {
+                if !stop.killed() && !self.stubborn_capturing {
+                    // Before the SIGKILL: where are the ones that would not
+                    // stop? (py-spy answers within 10 s or is stopped.)
+                    self.stubborn_capturing = true;
+                    stop.postpone(Duration::from_secs(12));
+                    let ranks: Vec<(u32, u32, i32, Option<PathBuf>)> = group
+                        .alive()
+                        .map(|w| (w.ranks.local_rank, w.ranks.global_rank, w.pid, w.rank_dir()))
+                        .collect();
+                    let tx = self.stubborn_tx.clone();
+                    tokio::spawn(async move {
+                        let mut dumps = Vec::new();
+                        for (l, r, pid, dir) in ranks {
+                            dumps.push((l, r, pid, dir, crate::stacks::capture(pid).await));
+                        }
+                        let _ = tx.send(dumps);
+                    });
+                    return None;
+                }
                 match stop.on_deadline(group) {
                     Expired::Killed => None,
                     Expired::GaveUp => self.end_stop(),
@@ -928,6 +962,47 @@ impl<'a> Agent<'a> {
         )
     }
 
+    /// The stacks of the workers that ignored the stop signal: said, kept
+    /// for the report, then the SIGKILL.
+    fn on_stubborn(&mut self, dumps: Vec<RankDump>) -> Done {
+        let Phase::Stopping { group, stop, .. } = &mut self.phase else {
+            return None;
+        };
+        if stop.killed() {
+            return None;
+        }
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        for (local_rank, _, pid, dir, stack) in dumps {
+            if !group.alive().any(|w| w.pid == pid) {
+                continue;
+            }
+            let (text, top) = match stack {
+                Ok(s) => (s.text, s.top.unwrap_or_else(|| "an unknown frame".into())),
+                Err(e) => (format!("no stack: {e}\n"), format!("<no stack: {e}>")),
+            };
+            let mut at = String::new();
+            if let Some(d) = dir {
+                let path = d.join(format!("stack-{stamp}.txt"));
+                if crate::log_dir::create_file(&path)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+                    .is_ok()
+                {
+                    at = format!("; stack: {}", path.display());
+                }
+            }
+            tracing::warn!(
+                "local_rank {local_rank} (pid {pid}) ignored the stop signal for the whole grace period; it is in {top}{at}"
+            );
+            self.stuck.insert(pid, top);
+        }
+        match stop.on_deadline(group) {
+            Expired::Killed => None,
+            Expired::GaveUp => self.end_stop(),
+        }
+    }
+
     fn take_phase(&mut self) -> Phase {
         std::mem::replace(&mut self.phase, Phase::Between)
     }
@@ -953,6 +1028,7 @@ impl<'a> Agent<'a> {
     }
 
     fn enter_stopping(&mut self, group: Group, stop: Stopping, then: AfterStop) -> Done {
+        self.stubborn_capturing = false;
         let done = group.all_exited();
         self.phase = Phase::Stopping { group, stop, then };
         if done {
@@ -977,6 +1053,12 @@ impl<'a> Agent<'a> {
         match then {
             AfterStop::Failed(mut failures) => {
                 self.collect_terminated(&group, &mut failures);
+                for f in &mut failures {
+                    if let Some(top) = self.stuck.remove(&f.pid) {
+                        f.stuck_in = Some(top);
+                    }
+                }
+                self.stuck.clear();
                 let max = self.launch.config.max_restarts;
                 let remaining = if self.no_more_restarts {
                     0

@@ -36,6 +36,9 @@ pub struct ProcessFailure {
     pub watchdog_scope: Option<String>,
     /// Stopped as hung (`--on-hang`): what the report said of it.
     pub hang: Option<String>,
+    /// It ignored the stop signal for the whole grace period; its top frame
+    /// then.
+    pub stuck_in: Option<String>,
 }
 
 pub use json::Json;
@@ -67,6 +70,7 @@ impl ProcessFailure {
             oom_killed: false,
             watchdog_scope: None,
             hang: None,
+            stuck_in: None,
         };
         if let Some(path) = error_file.filter(|p| p.is_file()) {
             f.error_file = Some(path.to_path_buf());
@@ -220,6 +224,14 @@ pub fn summary(name: &str, failures: &[ProcessFailure], host: &str) -> String {
 
 /// The cause in words, where it is knowable.
 pub fn reason(f: &ProcessFailure) -> String {
+    let base = reason_of_exit(f);
+    match &f.stuck_in {
+        Some(top) => format!("{base}; it ignored the stop signal, stuck in {top}"),
+        None => base,
+    }
+}
+
+fn reason_of_exit(f: &ProcessFailure) -> String {
     if let Some(h) = &f.hang {
         return format!("hung: {h}; stopped by --on-hang");
     }

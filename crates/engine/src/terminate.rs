@@ -67,6 +67,16 @@ impl Stopping {
         self.deadline
     }
 
+    /// Whether the group was SIGKILLed already.
+    pub fn killed(&self) -> bool {
+        self.killed
+    }
+
+    /// Moves the deadline (while the survivors' stacks are taken).
+    pub fn postpone(&mut self, by: Duration) {
+        self.deadline = Instant::now() + by;
+    }
+
     /// The grace period is over (or a second signal asked to skip it).
     pub fn on_deadline(&mut self, group: &Group) -> Expired {
         if self.killed {

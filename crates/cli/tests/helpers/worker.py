@@ -148,6 +148,15 @@ elif mode == "complain":
         sys.exit(3)
     ready()
     time.sleep(60)
+elif mode == "stubborn":
+    # Ignores SIGTERM and waits in stubborn().
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def stubborn():
+        ready()
+        time.sleep(60)
+
+    stubborn()
 elif mode == "sleep":
     ready()
     time.sleep(float(args[0]) if args else 60)
