@@ -989,3 +989,66 @@ fn a_slurm_step_forms_with_global_rank_0_on_its_first_node_from_the_environment_
     assert_eq!(rank_of(first_pid).trim(), "0 0 2", "node 0 of the step");
     assert_eq!(rank_of(second_pid).trim(), "1 1 2", "node 1 of the step");
 }
+
+#[test]
+fn a_hang_across_nodes_is_reported_once_for_the_whole_job() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = |n: u8| {
+        Command::new(BIN)
+            .args([
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                "--rdzv-backend=c10d",
+                &format!("--rdzv-endpoint=127.0.0.2:{port}"),
+                "--rdzv-id=hang",
+                &format!("--local-addr=127.0.0.{n}"),
+                &format!("--rdzv-conf={FAST}"),
+                "--hang-timeout=3s",
+            ])
+            .arg(helper("hang_job.py"))
+            .arg(dir.path())
+            .env("PYTHON_EXEC", testkit::torch_python())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut agents = [agent(2), agent(3)];
+    // Whichever agent has group rank 0 prints the cluster-wide report.
+    let (tx, rx) = std::sync::mpsc::channel();
+    for a in agents.iter_mut() {
+        let err = a.stderr.take().unwrap();
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut lines = std::io::BufReader::new(err).lines().map_while(Result::ok);
+            while let Some(l) = lines.next() {
+                if l.contains("across the 2 node(s) that reported") {
+                    let report: Vec<String> = lines.by_ref().take(2).collect();
+                    let _ = tx.send(report);
+                }
+            }
+        });
+    }
+    let report = rx
+        .recv_timeout(std::time::Duration::from_secs(90))
+        .expect("a cluster-wide hang report");
+    assert!(
+        report
+            .iter()
+            .any(|l| l.starts_with("  rank 1: stuck_forever (")),
+        "{report:?}"
+    );
+    assert!(
+        report
+            .iter()
+            .any(|l| l.starts_with("  rank 0: all_reduce (")),
+        "{report:?}"
+    );
+    for a in agents.iter_mut() {
+        // SAFETY: a plain system call on values owned here.
+        unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
+        let _ = a.wait();
+    }
+}

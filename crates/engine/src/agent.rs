@@ -730,6 +730,28 @@ impl<'a> Agent<'a> {
                 self.on_membership(changed)
             }
             (RdzvEvent::Membership(_), _) => None,
+            (RdzvEvent::HangShared(Some(reports)), _) => {
+                let tops: Vec<(u32, Option<String>)> = reports
+                    .iter()
+                    .flat_map(|r| r.lines())
+                    .filter_map(|l| {
+                        let (rank, top) = l.split_once('\t')?;
+                        Some((
+                            rank.parse().ok()?,
+                            (!top.is_empty()).then(|| top.to_string()),
+                        ))
+                    })
+                    .collect();
+                let nodes = reports.len();
+                let mut out = format!(
+                    "torchrun-rs: across the {nodes} node(s) that reported, where each rank is:\n"
+                );
+                for l in crate::stacks::group_report(&tops) {
+                    out.push_str(&format!("  {l}\n"));
+                }
+                eprint!("{out}");
+                None
+            }
             (RdzvEvent::Finished, Phase::Finishing(_)) => {
                 let Phase::Finishing(result) = self.take_phase() else {
                     unreachable!("matched above")
@@ -901,6 +923,12 @@ impl<'a> Agent<'a> {
             ));
         }
         eprint!("{report}");
+        // Across nodes: group rank 0 prints every node's ranks together.
+        let mine: Vec<String> = tops
+            .iter()
+            .map(|(r, t)| format!("{r}\t{}", t.clone().unwrap_or_default()))
+            .collect();
+        self.rdzv.share_hang(mine.join("\n"));
         self.journal.record(
             "hang_detected",
             &[

@@ -165,6 +165,37 @@ impl RoundStore {
         })
     }
 
+    /// A hang report across nodes: every node writes its `report` for this
+    /// round; group rank 0 waits (up to `timeout`) for every node's and
+    /// returns them all (the others return `None`).
+    pub async fn share(&mut self, report: &str, timeout: Duration) -> Option<Vec<String>> {
+        if self.group_world_size <= 1 {
+            return None;
+        }
+        let key = |g: u32| format!("{}/torchrun_rs/hang/{g}", self.round_prefix);
+        self.client
+            .set(&key(self.group_rank), report.as_bytes())
+            .await
+            .ok()?;
+        if self.group_rank != 0 {
+            return None;
+        }
+        let keys: Vec<String> = (0..self.group_world_size).map(key).collect();
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        // Whoever answers within the timeout; a node whose workers were not
+        // quiet has nothing to say.
+        let _ = self.client.wait(&refs, timeout).await;
+        let mut out = Vec::new();
+        for k in &refs {
+            if self.client.check(&[k]).await.unwrap_or(false) {
+                if let Ok(v) = self.client.get(k).await {
+                    out.push(String::from_utf8_lossy(&v).into_owned());
+                }
+            }
+        }
+        Some(out)
+    }
+
     /// On success, the exit barrier keeps the store's host alive until
     /// every node is done (errors only logged).
     pub async fn finish(&mut self, success: bool) {

@@ -157,6 +157,12 @@ impl RendezvousBackend for C10dBackend {
 
     /// The exit barrier on success, then the rendezvous is closed for
     /// everyone (later joiners fail, spares exit 0).
+    async fn share_hang(&mut self, report: String) -> Option<Vec<String>> {
+        self.store
+            .share(&report, std::time::Duration::from_secs(10))
+            .await
+    }
+
     async fn finish(&mut self, success: bool) {
         self.store.finish(success).await;
         if let Err(e) = self.dynamic.close().await {

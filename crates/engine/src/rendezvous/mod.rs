@@ -106,6 +106,11 @@ pub trait RendezvousBackend: Send + 'static {
     /// whatever closing the backend needs. Errors are only logged.
     fn finish(&mut self, success: bool) -> impl Future<Output = ()> + Send;
 
+    /// Shares this node's hang report; group rank 0 gets every node's.
+    fn share_hang(&mut self, _report: String) -> impl Future<Output = Option<Vec<String>>> + Send {
+        async { None }
+    }
+
     /// The launcher was stopped by a signal: leave without closing.
     fn leave(&mut self) -> impl Future<Output = ()> + Send {
         async {}

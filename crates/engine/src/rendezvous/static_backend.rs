@@ -103,6 +103,12 @@ impl RendezvousBackend for StaticBackend {
         self.store.assign(config, prefix).await
     }
 
+    async fn share_hang(&mut self, report: String) -> Option<Vec<String>> {
+        self.store
+            .share(&report, std::time::Duration::from_secs(10))
+            .await
+    }
+
     async fn finish(&mut self, success: bool) {
         self.store.finish(success).await;
     }

@@ -25,6 +25,9 @@ enum Command {
     Finish { success: bool },
     /// Stopped by a signal: take this node out without closing.
     Leave,
+    /// A hang report for the cluster-wide one: answered by
+    /// [`RdzvEvent::HangShared`].
+    ShareHang(String),
 }
 
 /// A rendezvous result, as an event of the agent's loop.
@@ -33,6 +36,8 @@ pub enum RdzvEvent {
     Round(Result<Assignment, RendezvousError>),
     Membership(Result<bool, RendezvousError>),
     Finished,
+    /// Every node's hang report (on group rank 0), else `None`.
+    HangShared(Option<Vec<String>>),
 }
 
 /// The agent's side of the rendezvous task.
@@ -79,6 +84,9 @@ impl RendezvousTask {
     }
     pub fn leave(&self) {
         self.send(Command::Leave);
+    }
+    pub fn share_hang(&self, report: String) {
+        self.send(Command::ShareHang(report));
     }
 
     /// Lets the command under way finish (a leave, say), then stops the
@@ -130,5 +138,6 @@ async fn run<B: RendezvousBackend>(
             rdzv.leave().await;
             None
         }
+        Command::ShareHang(report) => Some(RdzvEvent::HangShared(rdzv.share_hang(report).await)),
     }
 }
