@@ -520,3 +520,24 @@ fn a_hang_is_reported_with_every_ranks_frame_and_on_hang_fail_ends_the_job() {
     eprintln!("hang reported and the job ended {took:?} after the launch (timeout 3 s)");
     assert!(took < std::time::Duration::from_secs(60), "{took:?}");
 }
+
+#[test]
+fn without_py_spy_a_hung_group_is_stopped_with_sigabrt_and_faulthandler_prints_the_stacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(Command::new(BIN)
+        .args(["--nproc-per-node=2", "--hang-timeout=3s", "--on-hang=fail"])
+        .arg(helper("hang_job.py"))
+        .arg(dir.path())
+        .env("TMPDIR", dir.path())
+        // py-spy lives in the test venv's bin, which this PATH leaves out.
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env_remove("PYTHONFAULTHANDLER"));
+    let stderr = text(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("<no stack: py-spy is not installed"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Fatal Python error: Aborted"), "{stderr}");
+    assert!(stderr.contains("in stuck_forever"), "{stderr}");
+}

@@ -228,6 +228,14 @@ impl<'a> Agent<'a> {
         let (hang_tx, hang_rx) = mpsc::unbounded_channel();
         let (stubborn_tx, stubborn_rx) = mpsc::unbounded_channel();
         let mut base_env = base_env;
+        if config.hang_timeout.is_some()
+            && crate::process::find_program("py-spy").is_none()
+            && !base_env.contains_key("PYTHONFAULTHANDLER")
+        {
+            // No py-spy: Python's faulthandler prints every thread's stack
+            // when a hung group is stopped with SIGABRT (--on-hang).
+            base_env.insert("PYTHONFAULTHANDLER".to_string(), "1".to_string());
+        }
         let watched = crate::watchdog::Workers::default();
         let (expired_tx, expiries) = mpsc::unbounded_channel();
         let watchdog = crate::watchdog::wanted(&|k| base_env.get(k).cloned()).and_then(|path| {
@@ -982,9 +990,17 @@ impl<'a> Agent<'a> {
             failures.push(f);
         }
         self.no_more_restarts = on_hang == crate::config::OnHang::Fail;
+        // Without py-spy, SIGABRT makes faulthandler print the stacks to the
+        // workers' stderr (kept in the logs and the report's tail).
+        let no_stacks = h.dumps.iter().all(|d| d.4.is_err());
+        let stop_signal = if no_stacks {
+            libc::SIGABRT
+        } else {
+            libc::SIGTERM
+        };
         self.begin_stop(
             group,
-            libc::SIGTERM,
+            stop_signal,
             RESTART_GRACE,
             AfterStop::Failed(failures),
         )
