@@ -538,15 +538,7 @@ impl<'a> Agent<'a> {
                     self.launch.program.display()
                 );
                 // Stop the siblings; their exits are recorded too.
-                let Phase::Running(group) = self.take_phase() else {
-                    unreachable!("matched above")
-                };
-                self.begin_stop(
-                    group,
-                    libc::SIGTERM,
-                    RESTART_GRACE,
-                    AfterStop::Failed(vec![f]),
-                )
+                self.fail_running(vec![f], libc::SIGTERM)
             }
             Phase::Stopping { group, .. } => {
                 group.mark_exited(exit);
@@ -608,15 +600,16 @@ impl<'a> Agent<'a> {
             ],
         );
         crate::process::signal_group(w.pid, e.signal);
+        self.fail_running(vec![f], libc::SIGTERM)
+    }
+
+    /// The running group failed (`failures`, the root cause first): stop
+    /// every worker with `sig`, then the restart policy decides.
+    fn fail_running(&mut self, failures: Vec<ProcessFailure>, sig: i32) -> Done {
         let Phase::Running(group) = self.take_phase() else {
-            unreachable!("matched above")
+            unreachable!("called while running")
         };
-        self.begin_stop(
-            group,
-            libc::SIGTERM,
-            RESTART_GRACE,
-            AfterStop::Failed(vec![f]),
-        )
+        self.begin_stop(group, sig, RESTART_GRACE, AfterStop::Failed(failures))
     }
 
     fn on_rendezvous(&mut self, r: RdzvEvent) -> Done {
@@ -998,12 +991,8 @@ impl<'a> Agent<'a> {
         } else {
             libc::SIGTERM
         };
-        self.begin_stop(
-            group,
-            stop_signal,
-            RESTART_GRACE,
-            AfterStop::Failed(failures),
-        )
+        self.phase = Phase::Running(group);
+        self.fail_running(failures, stop_signal)
     }
 
     /// The stacks of the workers that ignored the stop signal: said, kept
