@@ -399,12 +399,15 @@ fn an_expired_file_timer_without_restarts_is_the_summarys_root_cause() {
         stderr.contains("Root Cause (first observed failure):"),
         "{stderr}"
     );
+    // Where it was when the timer expired (py-spy), then the signal.
     assert!(
         stderr.contains("Root cause: rank 1 (local_rank 1, pid ")
-            && stderr
-                .contains("watchdog timer 'stuck-step' expired; the worker was stopped (SIGKILL)"),
+            && stderr.contains("watchdog timer 'stuck-step' expired in ")
+            && stderr.contains("(timer_job.py:")
+            && stderr.contains("; the worker was stopped (SIGKILL)"),
         "{stderr}"
     );
+    assert!(stderr.contains("local_rank 1 was in "), "{stderr}");
 }
 
 #[test]

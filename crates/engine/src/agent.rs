@@ -95,7 +95,18 @@ enum Event {
     Hung(HangDumps),
     /// The stacks of workers that outlived a stop's grace period.
     Stubborn(Vec<RankDump>),
+    /// The stack of a worker whose watchdog timer expired.
+    ExpiredDumped(Box<ExpiryDump>),
 }
+
+/// A watchdog expiry awaiting its stack: the failure, the signal asked
+/// for, the rank's log directory, the stack.
+type ExpiryDump = (
+    ProcessFailure,
+    i32,
+    Option<PathBuf>,
+    Result<crate::stacks::Stack, String>,
+);
 
 /// One rank's dump: (local rank, rank, pid, its log directory, the stack
 /// or why there is none).
@@ -185,6 +196,8 @@ pub struct Agent<'a> {
     /// Held for its life: dropping it removes the FIFO.
     _watchdog: Option<crate::watchdog::Watchdog>,
     watched: crate::watchdog::Workers,
+    /// When a worker last armed or released a watchdog timer.
+    watchdog_beat: crate::log_stream::Activity,
     expiries: mpsc::UnboundedReceiver<crate::watchdog::Expired>,
     /// `--hang-timeout`: the next look at the workers' output, whether the
     /// current quiet spell was reported, whether stacks are being taken.
@@ -195,6 +208,12 @@ pub struct Agent<'a> {
     hang_rx: mpsc::UnboundedReceiver<HangDumps>,
     /// `--on-hang=fail`: the group stops with no restart.
     no_more_restarts: bool,
+    /// Rounds this agent completed (the events file's `round`).
+    events_round: u64,
+    /// A watchdog expiry's stack is being taken.
+    expiring: bool,
+    expiry_tx: mpsc::UnboundedSender<ExpiryDump>,
+    expiry_rx: mpsc::UnboundedReceiver<ExpiryDump>,
     /// Stacks of workers that outlived a grace period: being taken, and
     /// their top frames by pid for the report.
     stubborn_capturing: bool,
@@ -221,12 +240,14 @@ impl<'a> Agent<'a> {
         cpus: Vec<libc::cpu_set_t>,
         events: EventLog,
         journal: Journal,
-        (observed, pings): (SharedObserved, mpsc::UnboundedReceiver<Ping>),
+        observed_pings: (SharedObserved, mpsc::UnboundedReceiver<Ping>),
     ) -> Self {
         let poll_interval = rdzv.poll_interval();
         let (exits_tx, exits) = mpsc::unbounded_channel();
         let (hang_tx, hang_rx) = mpsc::unbounded_channel();
+        let (observed, pings) = observed_pings;
         let (stubborn_tx, stubborn_rx) = mpsc::unbounded_channel();
+        let (expiry_tx, expiry_rx) = mpsc::unbounded_channel();
         let mut base_env = base_env;
         if config.hang_timeout.is_some()
             && crate::process::find_program("py-spy").is_none()
@@ -238,8 +259,10 @@ impl<'a> Agent<'a> {
         }
         let watched = crate::watchdog::Workers::default();
         let (expired_tx, expiries) = mpsc::unbounded_channel();
+        let watchdog_beat = crate::log_stream::Activity::default();
         let watchdog = crate::watchdog::wanted(&|k| base_env.get(k).cloned()).and_then(|path| {
-            match crate::watchdog::start(&path, watched.clone(), expired_tx) {
+            match crate::watchdog::start(&path, watched.clone(), expired_tx, watchdog_beat.clone())
+            {
                 Ok(w) => {
                     base_env.insert(
                         "TORCHELASTIC_TIMER_FILE".to_string(),
@@ -257,6 +280,12 @@ impl<'a> Agent<'a> {
                 }
             }
         });
+        if watchdog.is_some() {
+            observed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .watchdog_beat = Some(watchdog_beat.clone());
+        }
         Agent {
             launch: Launch {
                 config,
@@ -292,6 +321,7 @@ impl<'a> Agent<'a> {
             observed,
             pings,
             _watchdog: watchdog,
+            watchdog_beat,
             watched,
             expiries,
             hang_check: None,
@@ -300,6 +330,10 @@ impl<'a> Agent<'a> {
             hang_tx,
             hang_rx,
             no_more_restarts: false,
+            events_round: 0,
+            expiring: false,
+            expiry_tx,
+            expiry_rx,
             stubborn_capturing: false,
             stuck: BTreeMap::new(),
             stubborn_tx,
@@ -395,6 +429,7 @@ impl<'a> Agent<'a> {
             Some(e) = self.expiries.recv() => Event::Expired(e),
             Some(h) = self.hang_rx.recv() => Event::Hung(h),
             Some(d) = self.stubborn_rx.recv() => Event::Stubborn(d),
+            Some(d) = self.expiry_rx.recv() => Event::ExpiredDumped(Box::new(d)),
             _ = sleep_until(timer) => Event::Timer,
         }
     }
@@ -412,6 +447,7 @@ impl<'a> Agent<'a> {
             Event::Expired(e) => self.on_expired(e),
             Event::Hung(h) => self.on_hung(h),
             Event::Stubborn(d) => self.on_stubborn(d),
+            Event::ExpiredDumped(d) => self.on_expired_dumped(*d),
         }
     }
 
@@ -526,6 +562,11 @@ impl<'a> Agent<'a> {
                     };
                     group.release(std::time::Instant::now() + PIPE_DRAIN);
                     self.rdzv.finish(true);
+                    // The exit barrier (multi-node): this node waits for the
+                    // others before closing the rendezvous.
+                    if self.events.group_world_size.unwrap_or(1) > 1 {
+                        self.journal.record("exit_barrier", &[]);
+                    }
                     self.observe(|o| o.phase = "finishing");
                     self.phase = Phase::Finishing(RunResult::Succeeded);
                     return None;
@@ -599,7 +640,51 @@ impl<'a> Agent<'a> {
                 ),
             ],
         );
-        crate::process::signal_group(w.pid, e.signal);
+        // Its stack first (py-spy), then the signal: `on_expired_dumped`.
+        if self.expiring {
+            return None;
+        }
+        self.expiring = true;
+        let (pid, dir, tx) = (w.pid, w.rank_dir(), self.expiry_tx.clone());
+        tokio::spawn(async move {
+            let stack = crate::stacks::capture(pid).await;
+            let _ = tx.send((f, e.signal, dir, stack));
+        });
+        None
+    }
+
+    /// The stack of a worker whose watchdog timer expired: kept beside its
+    /// logs, then its group gets the requested signal and the group fails.
+    fn on_expired_dumped(&mut self, d: ExpiryDump) -> Done {
+        self.expiring = false;
+        let (mut f, signal, dir, stack) = d;
+        let Phase::Running(group) = &self.phase else {
+            return None;
+        };
+        if !group.alive().any(|w| w.pid == f.pid) {
+            return None;
+        }
+        if let (Ok(s), Some(dir)) = (&stack, dir) {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let path = dir.join(format!("stack-{stamp}.txt"));
+            if crate::log_dir::create_file(&path)
+                .and_then(|mut file| std::io::Write::write_all(&mut file, s.text.as_bytes()))
+                .is_ok()
+            {
+                tracing::warn!(
+                    "local_rank {} was in {} when its watchdog timer expired; stack: {}",
+                    f.local_rank,
+                    s.top.as_deref().unwrap_or("an unknown frame"),
+                    path.display()
+                );
+            }
+        }
+        if let Ok(s) = &stack {
+            f.stuck_in = s.top.clone();
+        }
+        crate::process::signal_group(f.pid, signal);
         self.fail_running(vec![f], libc::SIGTERM)
     }
 
@@ -615,6 +700,7 @@ impl<'a> Agent<'a> {
     fn on_rendezvous(&mut self, r: RdzvEvent) -> Done {
         match (r, &self.phase) {
             (RdzvEvent::Round(Ok(a)), Phase::Joining) => {
+                self.events_round += 1;
                 // Ranks are assigned within the round here: its time is the
                 // rendezvous's, the assignment's is not told apart.
                 let took = self.round_asked.elapsed().as_secs_f64() * 1000.0;
@@ -635,6 +721,7 @@ impl<'a> Agent<'a> {
                         ("master_port", V::U(a.master_port.into())),
                         ("duration_ms", V::F((took * 1000.0).round() / 1000.0)),
                         ("attempt", V::U(self.restart_count.into())),
+                        ("round", V::U(self.events_round)),
                     ],
                 );
                 self.observe(|o| {
@@ -840,9 +927,14 @@ impl<'a> Agent<'a> {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        // Output, or a watchdog timer armed, counts as life.
         let last = group
             .alive()
             .map(|w| w.activity.load(std::sync::atomic::Ordering::Relaxed))
+            .chain(std::iter::once(
+                self.watchdog_beat
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            ))
             .max()
             .unwrap_or(now_ms);
         let quiet = now_ms.saturating_sub(last) as f64 / 1000.0;
@@ -1143,6 +1235,10 @@ impl<'a> Agent<'a> {
     }
 
     fn join_next(&mut self) {
+        self.journal.record(
+            "rendezvous_joining",
+            &[("attempt", V::U(self.restart_count.into()))],
+        );
         self.observe(|o| o.phase = "rendezvous");
         self.phase = Phase::Joining;
         self.round_asked = std::time::Instant::now();

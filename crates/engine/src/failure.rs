@@ -224,6 +224,17 @@ pub fn summary(name: &str, failures: &[ProcessFailure], host: &str) -> String {
 
 /// The cause in words, where it is knowable.
 pub fn reason(f: &ProcessFailure) -> String {
+    if let Some(scope) = &f.watchdog_scope {
+        let sig = match f.status {
+            ExitStatus::Signal(s) => signal_name(s).unwrap_or("a signal").to_string(),
+            ExitStatus::Code(c) => format!("exit code {c}"),
+        };
+        let at = f
+            .stuck_in
+            .as_ref()
+            .map_or(String::new(), |t| format!(" in {t}"));
+        return format!("watchdog timer '{scope}' expired{at}; the worker was stopped ({sig})");
+    }
     let base = reason_of_exit(f);
     match &f.stuck_in {
         Some(top) => format!("{base}; it ignored the stop signal, stuck in {top}"),
@@ -234,13 +245,6 @@ pub fn reason(f: &ProcessFailure) -> String {
 fn reason_of_exit(f: &ProcessFailure) -> String {
     if let Some(h) = &f.hang {
         return format!("hung: {h}; stopped by --on-hang");
-    }
-    if let Some(scope) = &f.watchdog_scope {
-        let sig = match f.status {
-            ExitStatus::Signal(s) => signal_name(s).unwrap_or("a signal").to_string(),
-            ExitStatus::Code(c) => format!("exit code {c}"),
-        };
-        return format!("watchdog timer '{scope}' expired; the worker was stopped ({sig})");
     }
     match f.status {
         ExitStatus::Signal(9) if f.oom_killed => {

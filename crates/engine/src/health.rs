@@ -57,6 +57,9 @@ pub struct Observed {
     pub world_size: Option<u32>,
     pub workers: Vec<WorkerStatus>,
     pub restarts_by_cause: BTreeMap<&'static str, u64>,
+    /// When a worker last armed or released a watchdog timer (with the
+    /// file watchdog on).
+    pub watchdog_beat: Option<crate::log_stream::Activity>,
     pub exits_by_reason: BTreeMap<&'static str, u64>,
 }
 
@@ -234,6 +237,19 @@ fn status_json(o: &Observed) -> String {
         ("group_world_size".into(), num(o.group_world_size)),
         ("world_size".into(), num(o.world_size)),
         ("workers".into(), Json::Array(workers)),
+        (
+            "seconds_since_watchdog_request".into(),
+            o.watchdog_beat
+                .as_ref()
+                .map(|b| b.load(std::sync::atomic::Ordering::Relaxed))
+                .filter(|&ms| ms > 0)
+                .map_or(Json::Null, |ms| {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                    Json::Float(now.saturating_sub(ms) as f64 / 1000.0)
+                }),
+        ),
     ])
     .to_string()
         + "\n"

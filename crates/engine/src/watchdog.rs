@@ -73,6 +73,7 @@ pub fn start(
     path: &Path,
     workers: Workers,
     expired: mpsc::UnboundedSender<Expired>,
+    heartbeat: crate::log_stream::Activity,
 ) -> std::io::Result<Watchdog> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(m) = std::fs::symlink_metadata(path) {
@@ -97,7 +98,7 @@ pub fn start(
     let rx = tokio::net::unix::pipe::OpenOptions::new()
         .read_write(true)
         .open_receiver(path)?;
-    let task = tokio::spawn(serve(rx, workers, expired));
+    let task = tokio::spawn(serve(rx, workers, expired, heartbeat));
     Ok(Watchdog {
         path: path.to_path_buf(),
         task,
@@ -173,6 +174,7 @@ async fn serve(
     mut rx: tokio::net::unix::pipe::Receiver,
     workers: Workers,
     expired: mpsc::UnboundedSender<Expired>,
+    heartbeat: crate::log_stream::Activity,
 ) {
     let mut timers: BTreeMap<(i32, String), (f64, i32)> = BTreeMap::new();
     let mut pending: Vec<u8> = Vec::new();
@@ -212,8 +214,10 @@ async fn serve(
                             if !ours {
                                 tracing::warn!("watchdog: ignored a timer of pid {}, which is not a worker of this job", r.pid);
                             } else if r.expiration < 0.0 {
+                                crate::log_stream::touch(&heartbeat);
                                 timers.remove(&(r.pid, r.scope));
                             } else {
+                                crate::log_stream::touch(&heartbeat);
                                 timers.insert((r.pid, r.scope), (r.expiration, r.signal));
                             }
                         }
