@@ -903,6 +903,16 @@ fn health_status_and_metrics_over_http_through_a_jobs_life() {
         "{m}"
     );
     assert_eq!(m["torchrun_rs_rendezvous_rounds"], 1.0, "{m}");
+    // The agent hosts its workers' store (these plain workers do not
+    // connect; the agent's own client does).
+    assert!(
+        m["torchrun_rs_store_connections"].as_f64().unwrap() >= 1.0,
+        "{m}"
+    );
+    assert!(
+        m["torchrun_rs_store_requests"].as_f64().unwrap() > 0.0,
+        "{m}"
+    );
     eprintln!("/metrics p99 over 200 scrapes: {} ms", v["p99_ms"]);
     // On demand: every running rank's stack (py-spy from the test venv).
     let stacks = {

@@ -1052,3 +1052,41 @@ fn a_hang_across_nodes_is_reported_once_for_the_whole_job() {
         let _ = a.wait();
     }
 }
+
+#[test]
+fn the_events_file_names_the_node_that_was_evicted() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let with_events = |n: u8| -> Vec<String> {
+        let mut v = vec![
+            "--events-file".to_string(),
+            dir.path().join(format!("events.{n}")).display().to_string(),
+        ];
+        v.extend(elastic(2));
+        v
+    };
+    let mut a = c10d_agent(2, "2:3", 1, port, FAST, &with_events(2));
+    let mut b = c10d_agent(3, "2:3", 1, port, FAST, &with_events(3));
+    let mut c = c10d_agent(4, "2:3", 1, port, FAST, &with_events(4));
+    let (ra, seen_a) = wait_line(&mut a, "world 3");
+    let (rb, seen_b) = wait_line(&mut b, "world 3");
+    let (_rc, _) = wait_line(&mut c, "world 3");
+    let victim = c.id();
+    kill_one_and_finish(&mut c, [(a, ra, seen_a), (b, rb, seen_b)]);
+    let mut evicted = Vec::new();
+    for n in [2, 3] {
+        for line in std::fs::read_to_string(dir.path().join(format!("events.{n}")))
+            .unwrap()
+            .lines()
+        {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            if v["event"] == "node_evicted" {
+                evicted.push(v["node"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    assert!(
+        evicted.contains(&format!("127.0.0.4:{victim}")),
+        "{evicted:?}"
+    );
+}

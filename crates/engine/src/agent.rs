@@ -280,11 +280,12 @@ impl<'a> Agent<'a> {
                 }
             }
         });
-        if watchdog.is_some() {
-            observed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .watchdog_beat = Some(watchdog_beat.clone());
+        {
+            let mut o = observed.lock().unwrap_or_else(|p| p.into_inner());
+            if watchdog.is_some() {
+                o.watchdog_beat = Some(watchdog_beat.clone());
+            }
+            o.store = rdzv.store_stats();
         }
         Agent {
             launch: Launch {
@@ -813,11 +814,19 @@ impl<'a> Agent<'a> {
                     .record("rendezvous_failed", &[("error", V::S(e.to_string()))]);
                 Some(Err(e.into()))
             }
-            (RdzvEvent::Membership(changed), Phase::Running(_)) => {
+            (RdzvEvent::Membership(changed, evicted), Phase::Running(_)) => {
+                for node in evicted {
+                    self.journal.record("node_evicted", &[("node", V::S(node))]);
+                }
                 self.next_check = self.poll_interval.map(|p| Instant::now() + p);
                 self.on_membership(changed)
             }
-            (RdzvEvent::Membership(_), _) => None,
+            (RdzvEvent::Membership(_, evicted), _) => {
+                for node in evicted {
+                    self.journal.record("node_evicted", &[("node", V::S(node))]);
+                }
+                None
+            }
             (RdzvEvent::HangShared(Some(reports)), _) => {
                 let tops: Vec<(u32, Option<String>)> = reports
                     .iter()

@@ -60,6 +60,8 @@ pub struct Observed {
     /// When a worker last armed or released a watchdog timer (with the
     /// file watchdog on).
     pub watchdog_beat: Option<crate::log_stream::Activity>,
+    /// The workers' store, when this agent hosts it.
+    pub store: Option<std::sync::Arc<tcpstore::ServerStats>>,
     pub exits_by_reason: BTreeMap<&'static str, u64>,
 }
 
@@ -322,6 +324,23 @@ fn metrics_text(o: &Observed) -> String {
         "Seconds since each local rank last wrote to stderr (when the launcher carries it)",
         quiet,
     );
+    if let Some(st) = &o.store {
+        use std::sync::atomic::Ordering::Relaxed;
+        let conns = Gauge::<i64>::default();
+        conns.set(st.connections.load(Relaxed) as i64);
+        reg.register(
+            "torchrun_rs_store_connections",
+            "Connections open to the workers' store this agent hosts",
+            conns,
+        );
+        let reqs = Gauge::<i64>::default();
+        reqs.set(st.requests.load(Relaxed) as i64);
+        reg.register(
+            "torchrun_rs_store_requests",
+            "Requests the workers' store this agent hosts has served",
+            reqs,
+        );
+    }
     let mut out = String::new();
     if encode(&mut out, &reg).is_err() {
         out.clear();

@@ -38,6 +38,7 @@ pub(crate) struct Connection {
     /// Waits and barrier registrations of this connection that may still be
     /// pending in the state.
     waits: Vec<WaitId>,
+    stats: Arc<crate::server::ServerStats>,
 }
 
 const READ_CHUNK: usize = 16 * 1024;
@@ -45,8 +46,16 @@ const READ_CHUNK: usize = 16 * 1024;
 const KEEP_CAPACITY: usize = 64 * 1024;
 
 impl Connection {
-    pub(crate) fn new(stream: TcpStream, state: Arc<Mutex<State>>, limits: Limits) -> Self {
+    pub(crate) fn new(
+        stream: TcpStream,
+        state: Arc<Mutex<State>>,
+        limits: Limits,
+        stats: Arc<crate::server::ServerStats>,
+    ) -> Self {
         use std::os::fd::AsRawFd;
+        stats
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let fd = stream.as_raw_fd();
         Connection {
             stream,
@@ -57,6 +66,7 @@ impl Connection {
             inbuf: Vec::new(),
             outbuf: Vec::new(),
             waits: Vec::new(),
+            stats,
         }
     }
 
@@ -171,6 +181,9 @@ impl Connection {
             let state =
                 state.get_or_insert_with(|| self.state.lock().unwrap_or_else(|p| p.into_inner()));
             apply(req, state, &mut self.outbuf, &self.signal, &mut self.waits)?;
+            self.stats
+                .requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // Still under the lock: no CANCEL_WAIT can slip between a wait's
             // release and its STOP_WAITING.
             for released in state.released() {
@@ -185,6 +198,9 @@ impl Drop for Connection {
     /// Drops this client's waits and barrier registrations (never its keys),
     /// and detaches the socket before it closes.
     fn drop(&mut self) {
+        self.stats
+            .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         self.signal.detach();
         for id in self.waits.drain(..) {

@@ -18,4 +18,4 @@ mod wait_signal;
 
 pub use client::{Client, ClientError, ConnectOptions};
 pub use codec::Limits;
-pub use server::{BindAddr, BindError, Server, ServerHandle};
+pub use server::{BindAddr, BindError, Server, ServerHandle, ServerStats};

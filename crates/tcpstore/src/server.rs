@@ -40,6 +40,7 @@ pub struct Server {
     listener: std::net::TcpListener,
     limits: Limits,
     state: Arc<Mutex<State>>,
+    stats: Arc<ServerStats>,
 }
 
 fn listen_on(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -82,6 +83,7 @@ impl Server {
             listener,
             limits,
             state: Arc::new(Mutex::new(State::new())),
+            stats: Arc::default(),
         })
     }
 
@@ -96,12 +98,14 @@ impl Server {
         let addr = self.local_addr();
         let (tx, rx) = watch::channel(false);
         let state = Arc::clone(&self.state);
+        let stats = Arc::clone(&self.stats);
         let task = tokio::spawn(accept_loop(self, rx));
         ServerHandle {
             addr,
             shutdown: tx,
             task,
             state,
+            stats,
         }
     }
 }
@@ -120,7 +124,12 @@ async fn accept_loop(server: Server, mut shutdown: watch::Receiver<bool>) {
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    let conn = Connection::new(stream, Arc::clone(&server.state), server.limits);
+                    let conn = Connection::new(
+                        stream,
+                        Arc::clone(&server.state),
+                        server.limits,
+                        Arc::clone(&server.stats),
+                    );
                     tokio::spawn(conn.run(shutdown.clone()));
                 }
                 Err(e) => {
@@ -139,9 +148,24 @@ pub struct ServerHandle {
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
     state: Arc<Mutex<State>>,
+    stats: Arc<ServerStats>,
+}
+
+/// What a server has served, for metrics.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Connections open now.
+    pub connections: std::sync::atomic::AtomicU64,
+    /// Requests applied since the start.
+    pub requests: std::sync::atomic::AtomicU64,
 }
 
 impl ServerHandle {
+    /// Connections and requests served.
+    pub fn stats(&self) -> Arc<ServerStats> {
+        Arc::clone(&self.stats)
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }

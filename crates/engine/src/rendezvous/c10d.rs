@@ -48,6 +48,8 @@ struct Liveness {
 
 /// One agent's view of the dynamic rendezvous.
 pub struct DynamicRdzv {
+    /// Nodes this agent evicted (no heartbeat), not yet told to the agent.
+    pub evicted: Vec<Node>,
     client: Client,
     key: String,
     node: Node,
@@ -128,6 +130,7 @@ impl DynamicRdzv {
             heartbeat: Some(heartbeat),
             op_deadline: f64::INFINITY,
             spare_noted: false,
+            evicted: Vec::new(),
         }
     }
 
@@ -561,6 +564,7 @@ impl DynamicRdzv {
             return Ok(false);
         };
         let s = &self.state;
+        self.evicted.extend(evicted.iter().cloned());
         if !evicted.is_empty() {
             tracing::warn!(
                 "rendezvous: node(s) {} stopped sending heartbeats; re-forming the group",

@@ -142,6 +142,11 @@ impl C10dBackend {
 }
 
 impl RendezvousBackend for C10dBackend {
+    /// This agent's workers' store (used in the rounds where it is rank 0).
+    fn store_stats(&self) -> Option<std::sync::Arc<tcpstore::ServerStats>> {
+        Some(self.worker_store.stats())
+    }
+
     fn poll_interval(&self) -> Option<Duration> {
         Some(self.poll_interval)
     }
@@ -149,6 +154,14 @@ impl RendezvousBackend for C10dBackend {
     async fn next_round(&mut self, config: &LaunchConfig) -> Result<Assignment, RendezvousError> {
         let prefix = self.join_dynamic().await?;
         self.store.assign(config, prefix).await
+    }
+
+    fn take_evicted(&mut self) -> Vec<String> {
+        self.dynamic
+            .evicted
+            .drain(..)
+            .map(|n| format!("{}:{}", n.addr, n.pid))
+            .collect()
     }
 
     async fn membership_changed(&mut self) -> Result<bool, RendezvousError> {

@@ -38,6 +38,10 @@ impl LocalBackend {
 }
 
 impl RendezvousBackend for LocalBackend {
+    fn store_stats(&self) -> Option<std::sync::Arc<tcpstore::ServerStats>> {
+        Some(self.server.stats())
+    }
+
     async fn next_round(&mut self, config: &LaunchConfig) -> Result<Assignment, RendezvousError> {
         if self.round > 0 {
             super::wipe_worker_keys(&self.server, &self.run_id);

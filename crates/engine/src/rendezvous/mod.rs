@@ -86,6 +86,11 @@ pub struct Assignment {
 /// What the agent needs of a rendezvous backend. Each call runs in the
 /// rendezvous task; a newer command may interrupt (drop) one under way.
 pub trait RendezvousBackend: Send + 'static {
+    /// The workers' store when this node hosts it, for metrics.
+    fn store_stats(&self) -> Option<Arc<tcpstore::ServerStats>> {
+        None
+    }
+
     /// How often to check membership while workers run; `None`: never.
     fn poll_interval(&self) -> Option<Duration> {
         None
@@ -105,6 +110,11 @@ pub trait RendezvousBackend: Send + 'static {
     /// The job ended on this node: the exit barrier on success, then
     /// whatever closing the backend needs. Errors are only logged.
     fn finish(&mut self, success: bool) -> impl Future<Output = ()> + Send;
+
+    /// Nodes evicted since the last call (`addr:pid`), for the events file.
+    fn take_evicted(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 
     /// Shares this node's hang report; group rank 0 gets every node's.
     fn share_hang(&mut self, _report: String) -> impl Future<Output = Option<Vec<String>>> + Send {

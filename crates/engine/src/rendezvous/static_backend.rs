@@ -90,6 +90,10 @@ impl StaticBackend {
 }
 
 impl RendezvousBackend for StaticBackend {
+    fn store_stats(&self) -> Option<std::sync::Arc<tcpstore::ServerStats>> {
+        self.server.as_ref().map(ServerHandle::stats)
+    }
+
     async fn next_round(&mut self, config: &LaunchConfig) -> Result<Assignment, RendezvousError> {
         if self.round > 0 && self.store.group_world_size == 1 {
             // One node: its store is used by this agent alone, so wiping the

@@ -34,7 +34,8 @@ enum Command {
 #[derive(Debug)]
 pub enum RdzvEvent {
     Round(Result<Assignment, RendezvousError>),
-    Membership(Result<bool, RendezvousError>),
+    /// Whether the group must re-form, and the nodes evicted meanwhile.
+    Membership(Result<bool, RendezvousError>, Vec<String>),
     Finished,
     /// Every node's hang report (on group rank 0), else `None`.
     HangShared(Option<Vec<String>>),
@@ -45,6 +46,7 @@ pub struct RendezvousTask {
     commands: mpsc::UnboundedSender<Command>,
     task: tokio::task::JoinHandle<()>,
     poll_interval: Option<std::time::Duration>,
+    store_stats: Option<Arc<tcpstore::ServerStats>>,
 }
 
 impl RendezvousTask {
@@ -55,13 +57,20 @@ impl RendezvousTask {
         events: mpsc::UnboundedSender<RdzvEvent>,
     ) -> RendezvousTask {
         let poll_interval = rdzv.poll_interval();
+        let store_stats = rdzv.store_stats();
         let (commands, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(serve(rdzv, config, rx, events));
         RendezvousTask {
             commands,
             task,
             poll_interval,
+            store_stats,
         }
+    }
+
+    /// The workers' store this node hosts, if any.
+    pub fn store_stats(&self) -> Option<Arc<tcpstore::ServerStats>> {
+        self.store_stats.clone()
     }
 
     /// How often the agent should ask whether membership changed.
@@ -129,7 +138,10 @@ async fn run<B: RendezvousBackend>(
 ) -> Option<RdzvEvent> {
     match c {
         Command::NextRound => Some(RdzvEvent::Round(rdzv.next_round(config).await)),
-        Command::CheckMembership => Some(RdzvEvent::Membership(rdzv.membership_changed().await)),
+        Command::CheckMembership => {
+            let changed = rdzv.membership_changed().await;
+            Some(RdzvEvent::Membership(changed, rdzv.take_evicted()))
+        }
         Command::Finish { success } => {
             rdzv.finish(success).await;
             Some(RdzvEvent::Finished)
