@@ -5,6 +5,11 @@
 //!                                            server's CPU µs per op
 //! store-load fanout HOST PORT WAITERS      -> prints ms from SET to the last waiter released
 //! store-load idle HOST PORT CONNS PID      -> prints server RSS bytes per idle connection
+//! store-load storm HOST PORT CLIENTS SECS   -> `ms errors`: CLIENTS connect at once and run
+//!                                            init_process_group's store pattern; ms from the
+//!                                            first connect to the last release, and how many
+//!                                            connects were refused or reset (then retried);
+//!                                            `timeout` if not done within SECS
 
 use std::time::{Duration, Instant};
 
@@ -74,6 +79,86 @@ async fn mix_worker(mut s: TcpStream, id: usize, until: Instant) -> u64 {
     s.write_all(&buf).await.unwrap();
     s.read_u32_le().await.unwrap();
     ops
+}
+
+/// What a rank does with the `env://` store during `init_process_group`:
+/// connect, validate, count itself in, publish its key, wait for the last
+/// one to open the barrier, read a few keys. A refused or reset connect is
+/// counted and retried, as torch's client retries.
+async fn storm_client(
+    host: &str,
+    port: u16,
+    i: usize,
+    n: usize,
+    errors: &std::sync::atomic::AtomicUsize,
+) {
+    let mut s = loop {
+        match TcpStream::connect((host, port)).await {
+            Ok(s) => break s,
+            Err(_) => {
+                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    s.set_nodelay(true).unwrap();
+    let mut buf = vec![];
+    codec::encode(
+        &Request::Validate {
+            magic: codec::VALIDATE_MAGIC,
+        },
+        &mut buf,
+    );
+    codec::encode(
+        &Request::Add {
+            key: b"init/",
+            delta: 1,
+        },
+        &mut buf,
+    );
+    let me = format!("/rank/{i}");
+    codec::encode(
+        &Request::Set {
+            key: me.as_bytes(),
+            value: b"addr:port",
+        },
+        &mut buf,
+    );
+    if s.write_all(&buf).await.is_err() {
+        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Box::pin(storm_client(host, port, i, n, errors)).await;
+    }
+    let count = match s.read_i64_le().await {
+        Ok(c) => c,
+        Err(_) => {
+            errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Box::pin(storm_client(host, port, i, n, errors)).await;
+        }
+    };
+    buf.clear();
+    if count as usize == n {
+        codec::encode(
+            &Request::Set {
+                key: b"/barrier",
+                value: b"1",
+            },
+            &mut buf,
+        );
+    }
+    codec::encode_keys(codec::code::WAIT, &[b"/barrier"], &mut buf);
+    s.write_all(&buf).await.unwrap();
+    assert_eq!(s.read_u8().await.unwrap(), codec::STOP_WAITING);
+    for key in [
+        b"/rank/0".to_vec(),
+        format!("/rank/{}", (i + 1) % n).into_bytes(),
+    ] {
+        buf.clear();
+        codec::encode(&Request::Get { key: &key }, &mut buf);
+        s.write_all(&buf).await.unwrap();
+        let len = s.read_u64_le().await.unwrap() as usize;
+        let mut v = vec![0u8; len];
+        s.read_exact(&mut v).await.unwrap();
+    }
 }
 
 /// User + system CPU seconds of a process.
@@ -218,6 +303,35 @@ async fn main() {
             let after = rss_bytes(pid);
             println!("{}", after.saturating_sub(before) / n as u64);
             drop(conns);
+        }
+        "storm" => {
+            let n: usize = args[4].parse().unwrap();
+            let limit = Duration::from_secs(args[5].parse().unwrap());
+            let errors = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let t0 = Instant::now();
+            let clients: Vec<_> = (0..n)
+                .map(|i| {
+                    let (host, errors) = (host.clone(), errors.clone());
+                    tokio::spawn(async move { storm_client(&host, port, i, n, &errors).await })
+                })
+                .collect();
+            let all = async {
+                for c in clients {
+                    c.await.unwrap();
+                }
+            };
+            match tokio::time::timeout(limit, all).await {
+                Ok(()) => println!(
+                    "{:.0} {}",
+                    t0.elapsed().as_secs_f64() * 1e3,
+                    errors.load(std::sync::atomic::Ordering::Relaxed)
+                ),
+                Err(_) => println!(
+                    "timeout {}",
+                    errors.load(std::sync::atomic::Ordering::Relaxed)
+                ),
+            }
+            std::process::exit(0);
         }
         other => panic!("unknown mode {other}"),
     }
