@@ -64,3 +64,63 @@ fn ten_thousand_idle_connections() {
     drop(idle);
     ping(&mut probe, 4);
 }
+
+/// A connect storm: 4,000 clients at once (as the ranks of a large job at
+/// init_process_group), every one accepted and served, none refused or
+/// reset (the listen backlog is the system's maximum and the accept loop
+/// drains it).
+#[test]
+fn four_thousand_clients_connecting_at_once_are_all_served() {
+    testkit::raise_fd_limit();
+    let store = testkit::StoreProcess::start(
+        env!("CARGO_BIN_EXE_torchrun-rs-store"),
+        &["--host", "127.0.0.1"],
+    );
+    let port = store.port;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let failures: Vec<String> = rt.block_on(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let clients: Vec<_> = (0..4000u32)
+            .map(|i| {
+                tokio::spawn(async move {
+                    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                        .await
+                        .map_err(|e| format!("connect {i}: {e}"))?;
+                    let mut req = vec![0, 0xce, 0xf7, 0x85, 0x3c, 13];
+                    req.extend_from_slice(&i.to_le_bytes());
+                    s.write_all(&req)
+                        .await
+                        .map_err(|e| format!("write {i}: {e}"))?;
+                    let n = s
+                        .read_u32_le()
+                        .await
+                        .map_err(|e| format!("read {i}: {e}"))?;
+                    if n != i {
+                        return Err(format!("client {i} got {n}"));
+                    }
+                    Ok::<_, String>(s)
+                })
+            })
+            .collect();
+        let mut failures = Vec::new();
+        let mut open = Vec::new();
+        for c in clients {
+            match c.await.unwrap() {
+                Ok(s) => open.push(s),
+                Err(e) => failures.push(e),
+            }
+        }
+        drop(open);
+        failures
+    });
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
