@@ -426,9 +426,13 @@ fn garbage_a_huge_line_and_a_foreign_pid_on_the_timer_file_are_warnings() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    testkit::wait_for(std::time::Duration::from_secs(60), "the workers", || {
-        dir.path().join("pid.0.0").exists().then_some(())
-    });
+    // Only once rank 1's request is in: a 10 MB write into the FIFO is not
+    // atomic, so a request sent during it would be torn apart with the junk.
+    testkit::wait_for(
+        std::time::Duration::from_secs(60),
+        "the armed timer",
+        || dir.path().join("armed").exists().then_some(()),
+    );
     {
         // A stranger's timer: this test process, expiring at once.
         let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
