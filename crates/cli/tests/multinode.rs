@@ -1004,7 +1004,7 @@ fn a_hang_across_nodes_is_reported_once_for_the_whole_job() {
                 "--rdzv-id=hang",
                 &format!("--local-addr=127.0.0.{n}"),
                 &format!("--rdzv-conf={FAST}"),
-                "--hang-timeout=3s",
+                "--hang-timeout=10s",
             ])
             .arg(helper("hang_job.py"))
             .arg(dir.path())

@@ -157,7 +157,10 @@ fn console_events(launcher: &std::path::Path, job: &[&str]) -> Vec<String> {
 
 #[test]
 fn console_events_match_torchruns_byte_for_byte() {
-    for job in [&["true"][..], &["sh", "-c", "exit 3"][..]] {
+    // Rank 0 fails, rank 1 is stopped: a job whose ranks all failed at once
+    // would race their exits against the launcher's stopping of the rest.
+    let fail = "if [ \"$LOCAL_RANK\" = 0 ]; then exit 3; fi; exec sleep 60";
+    for job in [&["true"][..], &["sh", "-c", fail][..]] {
         let ours = console_events(std::path::Path::new(BIN), job);
         let theirs = console_events(&torchrun(), job);
         assert!(ours.len() >= 7, "{ours:#?}");
@@ -468,7 +471,7 @@ fn a_hang_is_reported_with_every_ranks_frame_and_on_hang_fail_ends_the_job() {
     let mut c = Command::new(BIN);
     c.args([
         "--nproc-per-node=2",
-        "--hang-timeout=3s",
+        "--hang-timeout=10s",
         "--on-hang=fail",
         "--log-dir",
     ])
@@ -524,7 +527,7 @@ fn a_hang_is_reported_with_every_ranks_frame_and_on_hang_fail_ends_the_job() {
         let text = std::fs::read_to_string(stacks[0].path()).unwrap();
         assert!(text.contains("Thread"), "{text}");
     }
-    eprintln!("hang reported and the job ended {took:?} after the launch (timeout 3 s)");
+    eprintln!("hang reported and the job ended {took:?} after the launch (timeout 10 s)");
     assert!(took < std::time::Duration::from_secs(60), "{took:?}");
 }
 
@@ -532,7 +535,7 @@ fn a_hang_is_reported_with_every_ranks_frame_and_on_hang_fail_ends_the_job() {
 fn without_py_spy_a_hung_group_is_stopped_with_sigabrt_and_faulthandler_prints_the_stacks() {
     let dir = tempfile::tempdir().unwrap();
     let out = run(Command::new(BIN)
-        .args(["--nproc-per-node=2", "--hang-timeout=3s", "--on-hang=fail"])
+        .args(["--nproc-per-node=2", "--hang-timeout=10s", "--on-hang=fail"])
         .arg(helper("hang_job.py"))
         .arg(dir.path())
         .env("TMPDIR", dir.path())
