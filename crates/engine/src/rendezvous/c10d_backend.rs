@@ -168,14 +168,12 @@ impl RendezvousBackend for C10dBackend {
         self.dynamic.membership_changed().await
     }
 
-    /// The exit barrier on success, then the rendezvous is closed for
-    /// everyone (later joiners fail, spares exit 0).
     async fn share_hang(&mut self, report: String) -> Option<Vec<String>> {
-        self.store
-            .share(&report, std::time::Duration::from_secs(10))
-            .await
+        self.store.share(&report, super::HANG_SHARE_TIMEOUT).await
     }
 
+    /// The exit barrier on success, then the rendezvous is closed for
+    /// everyone (later joiners fail, spares exit 0).
     async fn finish(&mut self, success: bool) {
         self.store.finish(success).await;
         if let Err(e) = self.dynamic.close().await {

@@ -35,6 +35,11 @@ use crate::config::LaunchConfig;
 use crate::rdzv_settings::{Backend, RdzvSettings};
 use task::{RdzvEvent, RendezvousTask};
 
+/// How long group rank 0 waits for the other nodes' hang reports before it
+/// prints what it has: a node that has nothing to report must not hold up
+/// the report of the rest.
+const HANG_SHARE_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum RendezvousError {
     #[error("cannot host the store on port {port}: {source} (is another job using it? pick another --master-port or --rdzv-endpoint port)")]

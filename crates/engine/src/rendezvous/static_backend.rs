@@ -108,9 +108,7 @@ impl RendezvousBackend for StaticBackend {
     }
 
     async fn share_hang(&mut self, report: String) -> Option<Vec<String>> {
-        self.store
-            .share(&report, std::time::Duration::from_secs(10))
-            .await
+        self.store.share(&report, super::HANG_SHARE_TIMEOUT).await
     }
 
     async fn finish(&mut self, success: bool) {
