@@ -487,3 +487,41 @@ fn an_existing_log_dir_keeps_its_mode_and_a_new_one_is_private() {
     assert_eq!(mode_of(&fresh), 0o700);
     assert_eq!(mode_of(fresh.parent().unwrap()), 0o700);
 }
+
+/// `--hang-timeout` with `-r 3`: the workers write straight into their log
+/// files, past the launcher, and that still counts as life; a worker that
+/// stops writing is still found hung.
+#[test]
+fn redirected_output_counts_as_activity_for_the_hang_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = |script: &str| {
+        Command::new(BIN)
+            .args([
+                "--standalone",
+                "--nproc-per-node=2",
+                "-r",
+                "3",
+                "--hang-timeout=2s",
+                "--on-hang=fail",
+                "--log-dir",
+            ])
+            .arg(dir.path().join("logs"))
+            .args(["--no-python", "sh", "-c", script])
+            .env("TMPDIR", dir.path())
+            .output()
+            .unwrap()
+    };
+    // A line every 0.2 s for 4 s: never 2 s of silence.
+    let out = job("i=0; while [ $i -lt 20 ]; do echo tick $i; i=$((i+1)); sleep 0.2; done");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("no worker wrote any output"), "{stderr}");
+    // One line, then silence: reported and stopped.
+    let out = job("echo once; exec sleep 60");
+    let stderr = text(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("no worker wrote any output for"),
+        "{stderr}"
+    );
+}

@@ -946,7 +946,23 @@ impl<'a> Agent<'a> {
             ))
             .max()
             .unwrap_or(now_ms);
-        let quiet = now_ms.saturating_sub(last) as f64 / 1000.0;
+        let mut quiet = now_ms.saturating_sub(last) as f64 / 1000.0;
+        if quiet >= timeout.as_secs_f64() {
+            // Output redirected with `-r` goes straight into its file, past
+            // the launcher: the files' modification times are its activity.
+            // Looked at only when the pipes are quiet, so it costs nothing
+            // while a job talks.
+            let written = group
+                .alive()
+                .filter_map(|w| w.rank_dir())
+                .flat_map(|d| [d.join("stdout.log"), d.join("stderr.log")])
+                .filter_map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+                .filter_map(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as u64)
+                .max()
+                .unwrap_or(0);
+            quiet = now_ms.saturating_sub(last.max(written)) as f64 / 1000.0;
+        }
         if quiet < timeout.as_secs_f64() {
             self.hang_reported = false;
             return;
