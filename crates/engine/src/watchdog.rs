@@ -40,15 +40,38 @@ pub type Workers = Arc<Mutex<BTreeSet<i32>>>;
 /// The FIFO and its reader task; the FIFO is removed on drop.
 pub struct Watchdog {
     pub path: PathBuf,
+    /// (device, inode) of the FIFO `start` made.
+    made: (u64, u64),
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Watchdog {
     fn drop(&mut self) {
         self.task.abort();
-        // Ours: made by `start` (a FIFO at this path).
-        let _ = std::fs::remove_file(&self.path);
+        // Only the FIFO `start` made: if something else has since taken the
+        // path (another run given the same TORCHELASTIC_TIMER_FILE), it stays.
+        if identity(&self.path).is_some_and(|id| id == self.made) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
+}
+
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Whether some process has `path` (a FIFO) open for reading: opening it
+/// for writing without blocking succeeds only then (ENXIO otherwise).
+fn has_reader(path: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .is_ok()
 }
 
 /// The FIFO path torch would use, when the watchdog is asked for.
@@ -67,7 +90,8 @@ pub fn wanted(env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
 }
 
 /// Makes the FIFO and starts reading it. A file already at `path` is
-/// replaced only if it is a FIFO (a previous run's); anything else there is
+/// replaced only if it is a FIFO nobody reads (a finished run's, as torch
+/// replaces it); a FIFO another process serves, or anything else there, is
 /// not ours to delete.
 pub fn start(
     path: &Path,
@@ -86,6 +110,15 @@ pub fn start(
                 ),
             ));
         }
+        if has_reader(path) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!(
+                    "{} is a FIFO another process is reading; not replacing it",
+                    path.display()
+                ),
+            ));
+        }
         std::fs::remove_file(path)?;
     }
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
@@ -98,9 +131,11 @@ pub fn start(
     let rx = tokio::net::unix::pipe::OpenOptions::new()
         .read_write(true)
         .open_receiver(path)?;
+    let made = identity(path).ok_or_else(|| std::io::Error::other("the FIFO vanished"))?;
     let task = tokio::spawn(serve(rx, workers, expired, heartbeat));
     Ok(Watchdog {
         path: path.to_path_buf(),
+        made,
         task,
     })
 }
@@ -250,6 +285,39 @@ async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A FIFO another run serves is refused, not deleted; a stale one
+    /// (nobody reading) is replaced; the FIFO is removed on drop only while
+    /// it is still the one made, never a file that took its path since.
+    #[tokio::test]
+    async fn only_its_own_fifo_is_replaced_or_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("timers");
+        let start = |p: &Path| {
+            let (tx, _rx) = mpsc::unbounded_channel();
+            super::start(p, Workers::default(), tx, Default::default())
+        };
+        let first = start(&path).unwrap();
+        let err = start(&path).err().expect("a served FIFO is refused");
+        assert!(
+            err.to_string().contains("another process is reading"),
+            "{err}"
+        );
+        assert!(identity(&path) == Some(first.made));
+        drop(first);
+        assert!(!path.exists());
+
+        // A stale FIFO, nobody reading: replaced.
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let second = start(&path).unwrap();
+        // Someone else's file takes the path: dropping leaves it alone.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"theirs").unwrap();
+        drop(second);
+        assert_eq!(std::fs::read(&path).unwrap(), b"theirs");
+    }
 
     #[test]
     fn torchs_request_lines_parse() {
