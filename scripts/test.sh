@@ -10,6 +10,9 @@ command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v faketime >/dev/null 2>&1 || missing+=(faketime)
 # The completion test loads the zsh script in zsh.
 command -v zsh >/dev/null 2>&1 || missing+=(zsh)
+# The etcd-v3 rendezvous tests run a real etcd and manage it with etcdctl.
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
 fi

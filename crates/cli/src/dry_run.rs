@@ -55,6 +55,17 @@ pub fn render(r: &Resolved, launcher_env: &BTreeMap<String, String>) -> Result<S
                 None => "",
             }
         ),
+        Backend::Etcd(e) => format!(
+            "etcd-v3 at {} ({}), keys under {}/rendezvous/{}/{}",
+            e.options.endpoints.join(","),
+            if e.options.https { "https" } else { "http" },
+            e.prefix.trim_end_matches('/'),
+            c.run_id,
+            match &e.options.username {
+                Some(u) => format!(", as user {u}"),
+                None => String::new(),
+            }
+        ),
     };
     let _ = writeln!(w, "  rendezvous: {rdzv}");
     let _ = writeln!(w, "  run_id: {}", c.run_id);

@@ -47,7 +47,9 @@ pub fn preview_workers(
             local_addr.to_string(),
             (*port != 0).then(|| port.to_string()),
         ),
-        Backend::C10d { .. } => (None, None, "<the round's rank 0 agent>".to_string(), None),
+        Backend::C10d { .. } | Backend::Etcd(_) => {
+            (None, None, "<the round's rank 0 agent>".to_string(), None)
+        }
     };
     let group = GroupInfo {
         role: config.role.clone(),

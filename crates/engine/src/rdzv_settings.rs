@@ -6,9 +6,31 @@
 use std::time::Duration;
 
 use crate::config::{parse_endpoint, ConfigError, LaunchConfig};
+use crate::rendezvous::etcd_client::EtcdOptions;
 
 /// The default port of a c10d endpoint given without one (torch's).
 pub const C10D_DEFAULT_PORT: u16 = 29400;
+
+/// The default port of an etcd endpoint given without one.
+pub const ETCD_DEFAULT_PORT: u16 = 2379;
+
+/// Where the credentials for etcd may come from instead of `--rdzv-conf`
+/// (which other users of the machine can read in the process list).
+pub const ETCD_USERNAME_ENV: &str = "TORCHRUN_RS_ETCD_USERNAME";
+pub const ETCD_PASSWORD_ENV: &str = "TORCHRUN_RS_ETCD_PASSWORD";
+
+/// The dynamic rendezvous with its state in etcd (v3 API).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdSettings {
+    pub options: EtcdOptions,
+    /// Keys live under `<prefix>/rendezvous/<run_id>/` (`etcd_prefix`).
+    pub prefix: String,
+    /// How long a run's keys outlive its last agent (`run_ttl`, 7200 s).
+    pub run_ttl: Duration,
+    /// torch's name for its v2-API backends (`etcd`, `etcd-v2`) when the
+    /// user gave one: the v3 backend serves it, with a notice.
+    pub torch_name: Option<String>,
+}
 
 /// Which rendezvous, with what it needs to reach its store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +47,8 @@ pub enum Backend {
         port: u16,
         is_host: Option<bool>,
     },
+    /// torch's dynamic rendezvous with its state in etcd.
+    Etcd(Box<EtcdSettings>),
 }
 
 /// Everything the rendezvous reads from the configuration.
@@ -126,10 +150,15 @@ impl RdzvSettings {
                     }
                 }
             }
+            name @ ("etcd-v3" | "etcd" | "etcd-v2") => {
+                Backend::Etcd(Box::new(etcd_settings(c, name)?))
+            }
             other => {
                 return Err(ConfigError::new(
                     "--rdzv-backend",
-                    format!("'{other}' is not supported by torchrun-rs (expected static or c10d)"),
+                    format!(
+                    "'{other}' is not supported by torchrun-rs (expected static, c10d or etcd-v3)"
+                ),
                 ))
             }
         };
@@ -155,7 +184,12 @@ impl RdzvSettings {
             backend,
             timeout: c.rdzv_secs("timeout", 900)?,
             read_timeout: c.rdzv_secs("read_timeout", 60)?,
-            join_timeout: c.rdzv_secs("join_timeout", 600)?,
+            join_timeout: match (c.rdzv_backend.as_str(), c.rdzv_configs.get("join_timeout")) {
+                // torch's legacy etcd backend bounds the whole rendezvous
+                // with `timeout` instead.
+                ("etcd", None) => c.rdzv_secs("timeout", 600)?,
+                _ => c.rdzv_secs("join_timeout", 600)?,
+            },
             last_call_timeout: c.rdzv_secs("last_call_timeout", 30)?,
             close_timeout: c.rdzv_secs("close_timeout", 30)?,
             keep_alive_interval: c.rdzv_secs("keep_alive_interval", 5)?,
@@ -163,6 +197,106 @@ impl RdzvSettings {
             exit_barrier_timeout: c.rdzv_secs("exit_barrier_timeout", 300)?,
         })
     }
+}
+
+/// The first of `names` (torch's two spellings of one key) that is set.
+fn either<'a>(c: &'a LaunchConfig, names: &[&str]) -> Option<(&'a str, String)> {
+    names.iter().find_map(|k| {
+        c.rdzv_configs
+            .get_key_value(*k)
+            .map(|(k, v)| (k.as_str(), v.trim().to_string()))
+    })
+}
+
+fn etcd_settings(c: &LaunchConfig, name: &str) -> Result<EtcdSettings, ConfigError> {
+    let mut endpoints = Vec::new();
+    for ep in c.rdzv_endpoint.split(',').map(str::trim) {
+        if ep.is_empty() && !endpoints.is_empty() {
+            continue;
+        }
+        let (host, port) = parse_endpoint(ep, Some(ETCD_DEFAULT_PORT))?;
+        let port = port.unwrap_or(ETCD_DEFAULT_PORT);
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        endpoints.push(format!("{host}:{port}"));
+    }
+    let file = |names: &[&str]| -> Result<Option<std::path::PathBuf>, ConfigError> {
+        match either(c, names) {
+            None => Ok(None),
+            Some((k, v)) => {
+                let p = std::path::PathBuf::from(&v);
+                if p.is_file() {
+                    Ok(Some(p))
+                } else {
+                    Err(bad(k, &v, "a readable PEM file"))
+                }
+            }
+        }
+    };
+    let ca_cert = file(&["ca_cert", "cacert"])?;
+    let cert = file(&["ssl_cert", "cert"])?;
+    let key = file(&["ssl_cert_key", "key"])?;
+    let client_cert = match (cert, key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => {
+            return Err(ConfigError::new(
+                "--rdzv-conf",
+                "a client certificate needs both ssl_cert (or cert) and ssl_cert_key (or key)",
+            ))
+        }
+    };
+    let https = match either(c, &["protocol"]) {
+        None => ca_cert.is_some() || client_cert.is_some(),
+        Some((_, v)) => match v.to_ascii_lowercase().as_str() {
+            "http" => false,
+            "https" => true,
+            _ => return Err(bad("protocol", &v, "http or https")),
+        },
+    };
+    let from_env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let username = either(c, &["username", "user"])
+        .map(|(_, v)| v)
+        .or_else(|| from_env(ETCD_USERNAME_ENV));
+    let password = c
+        .rdzv_configs
+        .get("password")
+        .cloned()
+        .or_else(|| from_env(ETCD_PASSWORD_ENV));
+    if password.is_some() && username.is_none() {
+        return Err(ConfigError::new(
+            "--rdzv-conf",
+            format!("an etcd password needs a user name (username=... or {ETCD_USERNAME_ENV})"),
+        ));
+    }
+    let prefix = match either(c, &["etcd_prefix"]) {
+        None => "/torch/elastic".to_string(),
+        Some((_, v)) if v.is_empty() || v.contains(['\n', '\0']) => {
+            return Err(bad(
+                "etcd_prefix",
+                &v,
+                "a key prefix such as /torch/elastic",
+            ))
+        }
+        Some((_, v)) => v,
+    };
+    Ok(EtcdSettings {
+        options: EtcdOptions {
+            endpoints,
+            https,
+            ca_cert,
+            client_cert,
+            username,
+            password,
+            timeout: c.rdzv_secs("read_timeout", 60)?,
+        },
+        prefix,
+        run_ttl: c.rdzv_secs("run_ttl", 7200)?,
+        torch_name: (name != "etcd-v3").then(|| name.to_string()),
+    })
 }
 
 #[cfg(test)]
@@ -180,6 +314,74 @@ mod tests {
             c.rdzv_configs.insert(k.to_string(), v.to_string());
         }
         c
+    }
+
+    #[test]
+    fn etcd_settings_take_both_of_torchs_naming_families() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = |n: &str| {
+            let p = dir.path().join(n);
+            std::fs::write(&p, "-----BEGIN CERTIFICATE-----").unwrap();
+            p.display().to_string()
+        };
+        let (ca, cert, key) = (pem("ca.pem"), pem("c.pem"), pem("k.pem"));
+        let get = |backend: &str, endpoint: &str, conf: &[(&str, &str)]| {
+            let s = RdzvSettings::from_config(&cfg(backend, endpoint, 2, conf)).unwrap();
+            let Backend::Etcd(e) = s.backend else {
+                panic!("{backend}: not the etcd backend")
+            };
+            (e, s.join_timeout)
+        };
+        let (v2, _) = get(
+            "etcd-v2",
+            "a:1,b, [::1]:3",
+            &[
+                ("ca_cert", &ca),
+                ("ssl_cert", &cert),
+                ("ssl_cert_key", &key),
+            ],
+        );
+        let (legacy, legacy_join) = get(
+            "etcd",
+            "a:1,b, [::1]:3",
+            &[
+                ("cacert", &ca),
+                ("cert", &cert),
+                ("key", &key),
+                ("timeout", "77"),
+            ],
+        );
+        assert_eq!(v2.options, legacy.options);
+        assert_eq!(v2.options.endpoints, ["a:1", "b:2379", "[::1]:3"]);
+        // TLS files given and no protocol: https.
+        assert!(v2.options.https);
+        assert_eq!(v2.torch_name.as_deref(), Some("etcd-v2"));
+        // The legacy backend bounds the rendezvous with `timeout`.
+        assert_eq!(legacy_join, Duration::from_secs(77));
+        let (v3, join) = get(
+            "etcd-v3",
+            "",
+            &[
+                ("etcd_prefix", "/mine"),
+                ("run_ttl", "60"),
+                ("username", "u"),
+                ("password", "p"),
+            ],
+        );
+        assert_eq!(v3.options.endpoints, ["localhost:2379"]);
+        assert!(!v3.options.https);
+        assert_eq!(
+            (v3.prefix.as_str(), v3.run_ttl),
+            ("/mine", Duration::from_secs(60))
+        );
+        assert_eq!(join, Duration::from_secs(600));
+        assert_eq!(v3.torch_name, None);
+        // The password never shows in a debug print.
+        let shown = format!("{:?}", v3.options);
+        assert!(
+            shown.contains("<hidden>") && !shown.contains("\"p\""),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -214,9 +416,39 @@ mod tests {
     fn each_bad_value_names_its_flag() {
         for (c, flag, needle) in [
             (
-                cfg("etcd", "h:1", 2, &[]),
+                cfg("zookeeper", "h:1", 2, &[]),
                 "--rdzv-backend",
                 "not supported",
+            ),
+            (
+                cfg("etcd-v3", "h", 2, &[("protocol", "ftp")]),
+                "--rdzv-conf",
+                "protocol=ftp: expected http or https",
+            ),
+            (
+                cfg("etcd-v3", "h", 2, &[("ssl_cert", "/etc/hostname")]),
+                "--rdzv-conf",
+                "needs both ssl_cert (or cert) and ssl_cert_key (or key)",
+            ),
+            (
+                cfg("etcd", "h", 2, &[("cacert", "/nonexistent.pem")]),
+                "--rdzv-conf",
+                "cacert=/nonexistent.pem: expected a readable PEM file",
+            ),
+            (
+                cfg("etcd-v3", "h", 2, &[("password", "x")]),
+                "--rdzv-conf",
+                "needs a user name",
+            ),
+            (
+                cfg("etcd-v3", "h:2379,g:x", 2, &[]),
+                "--rdzv-endpoint",
+                "must be an integer",
+            ),
+            (
+                cfg("etcd-v2", "h", 2, &[("read_timeout", "0")]),
+                "--rdzv-conf",
+                "read_timeout=0",
             ),
             (
                 cfg("static", "h", 2, &[]),

@@ -141,3 +141,126 @@ pub fn raise_fd_limit() {
         }
     }
 }
+
+/// A real etcd server (Debian's `etcd-server`; `scripts/test.sh` installs
+/// it) on loopback, with a data directory of its own; killed and the
+/// directory removed on drop. It can be killed and started again on the
+/// same data and ports, as an operator's restart would.
+pub struct EtcdServer {
+    child: Option<std::process::Child>,
+    pub port: u16,
+    peer_port: u16,
+    dir: PathBuf,
+    /// TLS flags, if any (`--cert-file`, ...): the client URL is https.
+    tls: Vec<String>,
+}
+
+impl EtcdServer {
+    pub fn start() -> EtcdServer {
+        EtcdServer::start_with(Vec::new())
+    }
+
+    /// With `tls` flags (`--cert-file=..`, `--key-file=..`,
+    /// `--trusted-ca-file=..`, `--client-cert-auth`), served over https.
+    pub fn start_with(tls: Vec<String>) -> EtcdServer {
+        let dir = std::env::temp_dir().join(format!(
+            "torchrun-rs-etcd-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).expect("etcd's directory");
+        let mut s = EtcdServer {
+            child: None,
+            port: free_port(),
+            peer_port: free_port(),
+            dir,
+            tls,
+        };
+        s.launch();
+        s
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_empty() {
+            "http"
+        } else {
+            "https"
+        }
+    }
+
+    /// `127.0.0.1:port`, as `--rdzv-endpoint` takes it.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn launch(&mut self) {
+        let log = self.dir.join("etcd.log");
+        let _ = std::fs::remove_file(&log);
+        let client = format!("{}://127.0.0.1:{}", self.scheme(), self.port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child =
+            Command::new(std::env::var("TORCHRUN_RS_ETCD").unwrap_or_else(|_| "etcd".into()))
+                .args([
+                    "--name=test".to_string(),
+                    format!("--data-dir={}", self.dir.join("data").display()),
+                    format!("--listen-client-urls={client}"),
+                    format!("--advertise-client-urls={client}"),
+                    format!("--listen-peer-urls={peer}"),
+                    format!("--initial-advertise-peer-urls={peer}"),
+                    format!("--initial-cluster=test={peer}"),
+                ])
+                .args(&self.tls)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(&log).expect("etcd's log"))
+                .spawn()
+                .expect("this test needs etcd (apt-get install etcd-server; scripts/test.sh does)");
+        self.child = Some(child);
+        wait_for(Duration::from_secs(30), "etcd to serve clients", || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.contains("ready to serve client requests")
+                .then_some(())
+        });
+    }
+
+    /// SIGKILLs the server (its data stays).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on its data and ports.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+
+    /// Runs `etcdctl` against this server (v3 API); its stdout. Panics,
+    /// with its stderr, if it fails.
+    pub fn etcdctl(&self, args: &[&str]) -> String {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!(
+                "--endpoints={}://127.0.0.1:{}",
+                self.scheme(),
+                self.port
+            ))
+            .args(args)
+            .output()
+            .expect("this test needs etcdctl (apt-get install etcd-client; scripts/test.sh does)");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -280,7 +280,7 @@ impl Request {
         format!("{tag} {}\n", node_text(n))
     }
 
-    fn parse(line: &str) -> Option<Request> {
+    pub fn parse(line: &str) -> Option<Request> {
         let (tag, node) = line.split_once(' ')?;
         let node = node_parse(node)?;
         match tag {
@@ -309,17 +309,7 @@ pub fn drain(s: &mut State, log: &[u8], now: f64, cfg: &Settings) -> usize {
             continue;
         };
         applied += 1;
-        match req {
-            Request::Join(n) => admit(s, &n, now, cfg),
-            Request::Leave(n) => {
-                if exit_action(s, &n, now, f64::INFINITY) == Action::RemoveFromParticipants {
-                    apply(s, &n, Action::RemoveFromParticipants, now, cfg);
-                }
-            }
-            Request::Quit(n) => {
-                remove_for_good(s, &n, cfg);
-            }
-        }
+        apply_request(s, req, now, cfg);
     }
     s.applied = end;
     if end >= LOG_COMPACT_BYTES {
@@ -328,6 +318,23 @@ pub fn drain(s: &mut State, log: &[u8], now: f64, cfg: &Settings) -> usize {
     }
     settle(s, now, cfg);
     applied
+}
+
+/// Applies one request (without [`settle`]ing): a join goes as far as the
+/// join table allows without waiting, a leave leaves the round, a quit
+/// leaves every list.
+pub fn apply_request(s: &mut State, req: Request, now: f64, cfg: &Settings) {
+    match req {
+        Request::Join(n) => admit(s, &n, now, cfg),
+        Request::Leave(n) => {
+            if exit_action(s, &n, now, f64::INFINITY) == Action::RemoveFromParticipants {
+                apply(s, &n, Action::RemoveFromParticipants, now, cfg);
+            }
+        }
+        Request::Quit(n) => {
+            remove_for_good(s, &n, cfg);
+        }
+    }
 }
 
 /// Takes `n` as far into the rendezvous as the join table allows without
@@ -398,7 +405,7 @@ pub fn remove_for_good(s: &mut State, n: &Node, cfg: &Settings) -> bool {
 
 /// `<order> <pid> <local_id> <addr>`: the address last, so that it may hold any
 /// character but a line break.
-fn node_text(n: &Node) -> String {
+pub fn node_text(n: &Node) -> String {
     format!("{} {} {} {}", n.order, n.pid, n.local_id, n.addr)
 }
 

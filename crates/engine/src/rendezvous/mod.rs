@@ -11,6 +11,8 @@
 //!   free one).
 //! - [`c10d_backend`]: torch's dynamic rendezvous across nodes ([`dynamic`]
 //!   is its state machine, [`c10d`] drives it over the store).
+//! - [`etcd_backend`]: the same state machine with its state in etcd
+//!   ([`etcd`] drives it through etcd's v3 API, [`etcd_client`] speaks it).
 //!
 //! Every backend assigns ranks the same way ([`assign`]). A new backend is a
 //! new file implementing [`RendezvousBackend`] plus one arm in [`start`].
@@ -19,6 +21,9 @@ pub mod assign;
 pub mod c10d;
 pub mod c10d_backend;
 pub mod dynamic;
+pub mod etcd;
+pub mod etcd_backend;
+pub mod etcd_client;
 mod hosts;
 pub mod local;
 pub mod static_backend;
@@ -73,6 +78,8 @@ pub enum RendezvousError {
     GracefulExit,
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Etcd(#[from] etcd_client::EtcdError),
 }
 
 /// This node's place in one round.
@@ -162,6 +169,11 @@ pub async fn start(
         } => RendezvousTask::spawn(
             c10d_backend::C10dBackend::create(config, &settings, local_addr, host, *port, *is_host)
                 .await?,
+            cfg,
+            events,
+        ),
+        Backend::Etcd(etcd) => RendezvousTask::spawn(
+            etcd_backend::EtcdBackend::create(config, &settings, etcd, local_addr).await?,
             cfg,
             events,
         ),

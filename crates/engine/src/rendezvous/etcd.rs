@@ -1,0 +1,794 @@
+//! torch's dynamic rendezvous (the [`dynamic`] state machine, as with c10d)
+//! with its state held in etcd, through etcd's v3 API.
+//!
+//! Keys, all under `P = <etcd_prefix>/rendezvous/<run_id>/`:
+//! - `P/state`: the shared [`State`], written only by a transaction that
+//!   compares the key's `mod_revision` with the one last read (the CAS
+//!   token); a lost race returns the current value in the same round trip;
+//! - `P/req/<node>/<J|L|Q>`: a node's pending join, leave or quit, on the
+//!   node's lease. Whoever writes the state next applies every request
+//!   modified after the revision the state records as applied (one write
+//!   serves a whole batch of arrivals), and the author deletes its request
+//!   once the state reflects it;
+//! - `P/alive/<node>`: the node's worker-store address (`addr:port`), on the
+//!   node's lease (TTL = `keep_alive_interval × keep_alive_max_attempt`,
+//!   renewed every `keep_alive_interval`). A node is dead when its lease
+//!   expires and etcd deletes the key: no timestamps are compared between
+//!   machines, so clock skew cannot evict anyone;
+//! - `P/lease`: the run lease's id, on the run lease itself, like `P/state`.
+//!   Every live agent renews it; once the last agent is gone, the run's keys
+//!   expire `run_ttl` later (2 h by default), so dead runs do not pile up.
+//!
+//! Agents block on two watches (the state key, and deletions under
+//! `P/alive/`) instead of polling. A watch always starts from "now" and
+//! every (re)start counts as a change, so the agent re-reads: a watch can
+//! thus never fall behind a compaction, and an etcd restart is a re-read.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::c10d::{now, Joined};
+use super::dynamic::{self, Action, Node, Request, Settings, State};
+use super::etcd_client::{op, Etcd, EtcdError, Kv};
+use super::RendezvousError;
+
+/// The keys of one run.
+#[derive(Clone)]
+struct Keys {
+    root: String,
+}
+
+impl Keys {
+    fn state(&self) -> Vec<u8> {
+        format!("{}state", self.root).into_bytes()
+    }
+    fn lease(&self) -> Vec<u8> {
+        format!("{}lease", self.root).into_bytes()
+    }
+    fn alive_prefix(&self) -> Vec<u8> {
+        format!("{}alive/", self.root).into_bytes()
+    }
+    fn alive(&self, n: &Node) -> Vec<u8> {
+        format!("{}alive/{}", self.root, node_id(n)).into_bytes()
+    }
+    fn req_prefix(&self) -> Vec<u8> {
+        format!("{}req/", self.root).into_bytes()
+    }
+    fn req(&self, r: &Request) -> Vec<u8> {
+        let (tag, n) = match r {
+            Request::Join(n) => ('J', n),
+            Request::Leave(n) => ('L', n),
+            Request::Quit(n) => ('Q', n),
+        };
+        format!("{}req/{}/{tag}", self.root, node_id(n)).into_bytes()
+    }
+}
+
+/// A node as a key segment: `order.pid.local_id.addr`.
+fn node_id(n: &Node) -> String {
+    format!("{}.{}.{}.{}", n.order, n.pid, n.local_id, n.addr)
+}
+
+/// The two leases an agent holds: its own, and the run's.
+struct Leases {
+    node: AtomicI64,
+    run: AtomicI64,
+}
+
+/// Where the agent's background tasks tell it that something moved.
+struct Signals {
+    /// Bumped at every change of the state key (and watch restart).
+    state: watch::Receiver<u64>,
+    /// Bumped at every deletion under `P/alive/` (and watch restart).
+    deaths: watch::Receiver<u64>,
+}
+
+/// One agent's view of the etcd rendezvous.
+pub struct EtcdRdzv {
+    /// Nodes this agent evicted (lease expired), not yet told to the agent.
+    pub evicted: Vec<Node>,
+    etcd: Arc<Etcd>,
+    keys: Keys,
+    node: Node,
+    cfg: Settings,
+    join_timeout: f64,
+    close_timeout: f64,
+    /// The state as last read, and its `mod_revision` (0: absent).
+    state: State,
+    token: i64,
+    /// Whether a state was ever read (a vanished one then starts a new round).
+    seen_state: bool,
+    joined: Option<(u64, BTreeMap<Node, u32>)>,
+    op_deadline: f64,
+    spare_noted: bool,
+    leases: Arc<Leases>,
+    /// This node's worker store, `addr:port`.
+    master: String,
+    signals: Signals,
+    /// The death count the last full read (with the live nodes) saw.
+    deaths_seen: u64,
+    /// The run lease's TTL, should it need re-creating.
+    run_ttl: i64,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for EtcdRdzv {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// What `start` needs besides the client.
+pub struct Params {
+    pub prefix: String,
+    pub run_id: String,
+    pub node: Node,
+    pub cfg: Settings,
+    pub join_timeout: f64,
+    pub close_timeout: f64,
+    pub run_ttl: Duration,
+    /// This node's worker store, `addr:port`.
+    pub master: String,
+}
+
+impl EtcdRdzv {
+    /// Registers this node (its lease and alive key), joins or creates the
+    /// run lease, and starts the keep-alive and watch tasks.
+    pub async fn start(etcd: Etcd, p: Params) -> Result<EtcdRdzv, RendezvousError> {
+        let etcd = Arc::new(etcd);
+        let keys = Keys {
+            root: format!(
+                "{}/rendezvous/{}/",
+                p.prefix.trim_end_matches('/'),
+                p.run_id
+            ),
+        };
+        let ttl = node_ttl(&p.cfg);
+        let node_lease = etcd.grant(ttl).await?;
+        etcd.put(&keys.alive(&p.node), p.master.as_bytes(), node_lease)
+            .await?;
+        let run_ttl = p.run_ttl.as_secs().max(1) as i64;
+        let run_lease = run_lease(&etcd, &keys, run_ttl).await?;
+        let leases = Arc::new(Leases {
+            node: AtomicI64::new(node_lease),
+            run: AtomicI64::new(run_lease),
+        });
+        let (state_tx, state_rx) = watch::channel(0u64);
+        let (deaths_tx, deaths_rx) = watch::channel(0u64);
+        let every = Duration::from_secs_f64(p.cfg.keep_alive_interval.max(0.1));
+        let tasks = vec![
+            tokio::spawn(keep_alive(
+                etcd.clone(),
+                keys.clone(),
+                p.node.clone(),
+                p.master.clone(),
+                leases.clone(),
+                every,
+                (ttl, run_ttl),
+            )),
+            tokio::spawn(watch_changes(etcd.clone(), keys.state(), false, state_tx)),
+            tokio::spawn(watch_changes(
+                etcd.clone(),
+                keys.alive_prefix(),
+                true,
+                deaths_tx,
+            )),
+        ];
+        Ok(EtcdRdzv {
+            evicted: Vec::new(),
+            etcd,
+            keys,
+            node: p.node,
+            cfg: p.cfg,
+            join_timeout: p.join_timeout,
+            close_timeout: p.close_timeout,
+            state: State::default(),
+            token: 0,
+            seen_state: false,
+            joined: None,
+            op_deadline: f64::INFINITY,
+            spare_noted: false,
+            leases,
+            master: p.master,
+            signals: Signals {
+                state: state_rx,
+                deaths: deaths_rx,
+            },
+            deaths_seen: 0,
+            run_ttl,
+            tasks,
+        })
+    }
+
+    fn adopt(&mut self, kv: Option<&Kv>) -> Result<(), RendezvousError> {
+        match kv {
+            None => {
+                if self.token != 0 || (self.seen_state && self.state != State::default()) {
+                    tracing::warn!(
+                        "the rendezvous state in etcd is gone (compacted or deleted); the nodes re-form in a new round"
+                    );
+                    // A new round number: nothing of the lost rounds' keys
+                    // (in the workers' store) is taken for this one's.
+                    self.state = State {
+                        round: self.state.round + 1,
+                        ..State::default()
+                    };
+                } else if !self.seen_state {
+                    self.state = State::default();
+                }
+                self.token = 0;
+            }
+            Some(kv) if kv.mod_revision == self.token => {}
+            Some(kv) => {
+                let text = String::from_utf8_lossy(&kv.value);
+                self.state = State::decode(&text).ok_or_else(|| RendezvousError::BadState {
+                    key: String::from_utf8_lossy(&kv.key).into_owned(),
+                    start: text.chars().take(40).collect(),
+                })?;
+                self.token = kv.mod_revision;
+                self.seen_state = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the state. Changes signalled before this read are covered by it.
+    async fn read(&mut self) -> Result<(), RendezvousError> {
+        self.signals.state.borrow_and_update();
+        let (kvs, _) = self.etcd.range(&self.keys.state(), false).await?;
+        self.adopt(kvs.first())
+    }
+
+    /// Reads, in one snapshot, the state, the pending requests and the live
+    /// nodes; returns the requests not yet applied (in order) and the live
+    /// nodes' ids, with the snapshot's revision.
+    async fn read_all(&mut self) -> Result<(Vec<Request>, HashSet<Vec<u8>>, i64), RendezvousError> {
+        self.signals.state.borrow_and_update();
+        let deaths = *self.signals.deaths.borrow_and_update();
+        let after = self.state.applied as i64;
+        let t = self
+            .etcd
+            .txn(
+                Vec::new(),
+                vec![
+                    op::get(&self.keys.state()),
+                    op::prefix(&self.keys.req_prefix(), after, false),
+                    op::prefix(&self.keys.alive_prefix(), 0, true),
+                ],
+                Vec::new(),
+            )
+            .await?;
+        self.adopt(t.range(0).first())?;
+        self.deaths_seen = deaths;
+        let applied = self.state.applied as i64;
+        let mut reqs: Vec<Kv> = t
+            .range(1)
+            .into_iter()
+            .filter(|kv| kv.mod_revision > applied)
+            .collect();
+        reqs.sort_by_key(|kv| kv.mod_revision);
+        let reqs = reqs
+            .iter()
+            .filter_map(|kv| Request::parse(String::from_utf8_lossy(&kv.value).trim_end()))
+            .collect();
+        let prefix_len = self.keys.alive_prefix().len();
+        let alive = t
+            .range(2)
+            .into_iter()
+            .map(|kv| kv.key[prefix_len.min(kv.key.len())..].to_vec())
+            .collect();
+        Ok((reqs, alive, t.revision))
+    }
+
+    /// Writes `new` if the state is still the one last read; a lost race
+    /// adopts the current state.
+    async fn cas(&mut self, new: &State) -> Result<bool, RendezvousError> {
+        let key = self.keys.state();
+        let value = new.encode();
+        for attempt in 0..2 {
+            let lease = self.leases.run.load(Ordering::Relaxed);
+            let t = self
+                .etcd
+                .txn(
+                    vec![op::mod_revision_is(&key, self.token)],
+                    vec![op::put(&key, value.as_bytes(), lease)],
+                    vec![op::get(&key)],
+                )
+                .await;
+            let t = match t {
+                // The run lease expired (etcd lost it, or no agent renewed
+                // it in time): take a new one and write again.
+                Err(EtcdError::Refused(m)) if m.contains("lease not found") && attempt == 0 => {
+                    let id = run_lease(&self.etcd, &self.keys, self.run_ttl).await?;
+                    self.leases.run.store(id, Ordering::Relaxed);
+                    continue;
+                }
+                other => other?,
+            };
+            if t.succeeded {
+                self.state = new.clone();
+                self.token = t.revision;
+                self.seen_state = true;
+                return Ok(true);
+            }
+            self.adopt(t.range(0).first())?;
+            return Ok(false);
+        }
+        Ok(false)
+    }
+
+    /// Whether this node's request is already reflected in the state.
+    fn reflected(&self, r: &Request) -> bool {
+        let s = &self.state;
+        match r {
+            Request::Join(n) => in_any_list(s, n),
+            Request::Leave(n) => !s.participants.contains_key(n),
+            Request::Quit(n) => !in_any_list(s, n),
+        }
+    }
+
+    async fn post(&mut self, r: &Request) -> Result<(), RendezvousError> {
+        let lease = self.leases.node.load(Ordering::Relaxed);
+        self.etcd
+            .put(&self.keys.req(r), r.line().as_bytes(), lease)
+            .await?;
+        Ok(())
+    }
+
+    /// Whether a node died since the last full read.
+    fn deaths_pending(&self) -> bool {
+        *self.signals.deaths.borrow() != self.deaths_seen
+    }
+
+    /// Runs an operation until it finishes: post `request` (if any), then
+    /// read, apply pending requests, evict the dead, decide, write; `Sync`
+    /// waits for the next change.
+    async fn run_op(
+        &mut self,
+        request: Option<Request>,
+        op: impl Fn(&State, &Node, f64) -> Action,
+    ) -> Result<Action, RendezvousError> {
+        if let Some(r) = &request {
+            self.post(r).await?;
+        }
+        self.read().await?;
+        let mut jittered = false;
+        let result = loop {
+            let t = now();
+            let action = op(&self.state, &self.node, t);
+            let dead = self.deaths_pending();
+            let own_pending = request.as_ref().is_some_and(|r| !self.reflected(r));
+            if !dead && !own_pending && !is_mutation(action) {
+                if let Some(done) = self.conclude(action, t).await? {
+                    break done;
+                }
+                continue;
+            }
+            if own_pending && !dead && !jittered {
+                // Give the agents that arrived with us a moment to write our
+                // request with theirs: one write then serves the batch.
+                jittered = true;
+                tokio::time::sleep(batch_jitter(&self.cfg)).await;
+                self.read().await?;
+                continue;
+            }
+            let (reqs, alive, revision) = self.read_all().await?;
+            let mut next = self.state.clone();
+            if !reqs.is_empty() {
+                // Everything up to the snapshot's revision is now applied.
+                next.applied = revision.max(0) as u64;
+            }
+            for r in reqs {
+                dynamic::apply_request(&mut next, r, t, &self.cfg);
+            }
+            let evicted = evict_dead(&mut next, &alive, &self.cfg);
+            dynamic::settle(&mut next, t, &self.cfg);
+            let action = op(&next, &self.node, t);
+            let mutation = is_mutation(action);
+            if mutation {
+                dynamic::apply(&mut next, &self.node, action, t, &self.cfg);
+            }
+            if next != self.state || self.token == 0 {
+                if !self.cas(&next).await? {
+                    // Lost a race: decide again on the state as it is.
+                    continue;
+                }
+                self.note_evicted(evicted);
+                if mutation {
+                    continue;
+                }
+            }
+            if let Some(done) = self.conclude(action, t).await? {
+                break done;
+            }
+        };
+        if let Some(r) = &request {
+            // Reflected (or the operation gave up): the request is spent.
+            if let Err(e) = self.etcd.delete(&self.keys.req(r)).await {
+                tracing::debug!("could not delete a spent rendezvous request: {e}");
+            }
+        }
+        result
+    }
+
+    fn note_evicted(&mut self, evicted: Vec<Node>) {
+        if evicted.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            "rendezvous: the etcd lease of node(s) {} expired; re-forming the group",
+            evicted
+                .iter()
+                .map(|n| format!("{}:{}", n.addr, n.pid))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        self.evicted.extend(evicted);
+    }
+
+    /// Acts on a decision that needs no write: finishes the operation
+    /// (`Some`), or waits for the state to move and re-reads it (`None`).
+    async fn conclude(
+        &mut self,
+        action: Action,
+        t: f64,
+    ) -> Result<Option<Result<Action, RendezvousError>>, RendezvousError> {
+        if !self.spare_noted && self.state.redundancy_list.contains(&self.node) {
+            self.spare_noted = true;
+            tracing::warn!(
+                "waiting as a spare: the job already has its maximum of {} nodes",
+                self.cfg.max_nodes
+            );
+        }
+        Ok(match action {
+            Action::ErrorClosed => Some(Err(RendezvousError::Closed)),
+            Action::ErrorTimeout => Some(Err(RendezvousError::JoinTimeout)),
+            Action::Finish | Action::GracefulExit => Some(Ok(action)),
+            _ => {
+                self.wait_for_change(t).await;
+                self.read().await?;
+                None
+            }
+        })
+    }
+
+    /// Blocks until the state changes, a node dies, or a deadline this node
+    /// waits for (the last call, the operation's) passes.
+    async fn wait_for_change(&mut self, t: f64) {
+        let s = &self.state;
+        let in_round = s.participants.contains_key(&self.node) && !s.complete;
+        let mut until = self.op_deadline;
+        if let Some(d) = s.deadline.filter(|_| in_round) {
+            until = until.min(d);
+        }
+        let pause = Duration::from_secs_f64((until - t).clamp(0.0, 3600.0));
+        let deaths_seen = self.deaths_seen;
+        let deaths = &mut self.signals.deaths;
+        let state = &mut self.signals.state;
+        tokio::select! {
+            _ = state.changed() => {}
+            _ = async {
+                loop {
+                    if deaths.changed().await.is_err() || *deaths.borrow() != deaths_seen {
+                        return;
+                    }
+                }
+            } => {}
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+
+    /// Leaves the current round (if in one) and joins the next. Returns this
+    /// node's rank and the world of the completed round.
+    pub async fn next_rendezvous(&mut self) -> Result<Joined, RendezvousError> {
+        let deadline = now() + self.join_timeout;
+        self.op_deadline = deadline;
+        self.read().await?;
+        if self.state.participants.contains_key(&self.node) {
+            let leave = Request::Leave(self.node.clone());
+            self.run_op(Some(leave), |s, n, t| {
+                dynamic::exit_action(s, n, t, deadline)
+            })
+            .await?;
+        }
+        // Whoever applies our join must see us alive (the key may be gone if
+        // our lease once expired).
+        let lease = self.leases.node.load(Ordering::Relaxed);
+        self.etcd
+            .put(&self.keys.alive(&self.node), self.master.as_bytes(), lease)
+            .await?;
+        let cfg = self.cfg;
+        let join = Request::Join(self.node.clone());
+        let action = self
+            .run_op(Some(join), move |s, n, t| {
+                dynamic::join_action(s, n, t, deadline, &cfg)
+            })
+            .await?;
+        if action == Action::GracefulExit {
+            return Err(RendezvousError::GracefulExit);
+        }
+        let s = &self.state;
+        let rank = *s
+            .participants
+            .get(&self.node)
+            .ok_or(RendezvousError::JoinTimeout)?;
+        let rank0 = s
+            .participants
+            .iter()
+            .find(|(_, &r)| r == 0)
+            .map(|(n, _)| n.clone())
+            .ok_or(RendezvousError::JoinTimeout)?;
+        self.joined = Some((s.round, s.participants.clone()));
+        let (master_addr, master_port) = self.master_of(&rank0).await?;
+        Ok(Joined {
+            round: self.state.round,
+            rank,
+            world_size: self.state.participants.len() as u32,
+            master_addr,
+            master_port,
+        })
+    }
+
+    async fn master_of(&self, n: &Node) -> Result<(String, u16), RendezvousError> {
+        let (kvs, _) = self.etcd.range(&self.keys.alive(n), false).await?;
+        let raw = kvs
+            .first()
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+            .unwrap_or_default();
+        raw.rsplit_once(':')
+            .and_then(|(a, p)| Some((a.to_string(), p.parse().ok()?)))
+            .ok_or(RendezvousError::BadAssignment(format!(
+                "master address {raw:?} of the round's rank 0 ({}:{}), which may have died",
+                n.addr, n.pid
+            )))
+    }
+
+    /// While workers run: evicts dead nodes and tells whether the group must
+    /// re-form. Costs nothing (no request to etcd) until a watch reported a
+    /// change.
+    pub async fn membership_changed(&mut self) -> Result<bool, RendezvousError> {
+        let dead = self.deaths_pending();
+        if !dead && !self.signals.state.has_changed().unwrap_or(false) {
+            return Ok(false);
+        }
+        if dead {
+            let (_, alive, _) = self.read_all().await?;
+            let mut next = self.state.clone();
+            let evicted = evict_dead(&mut next, &alive, &self.cfg);
+            if !evicted.is_empty() {
+                dynamic::settle(&mut next, now(), &self.cfg);
+                // A lost race is fine: the winner evicted them, or the next
+                // check tries again.
+                if self.cas(&next).await? {
+                    self.note_evicted(evicted);
+                }
+            }
+        } else {
+            self.read().await?;
+        }
+        let Some((round, members)) = &self.joined else {
+            return Ok(false);
+        };
+        let s = &self.state;
+        let changed = s.round != *round
+            || !s.complete
+            || &s.participants != members
+            || !s.wait_list.is_empty();
+        if changed && !s.wait_list.is_empty() {
+            tracing::warn!(
+                "Detected {} new nodes from group_rank={}; will restart worker group",
+                s.wait_list.len(),
+                members.get(&self.node).copied().unwrap_or(0)
+            );
+        }
+        Ok(changed)
+    }
+
+    /// Takes this node out of the rendezvous for good, without closing it.
+    pub async fn quit(&mut self) -> Result<(), RendezvousError> {
+        self.op_deadline = now() + self.close_timeout;
+        let quit = Request::Quit(self.node.clone());
+        self.run_op(Some(quit), |s, n, _| {
+            if in_any_list(s, n) {
+                Action::RemoveFromParticipants
+            } else {
+                Action::Finish
+            }
+        })
+        .await?;
+        self.release().await;
+        Ok(())
+    }
+
+    /// Marks the rendezvous closed: later joiners fail, spares exit 0.
+    pub async fn close(&mut self) -> Result<(), RendezvousError> {
+        let deadline = now() + self.close_timeout;
+        self.op_deadline = deadline;
+        self.run_op(None, |s, _, t| dynamic::close_action(s, t, deadline))
+            .await?;
+        Ok(())
+    }
+
+    /// Gives this node's lease back: its keys go at once. (The run lease is
+    /// left to expire: other agents may still renew it.)
+    pub async fn release(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let lease = self.leases.node.load(Ordering::Relaxed);
+        if let Err(e) = self.etcd.revoke(lease).await {
+            tracing::debug!("could not revoke this node's etcd lease: {e}");
+        }
+    }
+}
+
+fn in_any_list(s: &State, n: &Node) -> bool {
+    s.participants.contains_key(n) || s.wait_list.contains(n) || s.redundancy_list.contains(n)
+}
+
+/// Takes out of `s` every node whose alive key is gone; returns the
+/// participants among them.
+fn evict_dead(s: &mut State, alive: &HashSet<Vec<u8>>, cfg: &Settings) -> Vec<Node> {
+    let dead: Vec<Node> = s
+        .participants
+        .keys()
+        .chain(&s.wait_list)
+        .chain(&s.redundancy_list)
+        .filter(|n| !alive.contains(node_id(n).as_bytes()))
+        .cloned()
+        .collect();
+    dead.into_iter()
+        .filter(|n| dynamic::remove_for_good(s, n, cfg))
+        .collect()
+}
+
+/// Whether acting on `a` changes the shared state.
+fn is_mutation(a: Action) -> bool {
+    !matches!(
+        a,
+        Action::Sync
+            | Action::KeepAlive
+            | Action::Finish
+            | Action::GracefulExit
+            | Action::ErrorClosed
+            | Action::ErrorTimeout
+    )
+}
+
+/// A random pause before writing the state for our own request: longer for
+/// a larger job.
+fn batch_jitter(cfg: &Settings) -> Duration {
+    use rand::Rng;
+    let span = (f64::from(cfg.max_nodes.min(100_000)) * 100e-6).min(0.1);
+    Duration::from_secs_f64(rand::thread_rng().gen_range(0.0..=span))
+}
+
+/// A node's lease TTL: the dead-node window, in whole seconds (etcd's
+/// minimum is about 2 s).
+fn node_ttl(cfg: &Settings) -> i64 {
+    (cfg.dead_after().ceil() as i64).max(2)
+}
+
+/// The run lease: the one recorded at `P/lease` if there is one, else a new
+/// one recorded there (a transaction decides between agents racing).
+async fn run_lease(etcd: &Etcd, keys: &Keys, ttl: i64) -> Result<i64, RendezvousError> {
+    let key = keys.lease();
+    loop {
+        let (kvs, _) = etcd.range(&key, false).await?;
+        if let Some(id) = kvs
+            .first()
+            .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse::<i64>().ok())
+        {
+            if etcd.keep_alive(id).await? > 0 {
+                return Ok(id);
+            }
+        }
+        let mine = etcd.grant(ttl).await?;
+        let rev = kvs.first().map_or(0, |kv| kv.mod_revision);
+        let t = etcd
+            .txn(
+                vec![op::mod_revision_is(&key, rev)],
+                vec![op::put(&key, mine.to_string().as_bytes(), mine)],
+                Vec::new(),
+            )
+            .await?;
+        if t.succeeded {
+            return Ok(mine);
+        }
+        // Another agent recorded its lease first: use that one.
+        let _ = etcd.revoke(mine).await;
+    }
+}
+
+/// Renews both leases every `every`. A node lease that expired anyway (etcd
+/// unreachable for longer than the dead-node window) is replaced and the
+/// alive key put again; the others have evicted this node meanwhile, and
+/// the agent re-joins when it sees that.
+async fn keep_alive(
+    etcd: Arc<Etcd>,
+    keys: Keys,
+    node: Node,
+    master: String,
+    leases: Arc<Leases>,
+    every: Duration,
+    (node_ttl, run_ttl): (i64, i64),
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let result: Result<(), EtcdError> = async {
+            let id = leases.node.load(Ordering::Relaxed);
+            if etcd.keep_alive(id).await? <= 0 {
+                tracing::warn!("this node's etcd lease expired (etcd unreachable for longer than the dead-node window?); registering again");
+                let id = etcd.grant(node_ttl).await?;
+                etcd.put(&keys.alive(&node), master.as_bytes(), id).await?;
+                leases.node.store(id, Ordering::Relaxed);
+            }
+            let id = leases.run.load(Ordering::Relaxed);
+            if etcd.keep_alive(id).await? <= 0 {
+                match run_lease(&etcd, &keys, run_ttl).await {
+                    Ok(id) => leases.run.store(id, Ordering::Relaxed),
+                    Err(e) => tracing::debug!("could not renew the run lease: {e}"),
+                }
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::warn!("etcd answers again");
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!("cannot renew this node's etcd lease: {e}");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Counts the changes a watch reports on `key` (a prefix with `deletes`:
+/// its deletions only); every (re)start counts as one, since changes may
+/// have been missed while the watch was down.
+async fn watch_changes(etcd: Arc<Etcd>, key: Vec<u8>, deletes: bool, tx: watch::Sender<u64>) {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match etcd.watch(&key, deletes, 0, deletes).await {
+            Ok(mut w) => {
+                pause = Duration::from_millis(50);
+                tx.send_modify(|n| *n += 1);
+                loop {
+                    match w.next().await {
+                        Ok(Some(b)) => {
+                            tracing::trace!(
+                                "etcd watch: {} event(s) at revision {}",
+                                b.events.len(),
+                                b.revision
+                            );
+                            tx.send_modify(|n| *n += 1)
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!("etcd watch ended: {e}");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!("cannot watch etcd: {e}"),
+        }
+        tx.send_modify(|n| *n += 1);
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
