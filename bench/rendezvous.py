@@ -1,7 +1,8 @@
 """Rendezvous benchmark: time from starting N agents (one worker each, on
 their own loopback addresses) to every worker running with its rank, for
-torchrun-rs at N = 2, 8, 64, 512 and the real torchrun at N = 2 and 8.
-Usage: python bench/rendezvous.py OURS TORCHRUN [MAX_N]"""
+torchrun-rs at N = 2, 8, 64, 256, 512 (c10d, and etcd-v3 against a real
+etcd when ETCD_ENDPOINT is set) and the real torchrun (c10d) at N = 2 and 8.
+Usage: [ETCD_ENDPOINT=host:port] python bench/rendezvous.py OURS TORCHRUN [MAX_N]"""
 import os
 import socket
 import subprocess
@@ -27,16 +28,20 @@ def addr(i):
     return f"127.0.{2 + i // 250}.{2 + i % 250}" if i else "127.0.0.2"
 
 
-def run(launcher, n, timeout):
+etcd = os.environ.get("ETCD_ENDPOINT")
+
+
+def run(launcher, n, timeout, backend="c10d"):
     port = free_port()
+    endpoint = etcd if backend == "etcd-v3" else f"127.0.0.2:{port}"
     with tempfile.TemporaryDirectory() as out:
         env = dict(os.environ, BENCH_OUT=out, OMP_NUM_THREADS="1")
         t0 = time.time_ns()
         procs = [subprocess.Popen(
-            [launcher, f"--nnodes={n}", "--nproc-per-node=1", "--rdzv-backend=c10d",
-             f"--rdzv-endpoint=127.0.0.2:{port}", "--rdzv-id=bench", f"--local-addr={addr(i)}",
+            [launcher, f"--nnodes={n}", "--nproc-per-node=1", f"--rdzv-backend={backend}",
+             f"--rdzv-endpoint={endpoint}", f"--rdzv-id=bench-{port}", f"--local-addr={addr(i)}",
              "--no-python", stamp],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(n)]
+            env=env, stdout=subprocess.DEVNULL, stderr=None if os.environ.get("BENCH_DEBUG") else subprocess.DEVNULL) for i in range(n)]
         deadline = time.time() + timeout
         ok = True
         for p in procs:
@@ -55,16 +60,24 @@ def run(launcher, n, timeout):
         return (max(stamps) - t0) / 1e9
 
 
-print(f"machine: {os.cpu_count()} cores; agents on 127.0.x.y, one `--no-python` worker each")
+print(f"machine: {os.cpu_count()} cores; agents on 127.0.x.y, one `--no-python` worker each"
+      + ("; etcd 3.4 on loopback" if etcd else ""))
 print()
-print("| agents | torchrun | torchrun-rs | torchrun-rs faster by |")
-print("| --- | --- | --- | --- |")
-for n in (2, 8, 64, 512):
+print("| agents | torchrun (c10d) | torchrun-rs c10d | torchrun-rs faster by | torchrun-rs etcd-v3 |")
+print("| --- | --- | --- | --- | --- |")
+
+
+def show(t, limit):
+    return f"{t:.2f} s" if t is not None else f"did not finish in {limit} s"
+
+
+for n in (2, 8, 64, 256, 512):
     if n > max_n:
         break
     o = run(ours, n, 300)
     t = run(torchrun, n, 300) if n <= 8 else None
-    os_ = f"{o:.2f} s" if o is not None else "did not finish in 300 s"
-    ts = f"{t:.2f} s" if t is not None else ("not run" if n > 8 else "did not finish")
+    e = run(ours, n, 300, "etcd-v3") if etcd else None
+    ts = show(t, 300) if n <= 8 else "not run"
+    es = show(e, 300) if etcd else "not run"
     ratio = f"{t / o:.0f}x" if (o and t) else ""
-    print(f"| {n} | {ts} | {os_} | {ratio} |", flush=True)
+    print(f"| {n} | {ts} | {show(o, 300)} | {ratio} | {es} |", flush=True)

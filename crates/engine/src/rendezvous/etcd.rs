@@ -5,7 +5,12 @@
 //! - `P/state`: the shared [`State`], written only by a transaction that
 //!   compares the key's `mod_revision` with the one last read (the CAS
 //!   token); a lost race returns the current value in the same round trip;
-//! - `P/req/<node>/<J|L|Q>`: a node's pending join, leave or quit, on the
+//! - `P/summary`: round, completeness, closure, last-call deadline and the
+//!   size of each list, written by the same transaction whenever they
+//!   change. Agents watch this small key, not the state: most changes (one
+//!   more participant) concern a waiting agent not at all, and it decides
+//!   that from the watch event alone, without a read;
+//! - `P/~req/<node>/<J|L|Q>`: a node's pending join, leave or quit, on the
 //!   node's lease. Whoever writes the state next applies every request
 //!   modified after the revision the state records as applied (one write
 //!   serves a whole batch of arrivals), and the author deletes its request
@@ -15,14 +20,17 @@
 //!   renewed every `keep_alive_interval`). A node is dead when its lease
 //!   expires and etcd deletes the key: no timestamps are compared between
 //!   machines, so clock skew cannot evict anyone;
-//! - `P/lease`: the run lease's id, on the run lease itself, like `P/state`.
-//!   Every live agent renews it; once the last agent is gone, the run's keys
-//!   expire `run_ttl` later (2 h by default), so dead runs do not pile up.
+//! - `P/lease`: the run lease's id, on the run lease itself, like `P/state`
+//!   and `P/summary`. Every live agent renews it; once the last agent is
+//!   gone, the run's keys expire `run_ttl` later (2 h by default), so dead
+//!   runs do not pile up.
 //!
-//! Agents block on two watches (the state key, and deletions under
-//! `P/alive/`) instead of polling. A watch always starts from "now" and
-//! every (re)start counts as a change, so the agent re-reads: a watch can
-//! thus never fall behind a compaction, and an etcd restart is a re-read.
+//! Agents block on two watches instead of polling: `P/summary`, and the
+//! deletions from `P/alive/` to `P/state` (a node's death, or the state
+//! lost to an operator's delete; the requests sort after `~` to stay out of
+//! that range). A watch always starts from "now" and every (re)start counts
+//! as a change, so the agent re-reads: a watch can thus never fall behind a
+//! compaction, and an etcd restart is a re-read.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -49,6 +57,9 @@ impl Keys {
     fn lease(&self) -> Vec<u8> {
         format!("{}lease", self.root).into_bytes()
     }
+    fn summary(&self) -> Vec<u8> {
+        format!("{}summary", self.root).into_bytes()
+    }
     fn alive_prefix(&self) -> Vec<u8> {
         format!("{}alive/", self.root).into_bytes()
     }
@@ -56,7 +67,12 @@ impl Keys {
         format!("{}alive/{}", self.root, node_id(n)).into_bytes()
     }
     fn req_prefix(&self) -> Vec<u8> {
-        format!("{}req/", self.root).into_bytes()
+        format!("{}~req/", self.root).into_bytes()
+    }
+    /// The end (excluded) of the range whose deletions mean a death or a
+    /// lost state: `alive/..`, `lease`, `state`.
+    fn deaths_end(&self) -> Vec<u8> {
+        format!("{}state\0", self.root).into_bytes()
     }
     fn req(&self, r: &Request) -> Vec<u8> {
         let (tag, n) = match r {
@@ -64,7 +80,7 @@ impl Keys {
             Request::Leave(n) => ('L', n),
             Request::Quit(n) => ('Q', n),
         };
-        format!("{}req/{}/{tag}", self.root, node_id(n)).into_bytes()
+        format!("{}~req/{}/{tag}", self.root, node_id(n)).into_bytes()
     }
 }
 
@@ -81,11 +97,27 @@ struct Leases {
 
 /// Where the agent's background tasks tell it that something moved.
 struct Signals {
-    /// Bumped at every change of the state key (and watch restart).
-    state: watch::Receiver<u64>,
-    /// Bumped at every deletion under `P/alive/` (and watch restart).
-    deaths: watch::Receiver<u64>,
+    /// The summary as last written (`None`: unknown, after a watch
+    /// (re)start or its deletion): changes at every change of it.
+    summary: watch::Receiver<Option<Vec<u8>>>,
+    /// Deaths and lost states, as the deletions watch reports them.
+    deaths: watch::Receiver<Deaths>,
 }
+
+/// What the deletions watch has seen.
+#[derive(Debug, Default)]
+struct Deaths {
+    /// Bumped at every deletion (and watch restart).
+    count: u64,
+    /// The nodes whose alive key was deleted (their ids).
+    dead: HashSet<Vec<u8>>,
+    /// Bumped when deletions may have been missed (a watch re-started).
+    resyncs: u64,
+}
+
+/// Beyond this many candidates, the live nodes are listed whole instead
+/// of each candidate's key being read.
+const TARGETED_CHECKS: usize = 64;
 
 /// One agent's view of the etcd rendezvous.
 pub struct EtcdRdzv {
@@ -109,8 +141,9 @@ pub struct EtcdRdzv {
     /// This node's worker store, `addr:port`.
     master: String,
     signals: Signals,
-    /// The death count the last full read (with the live nodes) saw.
+    /// The death count and resyncs the last full read saw.
     deaths_seen: u64,
+    resyncs_seen: u64,
     /// The run lease's TTL, should it need re-creating.
     run_ttl: i64,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -159,8 +192,8 @@ impl EtcdRdzv {
             node: AtomicI64::new(node_lease),
             run: AtomicI64::new(run_lease),
         });
-        let (state_tx, state_rx) = watch::channel(0u64);
-        let (deaths_tx, deaths_rx) = watch::channel(0u64);
+        let (summary_tx, summary_rx) = watch::channel(None);
+        let (deaths_tx, deaths_rx) = watch::channel(Deaths::default());
         let every = Duration::from_secs_f64(p.cfg.keep_alive_interval.max(0.1));
         let tasks = vec![
             tokio::spawn(keep_alive(
@@ -172,11 +205,11 @@ impl EtcdRdzv {
                 every,
                 (ttl, run_ttl),
             )),
-            tokio::spawn(watch_changes(etcd.clone(), keys.state(), false, state_tx)),
-            tokio::spawn(watch_changes(
+            tokio::spawn(watch_summary(etcd.clone(), keys.summary(), summary_tx)),
+            tokio::spawn(watch_deaths(
                 etcd.clone(),
                 keys.alive_prefix(),
-                true,
+                keys.deaths_end(),
                 deaths_tx,
             )),
         ];
@@ -197,10 +230,11 @@ impl EtcdRdzv {
             leases,
             master: p.master,
             signals: Signals {
-                state: state_rx,
+                summary: summary_rx,
                 deaths: deaths_rx,
             },
             deaths_seen: 0,
+            resyncs_seen: 0,
             run_ttl,
             tasks,
         })
@@ -238,37 +272,81 @@ impl EtcdRdzv {
         Ok(())
     }
 
-    /// Reads the state. Changes signalled before this read are covered by it.
+    /// Reads the state (its value only if it changed since the last read).
+    /// Changes signalled before this read are covered by it.
     async fn read(&mut self) -> Result<(), RendezvousError> {
-        self.signals.state.borrow_and_update();
-        let (kvs, _) = self.etcd.range(&self.keys.state(), false).await?;
-        self.adopt(kvs.first())
-    }
-
-    /// Reads, in one snapshot, the state, the pending requests and the live
-    /// nodes; returns the requests not yet applied (in order) and the live
-    /// nodes' ids, with the snapshot's revision.
-    async fn read_all(&mut self) -> Result<(Vec<Request>, HashSet<Vec<u8>>, i64), RendezvousError> {
-        self.signals.state.borrow_and_update();
-        let deaths = *self.signals.deaths.borrow_and_update();
-        let after = self.state.applied as i64;
+        self.signals.summary.borrow_and_update();
+        let key = self.keys.state();
+        if self.token == 0 {
+            let (kvs, _) = self.etcd.range(&key, false).await?;
+            return self.adopt(kvs.first());
+        }
         let t = self
             .etcd
             .txn(
+                vec![op::mod_revision_is(&key, self.token)],
                 Vec::new(),
-                vec![
-                    op::get(&self.keys.state()),
-                    op::prefix(&self.keys.req_prefix(), after, false),
-                    op::prefix(&self.keys.alive_prefix(), 0, true),
-                ],
-                Vec::new(),
+                vec![op::get(&key)],
             )
             .await?;
-        self.adopt(t.range(0).first())?;
-        self.deaths_seen = deaths;
+        if t.succeeded {
+            return Ok(());
+        }
+        self.adopt(t.range(0).first())
+    }
+
+    /// Reads, in one snapshot, the state (if it changed), the pending
+    /// requests and whether each node that may have died is alive; returns
+    /// the requests not yet applied (in order), the nodes found dead, and
+    /// the snapshot's revision.
+    async fn read_all(&mut self) -> Result<(Vec<Request>, HashSet<Vec<u8>>, i64), RendezvousError> {
+        self.signals.summary.borrow_and_update();
+        let (count, resyncs, suspects) = {
+            let d = self.signals.deaths.borrow_and_update();
+            let s = &self.state;
+            let suspects: Vec<Vec<u8>> = s
+                .participants
+                .keys()
+                .chain(&s.wait_list)
+                .chain(&s.redundancy_list)
+                .map(|n| node_id(n).into_bytes())
+                .filter(|id| d.dead.contains(id))
+                .collect();
+            (d.count, d.resyncs, suspects)
+        };
+        // After a watch re-start, deaths may have gone unseen: list the live
+        // nodes. Otherwise look only at the nodes reported dead.
+        let list_all = resyncs != self.resyncs_seen || suspects.len() > TARGETED_CHECKS;
+        let after = self.state.applied as i64;
+        let key = self.keys.state();
+        let mut ops = vec![op::prefix(&self.keys.req_prefix(), after, false)];
+        if list_all {
+            ops.push(op::prefix(&self.keys.alive_prefix(), 0, true));
+        } else {
+            let prefix = self.keys.alive_prefix();
+            ops.extend(
+                suspects
+                    .iter()
+                    .map(|id| op::get(&[&prefix[..], id].concat())),
+            );
+        }
+        let mut failure = vec![op::get(&key)];
+        failure.extend(ops.iter().cloned());
+        // (With no token, the comparison is "the state is absent".)
+        let compare = vec![op::mod_revision_is(&key, self.token)];
+        let t = self.etcd.txn(compare, ops, failure).await?;
+        // The state comes first when it changed.
+        let first = if t.succeeded {
+            0
+        } else {
+            self.adopt(t.range(0).first())?;
+            1
+        };
+        self.deaths_seen = count;
+        self.resyncs_seen = resyncs;
         let applied = self.state.applied as i64;
         let mut reqs: Vec<Kv> = t
-            .range(1)
+            .range(first)
             .into_iter()
             .filter(|kv| kv.mod_revision > applied)
             .collect();
@@ -278,12 +356,26 @@ impl EtcdRdzv {
             .filter_map(|kv| Request::parse(String::from_utf8_lossy(&kv.value).trim_end()))
             .collect();
         let prefix_len = self.keys.alive_prefix().len();
-        let alive = t
-            .range(2)
-            .into_iter()
-            .map(|kv| kv.key[prefix_len.min(kv.key.len())..].to_vec())
-            .collect();
-        Ok((reqs, alive, t.revision))
+        let id_of = |kv: Kv| kv.key[prefix_len.min(kv.key.len())..].to_vec();
+        let dead = if list_all {
+            let alive: HashSet<Vec<u8>> = t.range(first + 1).into_iter().map(id_of).collect();
+            let s = &self.state;
+            s.participants
+                .keys()
+                .chain(&s.wait_list)
+                .chain(&s.redundancy_list)
+                .map(|n| node_id(n).into_bytes())
+                .filter(|id| !alive.contains(id))
+                .collect()
+        } else {
+            suspects
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| t.range(first + 1 + i).is_empty())
+                .map(|(_, id)| id)
+                .collect()
+        };
+        Ok((reqs, dead, t.revision))
     }
 
     /// Writes `new` if the state is still the one last read; a lost race
@@ -291,13 +383,18 @@ impl EtcdRdzv {
     async fn cas(&mut self, new: &State) -> Result<bool, RendezvousError> {
         let key = self.keys.state();
         let value = new.encode();
+        let sum = summary(new);
         for attempt in 0..2 {
             let lease = self.leases.run.load(Ordering::Relaxed);
+            let mut ops = vec![op::put(&key, value.as_bytes(), lease)];
+            if self.token == 0 || sum != summary(&self.state) {
+                ops.push(op::put(&self.keys.summary(), sum.as_bytes(), lease));
+            }
             let t = self
                 .etcd
                 .txn(
                     vec![op::mod_revision_is(&key, self.token)],
-                    vec![op::put(&key, value.as_bytes(), lease)],
+                    ops,
                     vec![op::get(&key)],
                 )
                 .await;
@@ -343,7 +440,7 @@ impl EtcdRdzv {
 
     /// Whether a node died since the last full read.
     fn deaths_pending(&self) -> bool {
-        *self.signals.deaths.borrow() != self.deaths_seen
+        self.signals.deaths.borrow().count != self.deaths_seen
     }
 
     /// Runs an operation until it finishes: post `request` (if any), then
@@ -378,7 +475,7 @@ impl EtcdRdzv {
                 self.read().await?;
                 continue;
             }
-            let (reqs, alive, revision) = self.read_all().await?;
+            let (reqs, dead, revision) = self.read_all().await?;
             let mut next = self.state.clone();
             if !reqs.is_empty() {
                 // Everything up to the snapshot's revision is now applied.
@@ -387,7 +484,7 @@ impl EtcdRdzv {
             for r in reqs {
                 dynamic::apply_request(&mut next, r, t, &self.cfg);
             }
-            let evicted = evict_dead(&mut next, &alive, &self.cfg);
+            let evicted = evict_dead(&mut next, &dead, &self.cfg);
             dynamic::settle(&mut next, t, &self.cfg);
             let action = op(&next, &self.node, t);
             let mutation = is_mutation(action);
@@ -458,8 +555,9 @@ impl EtcdRdzv {
         })
     }
 
-    /// Blocks until the state changes, a node dies, or a deadline this node
-    /// waits for (the last call, the operation's) passes.
+    /// Blocks until the summary changes in a way that matters to this node,
+    /// a node dies, or a deadline this node waits for (the last call, the
+    /// operation's) passes.
     async fn wait_for_change(&mut self, t: f64) {
         let s = &self.state;
         let in_round = s.participants.contains_key(&self.node) && !s.complete;
@@ -468,14 +566,34 @@ impl EtcdRdzv {
             until = until.min(d);
         }
         let pause = Duration::from_secs_f64((until - t).clamp(0.0, 3600.0));
+        // A participant waiting for its round to complete does not care how
+        // many others joined; everyone else (the wait list, spares) does.
+        let relevant = |v: &str| -> String {
+            if in_round {
+                v.splitn(5, ' ').take(4).collect::<Vec<_>>().join(" ")
+            } else {
+                v.to_string()
+            }
+        };
+        let known = relevant(&summary(s));
         let deaths_seen = self.deaths_seen;
         let deaths = &mut self.signals.deaths;
-        let state = &mut self.signals.state;
+        let sums = &mut self.signals.summary;
         tokio::select! {
-            _ = state.changed() => {}
             _ = async {
                 loop {
-                    if deaths.changed().await.is_err() || *deaths.borrow() != deaths_seen {
+                    if sums.changed().await.is_err() {
+                        return;
+                    }
+                    match &*sums.borrow_and_update() {
+                        Some(v) if relevant(&String::from_utf8_lossy(v)) == known => {}
+                        _ => return,
+                    }
+                }
+            } => {}
+            _ = async {
+                loop {
+                    if deaths.changed().await.is_err() || deaths.borrow().count != deaths_seen {
                         return;
                     }
                 }
@@ -554,13 +672,21 @@ impl EtcdRdzv {
     /// change.
     pub async fn membership_changed(&mut self) -> Result<bool, RendezvousError> {
         let dead = self.deaths_pending();
-        if !dead && !self.signals.state.has_changed().unwrap_or(false) {
-            return Ok(false);
+        if !dead {
+            if !self.signals.summary.has_changed().unwrap_or(false) {
+                return Ok(false);
+            }
+            let same = self.signals.summary.borrow_and_update().as_deref()
+                == Some(summary(&self.state).as_bytes());
+            if same {
+                // Our own write, seen through the watch.
+                return Ok(false);
+            }
         }
         if dead {
-            let (_, alive, _) = self.read_all().await?;
+            let (_, dead, _) = self.read_all().await?;
             let mut next = self.state.clone();
-            let evicted = evict_dead(&mut next, &alive, &self.cfg);
+            let evicted = evict_dead(&mut next, &dead, &self.cfg);
             if !evicted.is_empty() {
                 dynamic::settle(&mut next, now(), &self.cfg);
                 // A lost race is fine: the winner evicted them, or the next
@@ -632,15 +758,15 @@ fn in_any_list(s: &State, n: &Node) -> bool {
     s.participants.contains_key(n) || s.wait_list.contains(n) || s.redundancy_list.contains(n)
 }
 
-/// Takes out of `s` every node whose alive key is gone; returns the
-/// participants among them.
-fn evict_dead(s: &mut State, alive: &HashSet<Vec<u8>>, cfg: &Settings) -> Vec<Node> {
+/// Takes the `dead` nodes (by id) out of `s`; returns the participants
+/// among them.
+fn evict_dead(s: &mut State, dead: &HashSet<Vec<u8>>, cfg: &Settings) -> Vec<Node> {
     let dead: Vec<Node> = s
         .participants
         .keys()
         .chain(&s.wait_list)
         .chain(&s.redundancy_list)
-        .filter(|n| !alive.contains(node_id(n).as_bytes()))
+        .filter(|n| dead.contains(node_id(n).as_bytes()))
         .cloned()
         .collect();
     dead.into_iter()
@@ -757,25 +883,21 @@ async fn keep_alive(
     }
 }
 
-/// Counts the changes a watch reports on `key` (a prefix with `deletes`:
-/// its deletions only); every (re)start counts as one, since changes may
-/// have been missed while the watch was down.
-async fn watch_changes(etcd: Arc<Etcd>, key: Vec<u8>, deletes: bool, tx: watch::Sender<u64>) {
+/// Publishes each new value of the summary key; `None` when a watch
+/// (re)starts (the agent then re-reads: changes may have been missed) or the
+/// key is deleted.
+async fn watch_summary(etcd: Arc<Etcd>, key: Vec<u8>, tx: watch::Sender<Option<Vec<u8>>>) {
     let mut pause = Duration::from_millis(50);
     loop {
-        match etcd.watch(&key, deletes, 0, deletes).await {
+        match etcd.watch(&key, None, 0, false).await {
             Ok(mut w) => {
                 pause = Duration::from_millis(50);
-                tx.send_modify(|n| *n += 1);
+                tx.send_replace(None);
                 loop {
                     match w.next().await {
                         Ok(Some(b)) => {
-                            tracing::trace!(
-                                "etcd watch: {} event(s) at revision {}",
-                                b.events.len(),
-                                b.revision
-                            );
-                            tx.send_modify(|n| *n += 1)
+                            let last = b.events.last().filter(|e| !e.deleted);
+                            tx.send_replace(last.map(|e| e.kv.value.clone()));
                         }
                         Ok(None) => break,
                         Err(e) => {
@@ -787,8 +909,68 @@ async fn watch_changes(etcd: Arc<Etcd>, key: Vec<u8>, deletes: bool, tx: watch::
             }
             Err(e) => tracing::debug!("cannot watch etcd: {e}"),
         }
-        tx.send_modify(|n| *n += 1);
+        tx.send_replace(None);
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(2));
     }
+}
+
+/// Reports the deletions in `[from, end)`: an alive key's names a dead
+/// node. A watch that re-starts may have missed some: a resync.
+async fn watch_deaths(etcd: Arc<Etcd>, from: Vec<u8>, end: Vec<u8>, tx: watch::Sender<Deaths>) {
+    let mut pause = Duration::from_millis(50);
+    let mut first = true;
+    loop {
+        match etcd.watch(&from, Some(&end), 0, true).await {
+            Ok(mut w) => {
+                pause = Duration::from_millis(50);
+                if !std::mem::take(&mut first) {
+                    tx.send_modify(|d| {
+                        d.count += 1;
+                        d.resyncs += 1;
+                    });
+                }
+                loop {
+                    match w.next().await {
+                        Ok(Some(b)) => tx.send_modify(|d| {
+                            d.count += 1;
+                            for e in &b.events {
+                                if let Some(id) = e.kv.key.strip_prefix(&from[..]) {
+                                    d.dead.insert(id.to_vec());
+                                }
+                            }
+                        }),
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!("etcd watch ended: {e}");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!("cannot watch etcd: {e}"),
+        }
+        tx.send_modify(|d| {
+            d.count += 1;
+            d.resyncs += 1;
+        });
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// What agents watch of the state: `round complete closed deadline
+/// participants waiting spares`.
+fn summary(s: &State) -> String {
+    format!(
+        "{} {} {} {} {} {} {}",
+        s.round,
+        u8::from(s.complete),
+        u8::from(s.closed),
+        s.deadline
+            .map_or_else(|| "-".to_string(), |d| d.to_string()),
+        s.participants.len(),
+        s.wait_list.len(),
+        s.redundancy_list.len()
+    )
 }

@@ -484,18 +484,19 @@ impl Etcd {
             .map(drop)
     }
 
-    /// Watches `key` (every key under it with `prefix`) from revision
-    /// `start` (0: from now); `deletes_only` drops PUT events.
+    /// Watches `key` (every key from it up to `end`, excluded, with an
+    /// end) from revision `start` (0: from now); `deletes_only` drops PUT
+    /// events.
     pub async fn watch(
         &self,
         key: &[u8],
-        prefix: bool,
+        end: Option<&[u8]>,
         start: i64,
         deletes_only: bool,
     ) -> Result<Watch, EtcdError> {
         let mut create = json!({"key": b64(key)});
-        if prefix {
-            create["range_end"] = json!(b64(&prefix_end(key)));
+        if let Some(end) = end {
+            create["range_end"] = json!(b64(end));
         }
         if start > 0 {
             create["start_revision"] = json!(start.to_string());
@@ -578,10 +579,9 @@ pub struct Watch {
     endpoint: String,
 }
 
-/// What a watch delivers: the events up to `revision`.
+/// What a watch delivers: events, in revision order.
 #[derive(Debug)]
 pub struct WatchBatch {
-    pub revision: i64,
     pub events: Vec<Event>,
 }
 
@@ -661,10 +661,7 @@ impl Watch {
                 })
                 .unwrap_or_default();
             if !events.is_empty() {
-                return Ok(Some(WatchBatch {
-                    revision: revision(&m),
-                    events,
-                }));
+                return Ok(Some(WatchBatch { events }));
             }
         }
     }
