@@ -18,7 +18,7 @@ if command -v etcd >/dev/null 2>&1; then
     --initial-advertise-peer-urls "http://127.0.0.1:$peer" --initial-cluster "default=http://127.0.0.1:$peer" \
     >"$dir/etcd.log" 2>&1 &
   etcd_pid=$!
-  trap 'kill $etcd_pid 2>/dev/null; wait $etcd_pid 2>/dev/null; rm -rf "$dir"' EXIT
+  trap 'kill $etcd_pid 2>/dev/null; wait $etcd_pid 2>/dev/null || true; rm -rf "$dir"' EXIT
   until grep -q "ready to serve client requests" "$dir/etcd.log"; do sleep 0.1; done
   ETCD_ENDPOINT="127.0.0.1:$port"
 else
