@@ -89,6 +89,11 @@ const VALUES: &[&str] = &[
     "c10d",
     "static",
     "etcd",
+    "etcd-v3",
+    "https",
+    "HTTP",
+    "/etc/hostname",
+    "/nonexistent.pem",
     "gpu",
     "cpu",
     "auto",
@@ -172,9 +177,11 @@ proptest! {
                 "timeout", "join_timeout", "last_call_timeout", "close_timeout",
                 "keep_alive_interval", "keep_alive_max_attempt", "heartbeat_timeout",
                 "read_timeout", "exit_barrier_timeout", "is_host", "rank", "other",
+                "protocol", "ca_cert", "cacert", "ssl_cert", "cert", "ssl_cert_key", "key",
+                "username", "password", "etcd_prefix", "run_ttl",
             ][..]), prop_oneof![proptest::sample::select(VALUES).prop_map(str::to_string), any::<String>()]),
             1..4),
-        backend in proptest::sample::select(&["c10d", "static"][..]),
+        backend in proptest::sample::select(&["c10d", "static", "etcd-v3", "etcd", "etcd-v2"][..]),
     ) {
         let conf: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let argv = vec![
