@@ -294,25 +294,34 @@ impl Request {
 
 /// A log this long, once fully applied, is replaced by a fresh one (the next
 /// epoch), so that reading it stays cheap however long the job runs.
+/// Larger jobs get a longer log (128 bytes per node of `max_nodes`: room
+/// for every node's leave and join), so that the wave of a whole job
+/// arriving or restarting does not retire it midway (a line appended to a
+/// log as it is retired is lost, and its author must notice and append it
+/// again).
 pub const LOG_COMPACT_BYTES: u64 = 16 * 1024;
+
+pub fn log_compact_bytes(cfg: &Settings) -> u64 {
+    LOG_COMPACT_BYTES.max(u64::from(cfg.max_nodes) * 128)
+}
 
 /// Applies the requests of `log` (the current epoch's log as read) that the
 /// state has not applied yet, in order, then [`settle`]s. Malformed lines are
-/// skipped. Returns how many requests were applied.
-pub fn drain(s: &mut State, log: &[u8], now: f64, cfg: &Settings) -> usize {
+/// skipped. Returns the requests applied.
+pub fn drain(s: &mut State, log: &[u8], now: f64, cfg: &Settings) -> Vec<Request> {
     // Requests are appended whole; read up to the last complete line.
     let end = log.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) as u64;
     let start = s.applied.min(end);
-    let mut applied = 0;
+    let mut applied = Vec::new();
     for line in log[start as usize..end as usize].split(|&b| b == b'\n') {
         let Some(req) = std::str::from_utf8(line).ok().and_then(Request::parse) else {
             continue;
         };
-        applied += 1;
+        applied.push(req.clone());
         apply_request(s, req, now, cfg);
     }
     s.applied = end;
-    if end >= LOG_COMPACT_BYTES {
+    if end >= log_compact_bytes(cfg) {
         s.epoch += 1;
         s.applied = 0;
     }
@@ -409,7 +418,7 @@ pub fn node_text(n: &Node) -> String {
     format!("{} {} {} {}", n.order, n.pid, n.local_id, n.addr)
 }
 
-fn node_parse(text: &str) -> Option<Node> {
+pub fn node_parse(text: &str) -> Option<Node> {
     let mut f = text.splitn(4, ' ');
     let order = f.next()?.parse().ok()?;
     let pid = f.next()?.parse().ok()?;
@@ -840,7 +849,7 @@ mod tests {
         ];
         let mut s = State::default();
         let l = log(&nodes.iter().cloned().map(Request::Join).collect::<Vec<_>>());
-        assert_eq!(drain(&mut s, &l, NOW, &c), 3);
+        assert_eq!(drain(&mut s, &l, NOW, &c).len(), 3);
         assert!(s.complete);
         assert_eq!(s.applied, l.len() as u64);
         let ranks: Vec<(&str, u32)> = s
@@ -854,7 +863,7 @@ mod tests {
         );
         // Draining the same log again changes nothing.
         let before = s.clone();
-        assert_eq!(drain(&mut s, &l, NOW, &c), 0);
+        assert_eq!(drain(&mut s, &l, NOW, &c).len(), 0);
         assert_eq!(s, before);
     }
 
@@ -869,7 +878,7 @@ mod tests {
         l.extend(log(&[Request::Join(b.clone())]));
         let torn = b"J 12";
         l.extend_from_slice(torn);
-        assert_eq!(drain(&mut s, &l, NOW, &c), 1);
+        assert_eq!(drain(&mut s, &l, NOW, &c).len(), 1);
         assert!(s.participants.contains_key(&b));
         assert!(!s.participants.contains_key(&node("c", 0)));
         assert_eq!(s.applied as usize, l.len() - torn.len());
@@ -912,15 +921,15 @@ mod tests {
 
     #[test]
     fn a_long_log_moves_to_the_next_epoch() {
-        let c = cfg(1, 1000);
+        let c = cfg(1, 100);
         let reqs: Vec<Request> = (0..1000)
             .map(|i| Request::Join(node("127.0.0.9", i)))
             .collect();
         let l = log(&reqs);
-        assert!(l.len() as u64 >= LOG_COMPACT_BYTES);
+        assert!(l.len() as u64 >= log_compact_bytes(&c));
         let mut s = State::default();
         drain(&mut s, &l, NOW, &c);
-        assert_eq!((s.epoch, s.applied, s.participants.len()), (1, 0, 1000));
+        assert_eq!((s.epoch, s.applied, s.participants.len()), (1, 0, 100));
     }
 
     #[test]
