@@ -1,0 +1,47 @@
+"""N real c10d agents (one `--no-python` worker each, on their own loopback
+addresses) from start to every worker running with its rank, beside N
+standalone launchers (no rendezvous at all): the cost of starting that many
+launchers on this machine, which the rendezvous cannot go below.
+Usage: python bench/rendezvous_scale.py TORCHRUN_RS N"""
+import os
+import socket
+import sys
+import tempfile
+import time
+
+bin_, n = sys.argv[1], int(sys.argv[2])
+
+
+def addr(i):
+    # Agent 0 is at the endpoint's address: it hosts the store.
+    return f"127.0.{2 + i // 250}.{2 + i % 250}" if i else "127.0.0.2"
+
+
+def run(args_of):
+    with tempfile.TemporaryDirectory() as out:
+        env = dict(os.environ, BENCH_OUT=out)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        fa = [(os.POSIX_SPAWN_DUP2, devnull, 1), (os.POSIX_SPAWN_DUP2, devnull, 2)]
+        t0 = time.time_ns()
+        pids = [os.posix_spawn(bin_, ["torchrun-rs", *args_of(i)], env, file_actions=fa)
+                for i in range(n)]
+        codes = [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids]
+        stamps = [int(open(os.path.join(out, f)).read()) for f in os.listdir(out)]
+        if any(codes) or len(stamps) != n:
+            return None
+        return (max(stamps) - t0) / 1e9
+
+
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+port = s.getsockname()[1]
+s.close()
+stamp = "date +%s%N > \"$BENCH_OUT/$RANK.$GROUP_RANK\""
+c10d = run(lambda i: [f"--nnodes={n}", "--nproc-per-node=1", "--rdzv-backend=c10d",
+                      f"--rdzv-endpoint=127.0.0.2:{port}", "--rdzv-id=scale",
+                      f"--local-addr={addr(i)}", "--no-python", "sh", "-c", stamp])
+bare = run(lambda i: ["--standalone", "--nproc-per-node=1", "--no-python", "sh", "-c",
+                      f"date +%s%N > \"$BENCH_OUT/{i}\""])
+show = lambda t: f"{t:.2f} s" if t is not None else "failed"
+print(f"{n} real c10d agents, every worker running with its rank: {show(c10d)}")
+print(f"{n} standalone launchers (no rendezvous), every worker running: {show(bare)}")
