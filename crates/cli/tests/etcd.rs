@@ -6,7 +6,7 @@ use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use testkit::EtcdServer;
+use testkit::{finish, read_until_line, EtcdServer};
 
 const BIN: &str = env!("CARGO_BIN_EXE_torchrun-rs");
 
@@ -67,34 +67,6 @@ impl<'a> Agent<'a> {
 
     fn spawn(&self, script: &[String]) -> Child {
         self.command(BIN, &[]).args(script).spawn().unwrap()
-    }
-}
-
-fn finish(c: Child) -> (Option<i32>, String, String) {
-    let out = c.wait_with_output().unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Reads `r` until a line containing `needle`; returns the reader and what
-/// was read.
-fn read_until_line<R: Read>(r: R, needle: &str) -> (std::io::BufReader<R>, String) {
-    use std::io::BufRead;
-    let mut r = std::io::BufReader::new(r);
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        assert!(
-            r.read_line(&mut line).unwrap() > 0,
-            "stream closed before {needle:?}: {seen}"
-        );
-        seen.push_str(&line);
-        if line.contains(needle) {
-            return (r, seen);
-        }
     }
 }
 

@@ -13,7 +13,7 @@ fn noop_job() -> Vec<String> {
     vec!["--no-python".into(), "true".into()]
 }
 
-use testkit::free_port;
+use testkit::{finish, free_port, read_until_line};
 
 fn agent(node_rank: u32, nnodes: u32, port: u16, extra: &[&str], script: &[String]) -> Child {
     Command::new(BIN)
@@ -201,34 +201,6 @@ fn store_bin() -> String {
         bin.display()
     );
     bin.display().to_string()
-}
-
-fn finish(c: Child) -> (Option<i32>, String, String) {
-    let out = c.wait_with_output().unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Reads `r` until a line containing `needle` appears; returns the reader
-/// (for the rest) and what was read.
-fn read_until_line<R: std::io::Read>(r: R, needle: &str) -> (std::io::BufReader<R>, String) {
-    use std::io::BufRead;
-    let mut r = std::io::BufReader::new(r);
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        assert!(
-            r.read_line(&mut line).unwrap() > 0,
-            "stream closed before {needle:?}: {seen}"
-        );
-        seen.push_str(&line);
-        if line.contains(needle) {
-            return (r, seen);
-        }
-    }
 }
 
 /// Reads a child's stdout until a line containing `needle` appears.

@@ -82,6 +82,35 @@ pub fn cli_helper(name: &str) -> String {
         .to_string()
 }
 
+/// Waits for a child to exit: its status code, stdout and stderr.
+pub fn finish(c: std::process::Child) -> (Option<i32>, String, String) {
+    let out = c.wait_with_output().expect("wait for the child");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Reads `r` until a line containing `needle` appears; returns the reader
+/// (for the rest) and what was read. Panics if the stream ends first.
+pub fn read_until_line<R: std::io::Read>(r: R, needle: &str) -> (std::io::BufReader<R>, String) {
+    use std::io::BufRead;
+    let mut r = std::io::BufReader::new(r);
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            r.read_line(&mut line).expect("read a line") > 0,
+            "stream closed before {needle:?}: {seen}"
+        );
+        seen.push_str(&line);
+        if line.contains(needle) {
+            return (r, seen);
+        }
+    }
+}
+
 /// A `torchrun-rs-store` process on a kernel-chosen port; killed on drop.
 pub struct StoreProcess {
     child: std::process::Child,

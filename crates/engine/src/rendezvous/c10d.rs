@@ -35,7 +35,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tcpstore::{Client, ClientError};
 
-use super::dynamic::{self, Action, Node, Request, Settings, State};
+use super::dynamic::{self, in_any_list, is_mutation, Action, Node, Request, Settings, State};
 use super::RendezvousError;
 
 /// How many other nodes each agent watches for missing heartbeats. Each node
@@ -322,6 +322,16 @@ impl DynamicRdzv {
         )
     }
 
+    /// Sets every key in one request.
+    async fn set_all(&mut self, kvs: &[(String, Vec<u8>)]) -> Result<(), RendezvousError> {
+        let pairs: Vec<(&str, &[u8])> = kvs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
+        self.client.multi_set(&pairs).await?;
+        Ok(())
+    }
+
     /// Tells the authors of `applied` requests (just written into the state)
     /// where they now are.
     async fn ack(&mut self, applied: &[Request]) -> Result<(), RendezvousError> {
@@ -338,12 +348,7 @@ impl DynamicRdzv {
                 (self.ack_key(r), format!("{place} {}", s.round).into_bytes())
             })
             .collect();
-        let pairs: Vec<(&str, &[u8])> = acks
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_slice()))
-            .collect();
-        self.client.multi_set(&pairs).await?;
-        Ok(())
+        self.set_all(&acks).await
     }
 
     /// Posts `r` and waits briefly for the writer that applies it to say
@@ -593,12 +598,7 @@ impl DynamicRdzv {
                 (self.seat_key(s.round, n), seat.encode().into_bytes())
             })
             .collect();
-        let pairs: Vec<(&str, &[u8])> = seats
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_slice()))
-            .collect();
-        self.client.multi_set(&pairs).await?;
-        Ok(())
+        self.set_all(&seats).await
     }
 
     /// Nodes this agent watches: the next [`WATCHED`] after it, in node
@@ -798,18 +798,15 @@ impl DynamicRdzv {
         action: Action,
         t: f64,
     ) -> Result<Option<Result<Action, RendezvousError>>, RendezvousError> {
-        if !self.spare_noted && self.state.redundancy_list.contains(&self.node) {
-            self.spare_noted = true;
-            tracing::warn!(
-                "waiting as a spare: the job already has its maximum of {} nodes",
-                self.cfg.max_nodes
-            );
-        }
-        Ok(match action {
-            Action::ErrorClosed => Some(Err(RendezvousError::Closed)),
-            Action::ErrorTimeout => Some(Err(RendezvousError::JoinTimeout)),
-            Action::Finish | Action::GracefulExit => Some(Ok(action)),
-            _ => {
+        super::note_spare(
+            &mut self.spare_noted,
+            &self.state,
+            &self.node,
+            self.cfg.max_nodes,
+        );
+        Ok(match super::settled(action) {
+            Some(done) => Some(done),
+            None => {
                 self.wait_for_change(t).await?;
                 self.read().await?;
                 None
@@ -1056,10 +1053,6 @@ fn watched_by(all: &[&Node], me: &Node) -> Vec<Node> {
         .collect()
 }
 
-fn in_any_list(s: &State, n: &Node) -> bool {
-    s.participants.contains_key(n) || s.wait_list.contains(n) || s.redundancy_list.contains(n)
-}
-
 /// What a waiting node watches of the state (see `K.summary`).
 fn summary(s: &State) -> String {
     format!(
@@ -1070,20 +1063,6 @@ fn summary(s: &State) -> String {
         s.deadline
             .map_or_else(|| "-".to_string(), |d| d.to_string()),
         s.epoch
-    )
-}
-
-/// Whether acting on `a` changes the shared state. (`KeepAlive` does not:
-/// heartbeats live in keys of their own.)
-fn is_mutation(a: Action) -> bool {
-    !matches!(
-        a,
-        Action::Sync
-            | Action::KeepAlive
-            | Action::Finish
-            | Action::GracefulExit
-            | Action::ErrorClosed
-            | Action::ErrorTimeout
     )
 }
 

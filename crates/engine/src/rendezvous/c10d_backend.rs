@@ -157,11 +157,7 @@ impl RendezvousBackend for C10dBackend {
     }
 
     fn take_evicted(&mut self) -> Vec<String> {
-        self.dynamic
-            .evicted
-            .drain(..)
-            .map(|n| format!("{}:{}", n.addr, n.pid))
-            .collect()
+        super::node_names(std::mem::take(&mut self.dynamic.evicted))
     }
 
     async fn membership_changed(&mut self) -> Result<bool, RendezvousError> {
@@ -185,13 +181,7 @@ impl RendezvousBackend for C10dBackend {
     /// other nodes re-form at once rather than after the heartbeat window.
     /// Bounded: a store that does not answer does not hold the exit.
     async fn leave(&mut self) {
-        match tokio::time::timeout(Duration::from_secs(5), self.dynamic.quit()).await {
-            Ok(Ok(())) => tracing::info!("left the rendezvous"),
-            Ok(Err(e)) => tracing::warn!("could not leave the rendezvous: {e}"),
-            Err(_) => {
-                tracing::warn!("could not leave the rendezvous: the store did not answer in 5 s")
-            }
-        }
+        super::leave_within(self.dynamic.quit(), "the store").await;
     }
 
     async fn shutdown(self) {

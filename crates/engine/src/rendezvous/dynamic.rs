@@ -183,6 +183,25 @@ pub fn close_action(s: &State, now: f64, deadline: f64) -> Action {
     }
 }
 
+/// Whether acting on `a` changes the shared state. (`KeepAlive` does not:
+/// heartbeats are not part of the shared state.)
+pub fn is_mutation(a: Action) -> bool {
+    !matches!(
+        a,
+        Action::Sync
+            | Action::KeepAlive
+            | Action::Finish
+            | Action::GracefulExit
+            | Action::ErrorClosed
+            | Action::ErrorTimeout
+    )
+}
+
+/// Whether `n` is in any of the state's lists.
+pub fn in_any_list(s: &State, n: &Node) -> bool {
+    s.participants.contains_key(n) || s.wait_list.contains(n) || s.redundancy_list.contains(n)
+}
+
 /// Applies a mutating action.
 pub fn apply(s: &mut State, node: &Node, action: Action, now: f64, cfg: &Settings) {
     match action {

@@ -40,7 +40,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::c10d::{now, Joined};
-use super::dynamic::{self, Action, Node, Request, Settings, State};
+use super::dynamic::{self, in_any_list, is_mutation, Action, Node, Request, Settings, State};
 use super::etcd_client::{op, Etcd, EtcdError, Kv};
 use super::RendezvousError;
 
@@ -536,18 +536,15 @@ impl EtcdRdzv {
         action: Action,
         t: f64,
     ) -> Result<Option<Result<Action, RendezvousError>>, RendezvousError> {
-        if !self.spare_noted && self.state.redundancy_list.contains(&self.node) {
-            self.spare_noted = true;
-            tracing::warn!(
-                "waiting as a spare: the job already has its maximum of {} nodes",
-                self.cfg.max_nodes
-            );
-        }
-        Ok(match action {
-            Action::ErrorClosed => Some(Err(RendezvousError::Closed)),
-            Action::ErrorTimeout => Some(Err(RendezvousError::JoinTimeout)),
-            Action::Finish | Action::GracefulExit => Some(Ok(action)),
-            _ => {
+        super::note_spare(
+            &mut self.spare_noted,
+            &self.state,
+            &self.node,
+            self.cfg.max_nodes,
+        );
+        Ok(match super::settled(action) {
+            Some(done) => Some(done),
+            None => {
                 self.wait_for_change(t).await;
                 self.read().await?;
                 None
@@ -754,10 +751,6 @@ impl EtcdRdzv {
     }
 }
 
-fn in_any_list(s: &State, n: &Node) -> bool {
-    s.participants.contains_key(n) || s.wait_list.contains(n) || s.redundancy_list.contains(n)
-}
-
 /// Takes the `dead` nodes (by id) out of `s`; returns the participants
 /// among them.
 fn evict_dead(s: &mut State, dead: &HashSet<Vec<u8>>, cfg: &Settings) -> Vec<Node> {
@@ -772,19 +765,6 @@ fn evict_dead(s: &mut State, dead: &HashSet<Vec<u8>>, cfg: &Settings) -> Vec<Nod
     dead.into_iter()
         .filter(|n| dynamic::remove_for_good(s, n, cfg))
         .collect()
-}
-
-/// Whether acting on `a` changes the shared state.
-fn is_mutation(a: Action) -> bool {
-    !matches!(
-        a,
-        Action::Sync
-            | Action::KeepAlive
-            | Action::Finish
-            | Action::GracefulExit
-            | Action::ErrorClosed
-            | Action::ErrorTimeout
-    )
 }
 
 /// A random pause before writing the state for our own request: longer for

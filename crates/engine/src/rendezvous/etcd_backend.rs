@@ -122,11 +122,7 @@ impl RendezvousBackend for EtcdBackend {
     }
 
     fn take_evicted(&mut self) -> Vec<String> {
-        self.dynamic
-            .evicted
-            .drain(..)
-            .map(|n| format!("{}:{}", n.addr, n.pid))
-            .collect()
+        super::node_names(std::mem::take(&mut self.dynamic.evicted))
     }
 
     async fn membership_changed(&mut self) -> Result<bool, RendezvousError> {
@@ -153,11 +149,7 @@ impl RendezvousBackend for EtcdBackend {
 
     /// Takes this node out of the rendezvous (without closing it); bounded.
     async fn leave(&mut self) {
-        match tokio::time::timeout(Duration::from_secs(5), self.dynamic.quit()).await {
-            Ok(Ok(())) => tracing::info!("left the rendezvous"),
-            Ok(Err(e)) => tracing::warn!("could not leave the rendezvous: {e}"),
-            Err(_) => tracing::warn!("could not leave the rendezvous: etcd did not answer in 5 s"),
-        }
+        super::leave_within(self.dynamic.quit(), "etcd").await;
     }
 
     async fn shutdown(mut self) {

@@ -180,6 +180,45 @@ pub async fn start(
     })
 }
 
+/// Where an operation of the dynamic rendezvous ends on a decision that
+/// needs no write: `Some` when it is over (done, or failed), `None` when
+/// the agent waits for a change and looks again.
+fn settled(action: dynamic::Action) -> Option<Result<dynamic::Action, RendezvousError>> {
+    use dynamic::Action;
+    match action {
+        Action::ErrorClosed => Some(Err(RendezvousError::Closed)),
+        Action::ErrorTimeout => Some(Err(RendezvousError::JoinTimeout)),
+        Action::Finish | Action::GracefulExit => Some(Ok(action)),
+        _ => None,
+    }
+}
+
+/// Tells the user, once, that this node waits as a spare.
+fn note_spare(noted: &mut bool, s: &dynamic::State, node: &dynamic::Node, max_nodes: u32) {
+    if !*noted && s.redundancy_list.contains(node) {
+        *noted = true;
+        tracing::warn!("waiting as a spare: the job already has its maximum of {max_nodes} nodes");
+    }
+}
+
+/// Evicted nodes as the events file names them (`addr:pid`).
+fn node_names(nodes: Vec<dynamic::Node>) -> Vec<String> {
+    nodes
+        .into_iter()
+        .map(|n| format!("{}:{}", n.addr, n.pid))
+        .collect()
+}
+
+/// Leaves the rendezvous, bounded: a store or etcd that does not answer
+/// does not hold the exit.
+async fn leave_within(leave: impl Future<Output = Result<(), RendezvousError>>, what: &str) {
+    match tokio::time::timeout(Duration::from_secs(5), leave).await {
+        Ok(Ok(())) => tracing::info!("left the rendezvous"),
+        Ok(Err(e)) => tracing::warn!("could not leave the rendezvous: {e}"),
+        Err(_) => tracing::warn!("could not leave the rendezvous: {what} did not answer in 5 s"),
+    }
+}
+
 /// Connects to a store, retrying until `timeout`.
 async fn connect_store(
     host: &str,
