@@ -158,6 +158,8 @@ pub fn spawn(spec: SpawnSpec<'_>, exits: &mpsc::UnboundedSender<Exit>) -> io::Re
             Held {
                 reported: false,
                 exits: exits.clone(),
+                pins: 0,
+                release_wanted: false,
             },
         );
     }
@@ -318,9 +320,20 @@ pub fn signal_group(pgid: i32, sig: i32) -> bool {
 /// group again. A worker that has not exited yet stays held.
 pub fn release(pid: i32) {
     let mut held = held();
-    if !held.contains_key(&pid) {
-        return;
+    match held.get_mut(&pid) {
+        None => return,
+        Some(h) if h.pins > 0 => {
+            // py-spy may be attaching to it: the last pin reaps it.
+            h.release_wanted = true;
+            return;
+        }
+        Some(_) => {}
     }
+    reap_held(&mut held, pid);
+}
+
+/// Reaps `pid` if it has exited; the caller holds the lock.
+fn reap_held(held: &mut BTreeMap<i32, Held>, pid: i32) {
     let mut status = 0;
     // SAFETY: waitpid writes the local status.
     let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
@@ -343,6 +356,38 @@ struct Held {
     reported: bool,
     /// Where its exit goes: the launch that started it.
     exits: mpsc::UnboundedSender<Exit>,
+    /// [`Pin`]s alive: something outside this process (py-spy) is using the
+    /// PID, so it must not be freed yet.
+    pins: u32,
+    /// [`release`] was asked while pinned: reap when the last pin goes.
+    release_wanted: bool,
+}
+
+/// Keeps a worker's PID from being freed (its zombie unreaped) while it
+/// lives: for a program started with the PID as an argument (py-spy), which
+/// would otherwise, if the worker were reaped meanwhile, attach to whatever
+/// process took the PID next.
+#[derive(Debug)]
+pub struct Pin(i32);
+
+/// Pins `pid`, if it is a worker not yet reaped.
+pub fn pin(pid: i32) -> Option<Pin> {
+    let mut held = held();
+    held.get_mut(&pid)?.pins += 1;
+    Some(Pin(pid))
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut held = held();
+        let Some(h) = held.get_mut(&self.0) else {
+            return;
+        };
+        h.pins -= 1;
+        if h.pins == 0 && h.release_wanted {
+            reap_held(&mut held, self.0);
+        }
+    }
 }
 
 /// Workers spawned and not yet reaped. Its lock is held around every reap,
@@ -525,4 +570,47 @@ pub fn become_subreaper() {
 /// Opens a log file for writing (truncating, mode 0600), close-on-exec.
 pub fn create_file(path: &Path) -> io::Result<OwnedFd> {
     Ok(crate::log_dir::create_file(path)?.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The third field of `/proc/<pid>/stat`: `Z` for a zombie.
+    fn proc_state(pid: i32) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(") ")?.1.chars().next()
+    }
+
+    #[test]
+    fn a_pinned_worker_is_reaped_only_when_its_last_pin_goes() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let env = BTreeMap::new();
+        let pid = spawn(
+            SpawnSpec {
+                program: Path::new("/bin/true"),
+                args: &[],
+                env: &env,
+                stdout: Stdio::Inherit,
+                stderr: Stdio::Inherit,
+                cpus: None,
+            },
+            &tx,
+        )
+        .unwrap();
+        let exit = rx.blocking_recv().unwrap();
+        assert_eq!(exit.pid, pid);
+        // A capture starts (py-spy would get this PID), then the group is
+        // released: the PID must stay the worker's until the capture ends.
+        let first = pin(pid).unwrap();
+        let second = pin(pid).unwrap();
+        release(pid);
+        assert_eq!(proc_state(pid), Some('Z'), "reaped while pinned");
+        drop(first);
+        assert_eq!(proc_state(pid), Some('Z'), "reaped with a pin left");
+        drop(second);
+        assert_eq!(proc_state(pid), None, "not reaped after the last pin");
+        // A freed PID cannot be pinned again.
+        assert!(pin(pid).is_none());
+    }
 }

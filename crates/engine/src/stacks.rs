@@ -38,6 +38,9 @@ pub fn top_frame(dump: &str) -> Option<String> {
 
 /// Dumps `pid`'s stacks with py-spy, in 10 s at most.
 pub async fn capture(pid: i32) -> Result<Stack, String> {
+    // py-spy gets the PID as a number: the worker must not be reaped (its
+    // PID freed for a stranger) until py-spy is done with it.
+    let _pin = process::pin(pid).ok_or("the worker has already exited and been released")?;
     let py_spy = process::find_program("py-spy")
         .ok_or("py-spy is not installed (pip install py-spy): no stack capture")?;
     let (r, w) = crate::log_stream::small_pipe().map_err(|e| e.to_string())?;
