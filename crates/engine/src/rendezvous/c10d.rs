@@ -501,17 +501,7 @@ impl DynamicRdzv {
             })?
         };
         self.token = raw;
-        let s = &self.state;
-        let all: Vec<&Node> = s
-            .participants
-            .keys()
-            .chain(&s.wait_list)
-            .chain(&s.redundancy_list)
-            .chain([&self.node])
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        self.watched = watched_by(&all, &self.node);
+        self.watched = watched_by(&sorted_nodes(&self.state), &self.node);
         Ok(())
     }
 
@@ -570,14 +560,7 @@ impl DynamicRdzv {
     /// Leaves every participant of the round just completed its seat.
     async fn seat_everyone(&mut self, version: i64) -> Result<(), RendezvousError> {
         let s = &self.state;
-        let all: Vec<&Node> = s
-            .participants
-            .keys()
-            .chain(&s.wait_list)
-            .chain(&s.redundancy_list)
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let all = sorted_nodes(s);
         let Some(rank0) = s.participants.iter().find(|(_, &r)| r == 0).map(|(n, _)| n) else {
             return Ok(());
         };
@@ -1039,6 +1022,11 @@ impl DynamicRdzv {
             .await?;
         Ok(())
     }
+}
+
+/// Every node the state lists, in node order.
+fn sorted_nodes(s: &State) -> Vec<&Node> {
+    s.nodes().collect::<BTreeSet<_>>().into_iter().collect()
 }
 
 /// The next [`WATCHED`] nodes after `me` in `all` (sorted, distinct),

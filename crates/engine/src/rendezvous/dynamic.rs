@@ -455,6 +455,14 @@ pub fn node_parse(text: &str) -> Option<Node> {
 const STATE_TAG: &str = "torchrun-rs-rdzv/2";
 
 impl State {
+    /// Every node the state lists: participants, wait list, spares.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.participants
+            .keys()
+            .chain(&self.wait_list)
+            .chain(&self.redundancy_list)
+    }
+
     /// A compact line format (hundreds of agents read it at every change):
     /// a header line of `name=value` fields, then one line per node, `P
     /// <rank> <node>` for participants, `W <node>` waiting, `S <node>` spare.

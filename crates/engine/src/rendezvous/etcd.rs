@@ -305,10 +305,7 @@ impl EtcdRdzv {
             let d = self.signals.deaths.borrow_and_update();
             let s = &self.state;
             let suspects: Vec<Vec<u8>> = s
-                .participants
-                .keys()
-                .chain(&s.wait_list)
-                .chain(&s.redundancy_list)
+                .nodes()
                 .map(|n| node_id(n).into_bytes())
                 .filter(|id| d.dead.contains(id))
                 .collect();
@@ -360,10 +357,7 @@ impl EtcdRdzv {
         let dead = if list_all {
             let alive: HashSet<Vec<u8>> = t.range(first + 1).into_iter().map(id_of).collect();
             let s = &self.state;
-            s.participants
-                .keys()
-                .chain(&s.wait_list)
-                .chain(&s.redundancy_list)
+            s.nodes()
                 .map(|n| node_id(n).into_bytes())
                 .filter(|id| !alive.contains(id))
                 .collect()
@@ -755,10 +749,7 @@ impl EtcdRdzv {
 /// among them.
 fn evict_dead(s: &mut State, dead: &HashSet<Vec<u8>>, cfg: &Settings) -> Vec<Node> {
     let dead: Vec<Node> = s
-        .participants
-        .keys()
-        .chain(&s.wait_list)
-        .chain(&s.redundancy_list)
+        .nodes()
         .filter(|n| dead.contains(node_id(n).as_bytes()))
         .cloned()
         .collect();
