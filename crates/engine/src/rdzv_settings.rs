@@ -210,10 +210,24 @@ fn either<'a>(c: &'a LaunchConfig, names: &[&str]) -> Option<(&'a str, String)> 
 
 fn etcd_settings(c: &LaunchConfig, name: &str) -> Result<EtcdSettings, ConfigError> {
     let mut endpoints = Vec::new();
+    // etcd users often write endpoints as URLs (`https://etcd-0:2379`, as
+    // etcdctl takes them): the scheme says the protocol.
+    let mut schemes = std::collections::BTreeSet::new();
     for ep in c.rdzv_endpoint.split(',').map(str::trim) {
         if ep.is_empty() && !endpoints.is_empty() {
             continue;
         }
+        let lower = ep.to_ascii_lowercase();
+        let ep = match ["http://", "https://"]
+            .iter()
+            .find(|p| lower.starts_with(*p))
+        {
+            Some(p) => {
+                schemes.insert(p.trim_end_matches("://"));
+                ep[p.len()..].trim_end_matches('/')
+            }
+            None => ep,
+        };
         let (host, port) = parse_endpoint(ep, Some(ETCD_DEFAULT_PORT))?;
         let port = port.unwrap_or(ETCD_DEFAULT_PORT);
         let host = if host.contains(':') && !host.starts_with('[') {
@@ -249,13 +263,33 @@ fn etcd_settings(c: &LaunchConfig, name: &str) -> Result<EtcdSettings, ConfigErr
             ))
         }
     };
-    let https = match either(c, &["protocol"]) {
-        None => ca_cert.is_some() || client_cert.is_some(),
+    let protocol = match either(c, &["protocol"]) {
+        None => None,
         Some((_, v)) => match v.to_ascii_lowercase().as_str() {
-            "http" => false,
-            "https" => true,
+            "http" => Some(false),
+            "https" => Some(true),
             _ => return Err(bad("protocol", &v, "http or https")),
         },
+    };
+    let scheme = match schemes.len() {
+        0 => None,
+        1 => Some(schemes.contains("https")),
+        _ => {
+            return Err(ConfigError::new(
+                "--rdzv-endpoint",
+                "the etcd endpoints mix http:// and https://: expected one protocol for all",
+            ))
+        }
+    };
+    let https = match (protocol, scheme) {
+        (Some(p), Some(s)) if p != s => {
+            return Err(ConfigError::new(
+                "--rdzv-conf",
+                "protocol= contradicts the scheme of the etcd endpoints in --rdzv-endpoint",
+            ))
+        }
+        (Some(p), _) | (None, Some(p)) => p,
+        (None, None) => ca_cert.is_some() || client_cert.is_some(),
     };
     let from_env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let username = either(c, &["username", "user"])
@@ -381,6 +415,35 @@ mod tests {
         assert!(
             shown.contains("<hidden>") && !shown.contains("\"p\""),
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn etcd_endpoints_may_be_urls() {
+        let get = |endpoint: &str, conf: &[(&str, &str)]| {
+            let s = RdzvSettings::from_config(&cfg("etcd-v3", endpoint, 2, conf))?;
+            let Backend::Etcd(e) = s.backend else {
+                panic!("not the etcd backend")
+            };
+            Ok::<_, ConfigError>((e.options.endpoints, e.options.https))
+        };
+        assert_eq!(
+            get("https://a:1, HTTPS://b/", &[]).unwrap(),
+            (vec!["a:1".to_string(), "b:2379".to_string()], true)
+        );
+        assert_eq!(
+            get("http://a", &[("protocol", "http")]).unwrap(),
+            (vec!["a:2379".to_string()], false)
+        );
+        let mixed = get("http://a,https://b", &[]).unwrap_err();
+        assert!(
+            mixed.to_string().contains("mix http:// and https://"),
+            "{mixed}"
+        );
+        let contradicts = get("https://a", &[("protocol", "http")]).unwrap_err();
+        assert!(
+            contradicts.to_string().contains("contradicts"),
+            "{contradicts}"
         );
     }
 
