@@ -113,7 +113,12 @@ struct Deaths {
     dead: HashSet<Vec<u8>>,
     /// Bumped when deletions may have been missed (a watch re-started).
     resyncs: u64,
+    /// Bumped when the state key itself was deleted.
+    state_lost: u64,
 }
+
+const STATE_LOST: &str =
+    "the rendezvous state in etcd is gone (compacted or deleted); the nodes re-form in a new round";
 
 /// Beyond this many candidates, the live nodes are listed whole instead
 /// of each candidate's key being read.
@@ -146,6 +151,10 @@ pub struct EtcdRdzv {
     resyncs_seen: u64,
     /// The run lease's TTL, should it need re-creating.
     run_ttl: i64,
+    /// The state losses the deletions watch reported, as last seen, and
+    /// whether the current loss was told to the user.
+    state_lost_seen: u64,
+    loss_warned: bool,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -236,17 +245,24 @@ impl EtcdRdzv {
             deaths_seen: 0,
             resyncs_seen: 0,
             run_ttl,
+            state_lost_seen: 0,
+            loss_warned: false,
             tasks,
         })
+    }
+
+    /// Says once per loss that the state is gone.
+    fn warn_state_lost(&mut self) {
+        if !std::mem::replace(&mut self.loss_warned, true) {
+            tracing::warn!("{STATE_LOST}");
+        }
     }
 
     fn adopt(&mut self, kv: Option<&Kv>) -> Result<(), RendezvousError> {
         match kv {
             None => {
                 if self.token != 0 || (self.seen_state && self.state != State::default()) {
-                    tracing::warn!(
-                        "the rendezvous state in etcd is gone (compacted or deleted); the nodes re-form in a new round"
-                    );
+                    self.warn_state_lost();
                     // A new round number: nothing of the lost rounds' keys
                     // (in the workers' store) is taken for this one's.
                     self.state = State {
@@ -303,6 +319,14 @@ impl EtcdRdzv {
         self.signals.summary.borrow_and_update();
         let (count, resyncs, suspects) = {
             let d = self.signals.deaths.borrow_and_update();
+            if d.state_lost != self.state_lost_seen {
+                // Every agent is told, not only the first to read after it.
+                self.state_lost_seen = d.state_lost;
+                if !self.loss_warned {
+                    self.loss_warned = true;
+                    tracing::warn!("{STATE_LOST}");
+                }
+            }
             let s = &self.state;
             let suspects: Vec<Vec<u8>> = s
                 .nodes()
@@ -634,6 +658,8 @@ impl EtcdRdzv {
             .map(|(n, _)| n.clone())
             .ok_or(RendezvousError::JoinTimeout)?;
         self.joined = Some((s.round, s.participants.clone()));
+        // A later loss of the state is a new one to tell.
+        self.loss_warned = false;
         let (master_addr, master_port) = self.master_of(&rank0).await?;
         Ok(Joined {
             round: self.state.round,
@@ -908,6 +934,8 @@ async fn watch_deaths(etcd: Arc<Etcd>, from: Vec<u8>, end: Vec<u8>, tx: watch::S
                             for e in &b.events {
                                 if let Some(id) = e.kv.key.strip_prefix(&from[..]) {
                                     d.dead.insert(id.to_vec());
+                                } else if e.kv.key == end[..end.len() - 1] {
+                                    d.state_lost += 1;
                                 }
                             }
                         }),
