@@ -535,7 +535,13 @@ fn a_hang_is_reported_with_every_ranks_frame_and_on_hang_fail_ends_the_job() {
 fn without_py_spy_a_hung_group_is_stopped_with_sigabrt_and_faulthandler_prints_the_stacks() {
     let dir = tempfile::tempdir().unwrap();
     let out = run(Command::new(BIN)
-        .args(["--nproc-per-node=2", "--hang-timeout=10s", "--on-hang=fail"])
+        // --tee files each rank's stderr besides printing it.
+        .args([
+            "--nproc-per-node=2",
+            "--hang-timeout=10s",
+            "--on-hang=fail",
+            "--tee=2",
+        ])
         .arg(helper("hang_job.py"))
         .arg(dir.path())
         .env("TMPDIR", dir.path())
@@ -549,5 +555,13 @@ fn without_py_spy_a_hung_group_is_stopped_with_sigabrt_and_faulthandler_prints_t
         "{stderr}"
     );
     assert!(stderr.contains("Fatal Python error: Aborted"), "{stderr}");
-    assert!(stderr.contains("in stuck_forever"), "{stderr}");
+    // Both ranks' faulthandler dumps are written at once, in small pieces;
+    // each rank's own stderr file holds its dump whole.
+    let logs = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("Worker logs: "))
+        .unwrap_or_else(|| panic!("no log dir named: {stderr}"));
+    let rank1 = std::fs::read_to_string(format!("{logs}/attempt_0/1/stderr.log")).unwrap();
+    assert!(rank1.contains("Fatal Python error: Aborted"), "{rank1}");
+    assert!(rank1.contains("in stuck_forever"), "{rank1}");
 }
