@@ -2,8 +2,9 @@
 //! piece of I/O done outside the connection's task: the STOP_WAITING byte.
 
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::task::{Context, Poll};
 
-use tokio::sync::Notify;
+use atomic_waker::AtomicWaker;
 
 /// How a connection learns that one of its waits was satisfied.
 ///
@@ -12,11 +13,11 @@ use tokio::sync::Notify;
 /// then costs 1,000 `send` calls instead of 1,000 task wake-ups. `write_lock`
 /// keeps that byte from landing inside a reply the connection task is
 /// writing; when the lock is busy or the socket is full, the byte is left to
-/// the connection task (`pending` + `notify`).
+/// the connection task (`pending` + `waker`).
 #[derive(Debug)]
 pub struct WaitSignal {
     pending: AtomicU32,
-    notify: Notify,
+    waker: AtomicWaker,
     /// The connection's socket, or -1 once it is closing.
     fd: AtomicI32,
     pub(crate) write_lock: std::sync::Mutex<()>,
@@ -32,7 +33,7 @@ impl WaitSignal {
     pub fn new(fd: i32) -> Self {
         WaitSignal {
             pending: AtomicU32::new(0),
-            notify: Notify::new(),
+            waker: AtomicWaker::new(),
             fd: AtomicI32::new(fd),
             write_lock: std::sync::Mutex::new(()),
         }
@@ -67,13 +68,21 @@ impl WaitSignal {
             }
         }
         self.pending.fetch_add(1, Ordering::AcqRel);
-        self.notify.notify_one();
+        self.waker.wake();
     }
     /// Number of STOP_WAITING replies owed since the last call.
     pub fn take_pending(&self) -> u32 {
         self.pending.swap(0, Ordering::AcqRel)
     }
-    pub async fn notified(&self) {
-        self.notify.notified().await
+    /// The STOP_WAITING replies owed to the connection task, or `Pending`
+    /// with `cx` woken by the next `wake` that leaves one. A registered
+    /// waker, not a waiter list: polling it on every request costs two
+    /// atomics, no lock.
+    pub fn poll_pending(&self, cx: &mut Context<'_>) -> Poll<u32> {
+        self.waker.register(cx.waker());
+        match self.take_pending() {
+            0 => Poll::Pending,
+            n => Poll::Ready(n),
+        }
     }
 }
