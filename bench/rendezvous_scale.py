@@ -2,6 +2,11 @@
 addresses) from start to every worker running with its rank, beside N
 standalone launchers (no rendezvous at all): the cost of starting that many
 launchers on this machine, which the rendezvous cannot go below.
+
+Each worker is `sh -c ': > $BENCH_OUT/$RANK.$GROUP_RANK'`: it creates a file
+named for its rank, and the file's modification time (nanoseconds) is when
+that worker ran. A worker that forks `date` for a timestamp would add a third
+process start per agent to what is measured, which is not the launcher's.
 Usage: python bench/rendezvous_scale.py TORCHRUN_RS N"""
 import os
 import socket
@@ -26,7 +31,7 @@ def run(args_of):
         pids = [os.posix_spawn(bin_, ["torchrun-rs", *args_of(i)], env, file_actions=fa)
                 for i in range(n)]
         codes = [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids]
-        stamps = [int(open(os.path.join(out, f)).read()) for f in os.listdir(out)]
+        stamps = [os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)]
         if any(codes) or len(stamps) != n:
             return None
         return (max(stamps) - t0) / 1e9
@@ -36,12 +41,12 @@ s = socket.socket()
 s.bind(("127.0.0.1", 0))
 port = s.getsockname()[1]
 s.close()
-stamp = "date +%s%N > \"$BENCH_OUT/$RANK.$GROUP_RANK\""
+stamp = ": > \"$BENCH_OUT/$RANK.$GROUP_RANK\""
 c10d = run(lambda i: [f"--nnodes={n}", "--nproc-per-node=1", "--rdzv-backend=c10d",
                       f"--rdzv-endpoint=127.0.0.2:{port}", "--rdzv-id=scale",
                       f"--local-addr={addr(i)}", "--no-python", "sh", "-c", stamp])
 bare = run(lambda i: ["--standalone", "--nproc-per-node=1", "--no-python", "sh", "-c",
-                      f"date +%s%N > \"$BENCH_OUT/{i}\""])
+                      f": > \"$BENCH_OUT/{i}\""])
 show = lambda t: f"{t:.2f} s" if t is not None else "failed"
 print(f"{n} real c10d agents, every worker running with its rank: {show(c10d)}")
 print(f"{n} standalone launchers (no rendezvous), every worker running: {show(bare)}")

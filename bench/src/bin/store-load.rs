@@ -1,8 +1,9 @@
 //! Load generator for a TCPStore server (ours or torch's), speaking the wire
 //! protocol directly so both servers see identical traffic.
 //!
-//! store-load mix HOST PORT CONNS SECONDS PID -> prints ops/s and the
-//!                                            server's CPU µs per op
+//! store-load mix HOST PORT CONNS SECONDS PID [ROUNDS]
+//!                                         -> prints ops/s and the server's CPU µs
+//!                                            per op, the median of ROUNDS rounds
 //! store-load fanout HOST PORT WAITERS      -> prints ms from SET to the last waiter released
 //! store-load idle HOST PORT CONNS PID      -> prints server RSS bytes per idle connection
 //! store-load storm HOST PORT CLIENTS SECS   -> `ms errors`: CLIENTS connect at once and run
@@ -33,7 +34,7 @@ async fn connect(host: &str, port: u16) -> TcpStream {
     s
 }
 
-async fn mix_worker(mut s: TcpStream, id: usize, until: Instant) -> u64 {
+async fn mix_worker(mut s: TcpStream, id: usize, until: Instant) -> (TcpStream, u64) {
     let key = format!("/k{}", id % 64).into_bytes();
     let counter = format!("/c{}", id % 64).into_bytes();
     let mut buf = vec![];
@@ -78,7 +79,7 @@ async fn mix_worker(mut s: TcpStream, id: usize, until: Instant) -> u64 {
     codec::encode(&Request::Ping { nonce: 9 }, &mut buf);
     s.write_all(&buf).await.unwrap();
     s.read_u32_le().await.unwrap();
-    ops
+    (s, ops)
 }
 
 /// What a rank does with the `env://` store during `init_process_group`:
@@ -203,24 +204,38 @@ async fn main() {
                 streams.push(o.await.unwrap());
             }
             let pid: u32 = args[6].parse().unwrap();
-            let cpu_before = cpu_seconds(pid);
-            let start = Instant::now();
-            let until = start + Duration::from_secs_f64(secs);
-            let tasks: Vec<_> = streams
-                .into_iter()
-                .enumerate()
-                .map(|(i, s)| tokio::spawn(mix_worker(s, i, until)))
-                .collect();
-            let mut total = 0;
-            for t in tasks {
-                total += t.await.unwrap();
+            // Timed rounds over the same connections (torch's server takes
+            // minutes to accept 1,000); the median round is printed, since
+            // single runs on two shared cores vary by 15 %.
+            let rounds: usize = args.get(7).map_or(1, |r| r.parse().unwrap());
+            let mut results = vec![];
+            for _ in 0..rounds {
+                let cpu_before = cpu_seconds(pid);
+                let start = Instant::now();
+                let until = start + Duration::from_secs_f64(secs);
+                let tasks: Vec<_> = streams
+                    .drain(..)
+                    .enumerate()
+                    .map(|(i, s)| tokio::spawn(mix_worker(s, i, until)))
+                    .collect();
+                let mut total = 0;
+                for t in tasks {
+                    let (s, ops) = t.await.unwrap();
+                    streams.push(s);
+                    total += ops;
+                }
+                let elapsed = start.elapsed().as_secs_f64();
+                let cpu = cpu_seconds(pid) - cpu_before;
+                results.push((total as f64 / elapsed, cpu * 1e6 / total as f64));
             }
-            let elapsed = start.elapsed().as_secs_f64();
-            let cpu = cpu_seconds(pid) - cpu_before;
+            let median = |mut v: Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
             println!(
                 "{:.0} {:.2}",
-                total as f64 / elapsed,
-                cpu * 1e6 / total as f64
+                median(results.iter().map(|r| r.0).collect()),
+                median(results.iter().map(|r| r.1).collect())
             );
         }
         "fanout" => {
