@@ -135,24 +135,27 @@ impl Connection {
     }
 
     /// Writes `outbuf`, holding the write lock only around each `send` so
-    /// that a directly written STOP_WAITING never lands inside a reply.
+    /// that a directly written STOP_WAITING never lands inside a reply; while
+    /// the socket has taken only part of `outbuf`, the lock's flag tells
+    /// `WaitSignal::wake` to leave its byte to this task.
     async fn flush(&mut self) -> std::io::Result<()> {
         let mut off = 0;
         while off < self.outbuf.len() {
             self.stream.writable().await?;
-            let r = {
-                let _guard = self
-                    .signal
-                    .write_lock
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                self.stream.try_write(&self.outbuf[off..])
-            };
-            match r {
+            let mut replying = self
+                .signal
+                .write_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match self.stream.try_write(&self.outbuf[off..]) {
                 Ok(n) => off += n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    *replying = false;
+                    return Err(e);
+                }
             }
+            *replying = off < self.outbuf.len();
         }
         Ok(())
     }

@@ -11,16 +11,20 @@ use atomic_waker::AtomicWaker;
 /// The fast path writes the one-byte STOP_WAITING straight to the client's
 /// socket from the thread that satisfied the wait: releasing 1,000 waiters
 /// then costs 1,000 `send` calls instead of 1,000 task wake-ups. `write_lock`
-/// keeps that byte from landing inside a reply the connection task is
-/// writing; when the lock is busy or the socket is full, the byte is left to
-/// the connection task (`pending` + `waker`).
+/// and `replying` keep that byte from landing inside a reply the connection
+/// task is writing (a reply the socket took only part of is still being
+/// written between two `send`s); when the lock is busy, a reply is half
+/// written or the socket is full, the byte is left to the connection task
+/// (`pending` + `waker`), which writes it after the reply.
 #[derive(Debug)]
 pub struct WaitSignal {
     pending: AtomicU32,
     waker: AtomicWaker,
     /// The connection's socket, or -1 once it is closing.
     fd: AtomicI32,
-    pub(crate) write_lock: std::sync::Mutex<()>,
+    /// Guards every write to the socket; the bool is true while the
+    /// connection task has reply bytes that the socket has not taken yet.
+    pub(crate) write_lock: std::sync::Mutex<bool>,
 }
 
 impl Default for WaitSignal {
@@ -35,7 +39,7 @@ impl WaitSignal {
             pending: AtomicU32::new(0),
             waker: AtomicWaker::new(),
             fd: AtomicI32::new(fd),
-            write_lock: std::sync::Mutex::new(()),
+            write_lock: std::sync::Mutex::new(false),
         }
     }
 
@@ -50,8 +54,15 @@ impl WaitSignal {
     pub(crate) fn wake(&self) {
         let fd = self.fd.load(Ordering::Acquire);
         if fd >= 0 {
-            if let Ok(_guard) = self.write_lock.try_lock() {
+            if let Ok(replying) = self.write_lock.try_lock() {
                 let byte = [crate::codec::STOP_WAITING];
+                if *replying {
+                    // Not inside a half-written reply: after it, by the task.
+                    drop(replying);
+                    self.pending.fetch_add(1, Ordering::AcqRel);
+                    self.waker.wake();
+                    return;
+                }
                 // SAFETY: `fd` is the connection's open socket: it is detached
                 // under the state lock (held by our caller) before closing.
                 let n = unsafe {

@@ -420,3 +420,53 @@ fn many_idle_connections_keep_the_server_responsive() {
     drop(idle);
     exchange(&mut s, "07", "0000000000000000");
 }
+
+/// A client that pipelines large GETs and then a WAIT, and reads the replies
+/// slowly: a STOP_WAITING released while its replies are still being written
+/// comes after them, never inside one (a reply the socket took only part of
+/// is finished first).
+#[test]
+fn a_wait_released_mid_reply_is_answered_after_the_reply() {
+    const BIG: usize = 4 << 20;
+    const GETS: usize = 4;
+    let srv = start();
+    let mut reader = connect(srv.port);
+    let mut writer = connect(srv.port);
+    let mut set = hex("01 0400000000000000 2f626967");
+    set.extend_from_slice(&(BIG as u64).to_le_bytes());
+    set.extend(std::iter::repeat_n(b'x', BIG));
+    writer.write_all(&set).unwrap();
+    exchange(&mut writer, "0d 01000000", "01000000");
+    let mut pipelined = vec![];
+    for _ in 0..GETS {
+        pipelined.extend(hex("03 0400000000000000 2f626967"));
+    }
+    pipelined.extend(hex("06 0100000000000000 0200000000000000 2f77"));
+    reader.write_all(&pipelined).unwrap();
+    let mut replies = vec![];
+    let mut chunk = vec![0; 256 << 10];
+    let mut released = false;
+    let want = GETS * (8 + BIG) + 1;
+    while replies.len() < want {
+        let n = reader.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed after {} bytes", replies.len());
+        replies.extend_from_slice(&chunk[..n]);
+        if !released && replies.len() >= 8 + BIG / 2 {
+            // Halfway through the first reply: release the wait (the PING
+            // answer proves the SET was applied).
+            writer
+                .write_all(&hex("01 0200000000000000 2f77 0100000000000000 31"))
+                .unwrap();
+            exchange(&mut writer, "0d 02000000", "02000000");
+            released = true;
+        }
+    }
+    assert_eq!(replies.len(), want);
+    for g in 0..GETS {
+        let reply = &replies[g * (8 + BIG)..(g + 1) * (8 + BIG)];
+        assert_eq!(reply[..8], (BIG as u64).to_le_bytes(), "reply {g}");
+        let bad = reply[8..].iter().position(|&b| b != b'x');
+        assert_eq!(bad, None, "reply {g} has a foreign byte");
+    }
+    assert_eq!(replies[want - 1], tcpstore::codec::STOP_WAITING);
+}
