@@ -511,3 +511,43 @@ fn wrong_credentials_and_a_garbage_state_are_clear_errors() {
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(!err.contains("s3cret"), "{err}");
 }
+
+/// SIGTERM while an agent is still waiting for the others: it stops at once
+/// with 143, leaves the round it had joined, and takes its keys with it (its
+/// lease is revoked on the way out, not left to expire).
+#[test]
+fn a_signal_stops_an_agent_waiting_for_the_others_and_it_leaves() {
+    let etcd = EtcdServer::start();
+    let mut spec = Agent::new(&etcd, 2, "2");
+    // A 10 s lease: a key gone within 5 s was revoked, not expired.
+    spec.conf = "keep_alive_interval=5,keep_alive_max_attempt=2".into();
+    let mut waiting = spec.spawn(&elastic(2));
+    let run = "/torch/elastic/rendezvous/etcd-test/";
+    let state = || etcd.etcdctl(&["get", "--print-value-only", &format!("{run}state")]);
+    // Wait until it is a participant of the forming round.
+    testkit::wait_for(Duration::from_secs(20), "the agent to join", || {
+        state()
+            .lines()
+            .any(|l| l.starts_with("P ") && l.contains("127.0.0.2"))
+            .then_some(())
+    });
+    // SAFETY: a plain system call on values owned here.
+    unsafe { libc::kill(waiting.id() as i32, libc::SIGTERM) };
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = waiting.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "still waiting for the rendezvous after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let left = keys(&etcd, run);
+    let after = state();
+    assert_eq!(status.code(), Some(143), "{left:?}\n{after}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert!(!left.iter().any(|k| k.contains("/alive/")), "{left:?}");
+    assert!(!after.contains("127.0.0.2"), "{after}");
+}
