@@ -192,11 +192,14 @@ impl EtcdRdzv {
             ),
         };
         let ttl = node_ttl(&p.cfg);
+        let run_ttl = p.run_ttl.as_secs().max(1) as i64;
+        let run_lease = run_lease(&etcd, &keys, run_ttl).await?;
+        // The alive key is the last thing written before this returns (all
+        // below is synchronous): a signal that drops the start mid-way leaves
+        // at most a lease with no key, not a key nobody revokes.
         let node_lease = etcd.grant(ttl).await?;
         etcd.put(&keys.alive(&p.node), p.master.as_bytes(), node_lease)
             .await?;
-        let run_ttl = p.run_ttl.as_secs().max(1) as i64;
-        let run_lease = run_lease(&etcd, &keys, run_ttl).await?;
         let leases = Arc::new(Leases {
             node: AtomicI64::new(node_lease),
             run: AtomicI64::new(run_lease),
