@@ -54,15 +54,10 @@ impl WaitSignal {
     pub(crate) fn wake(&self) {
         let fd = self.fd.load(Ordering::Acquire);
         if fd >= 0 {
-            if let Ok(replying) = self.write_lock.try_lock() {
+            // Never inside a half-written reply: that byte is left to the
+            // task, which writes it after the reply.
+            if let Ok(false) = self.write_lock.try_lock().as_deref() {
                 let byte = [crate::codec::STOP_WAITING];
-                if *replying {
-                    // Not inside a half-written reply: after it, by the task.
-                    drop(replying);
-                    self.pending.fetch_add(1, Ordering::AcqRel);
-                    self.waker.wake();
-                    return;
-                }
                 // SAFETY: `fd` is the connection's open socket: it is detached
                 // under the state lock (held by our caller) before closing.
                 let n = unsafe {
