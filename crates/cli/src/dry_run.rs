@@ -1,7 +1,7 @@
 //! `--dry-run`: everything resolved (flags, `PET_*`, cluster detection,
 //! GPU count), printed, and nothing started: no process, no port, no file.
 
-use std::collections::BTreeMap;
+use engine::worker_env::{get as env_get, set as env_set};
 use std::fmt::Write;
 
 use engine::rdzv_settings::{Backend, RdzvSettings};
@@ -23,7 +23,7 @@ fn shell_word(w: &str) -> String {
 
 /// The report: the configuration, then each local rank's command and the
 /// variables the launcher would set for it.
-pub fn render(r: &Resolved, launcher_env: &BTreeMap<String, String>) -> Result<String, UsageError> {
+pub fn render(r: &Resolved, launcher_env: &engine::worker_env::Env) -> Result<String, UsageError> {
     let c = &r.config;
     let settings = RdzvSettings::from_config(c).map_err(UsageError::from)?;
     let mut out = String::new();
@@ -86,13 +86,14 @@ pub fn render(r: &Resolved, launcher_env: &BTreeMap<String, String>) -> Result<S
     }
     let mut base = launcher_env.clone();
     if let Some(list) = &r.cuda_visible_devices {
-        base.insert("CUDA_VISIBLE_DEVICES".to_string(), list.clone());
+        env_set(&mut base, "CUDA_VISIBLE_DEVICES", list.clone());
     }
     if r.set_omp_threads {
-        base.insert("OMP_NUM_THREADS".to_string(), "1".to_string());
+        env_set(&mut base, "OMP_NUM_THREADS", "1");
     }
-    base.insert(
-        "TORCHELASTIC_SIGNALS_TO_HANDLE".to_string(),
+    env_set(
+        &mut base,
+        "TORCHELASTIC_SIGNALS_TO_HANDLE",
         c.signals_to_handle.clone(),
     );
     let local_addr = c
@@ -104,8 +105,8 @@ pub fn render(r: &Resolved, launcher_env: &BTreeMap<String, String>) -> Result<S
     let cpus = match c.numa_binding {
         None => Vec::new(),
         Some(mode) => {
-            let visible = base.get("CUDA_VISIBLE_DEVICES").cloned();
-            engine::numa::Topology::of_this_host(visible.as_deref())
+            let visible = env_get(&base, "CUDA_VISIBLE_DEVICES");
+            engine::numa::Topology::of_this_host(visible)
                 .and_then(|t| t.bindings(mode, c.nproc_per_node))
                 .map_err(|e| UsageError(e.to_string()))?
         }
@@ -117,8 +118,8 @@ pub fn render(r: &Resolved, launcher_env: &BTreeMap<String, String>) -> Result<S
             "TORCHELASTIC_SIGNALS_TO_HANDLE",
             "CUDA_VISIBLE_DEVICES",
         ] {
-            if let Some(v) = base.get(k).filter(|v| launcher_env.get(k) != Some(*v)) {
-                p.env.insert(k.to_string(), v.clone());
+            if let Some(v) = env_get(&base, k).filter(|v| env_get(launcher_env, k) != Some(*v)) {
+                p.env.insert(k.to_string(), v.to_string());
             }
         }
         let _ = writeln!(w, "local rank {}:", p.local_rank);

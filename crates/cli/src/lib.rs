@@ -9,6 +9,7 @@ pub mod exit_code;
 pub mod hostlist;
 pub mod log_format;
 pub mod panic_hook;
+pub mod raw_args;
 pub mod resolve;
 
 /// The torch release whose torchrun the flags and behaviour follow.

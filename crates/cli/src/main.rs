@@ -29,8 +29,12 @@ fn main() -> ExitCode {
     // forked, and every child of the process becomes the launcher's.
     let supervisor = engine::Supervisor::for_launcher();
 
-    let argv: Vec<String> = std::env::args_os()
-        .skip(1)
+    // Flags are text (parsed as such); the raw arguments are kept so that
+    // what is passed on (the script's arguments, a --log-dir) keeps its
+    // bytes when they are not UTF-8, as with torchrun.
+    let argv_os: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let argv: Vec<String> = argv_os
+        .iter()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
     let env = |k: &str| std::env::var(k).ok();
@@ -59,23 +63,20 @@ fn main() -> ExitCode {
             Err(e) => usage_error(&e.0),
         };
     }
-    let resolved = match cli::resolve::resolve(&raw, &env) {
+    let mut resolved = match cli::resolve::resolve(&raw, &env) {
         Ok(r) => r,
         Err(e) => return usage_error(&e.0),
     };
+    let worker_args = cli::raw_args::worker_args(&resolved.args, &argv_os);
+    if let Some(dir) = resolved.config.log_dir.take() {
+        resolved.config.log_dir = Some(cli::raw_args::path_value(dir, &argv_os, "PET_LOG_DIR"));
+    }
     // Every value checked before anything touches the disk or the network.
     if let Err(e) = resolved.config.validate() {
         return usage_error(&format!("argument {}: {}", e.flag, e.message));
     }
     if raw.flag("dry_run") {
-        let launcher_env: std::collections::BTreeMap<String, String> = std::env::vars_os()
-            .map(|(k, v)| {
-                (
-                    k.to_string_lossy().into_owned(),
-                    v.to_string_lossy().into_owned(),
-                )
-            })
-            .collect();
+        let launcher_env: engine::worker_env::Env = std::env::vars_os().collect();
         return match cli::dry_run::render(&resolved, &launcher_env) {
             Ok(report) => {
                 print!("{report}");
@@ -104,7 +105,7 @@ fn main() -> ExitCode {
         &supervisor,
         &resolved.config,
         &resolved.entrypoint,
-        &resolved.args,
+        &worker_args,
     ) {
         Ok(mut outcome) => {
             if let Some(name) = resolved.entrypoint_name {

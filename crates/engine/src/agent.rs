@@ -210,8 +210,10 @@ pub struct Agent<'a> {
     no_more_restarts: bool,
     /// Rounds this agent completed (the events file's `round`).
     events_round: u64,
-    /// A watchdog expiry's stack is being taken.
-    expiring: bool,
+    /// Workers whose watchdog expiry's stack is being taken. One capture
+    /// per worker: an expiry of another worker while one is taken is acted
+    /// on too (the watchdog has already forgotten its timer).
+    expiring: std::collections::BTreeSet<i32>,
     expiry_tx: mpsc::UnboundedSender<ExpiryDump>,
     expiry_rx: mpsc::UnboundedReceiver<ExpiryDump>,
     /// Stacks of workers that outlived a grace period: being taken, and
@@ -231,8 +233,8 @@ impl<'a> Agent<'a> {
         config: &'a LaunchConfig,
         supervisor: &'a Supervisor,
         program: PathBuf,
-        args: Vec<String>,
-        base_env: BTreeMap<String, String>,
+        args: Vec<std::ffi::OsString>,
+        base_env: crate::worker_env::Env,
         log_dir: LogDir,
         rdzv: RendezvousTask,
         rdzv_events: mpsc::UnboundedReceiver<RdzvEvent>,
@@ -251,35 +253,42 @@ impl<'a> Agent<'a> {
         let mut base_env = base_env;
         if config.hang_timeout.is_some()
             && crate::process::find_program("py-spy").is_none()
-            && !base_env.contains_key("PYTHONFAULTHANDLER")
+            && !base_env.contains_key(std::ffi::OsStr::new("PYTHONFAULTHANDLER"))
         {
             // No py-spy: Python's faulthandler prints every thread's stack
             // when a hung group is stopped with SIGABRT (--on-hang).
-            base_env.insert("PYTHONFAULTHANDLER".to_string(), "1".to_string());
+            crate::worker_env::set(&mut base_env, "PYTHONFAULTHANDLER", "1");
         }
         let watched = crate::watchdog::Workers::default();
         let (expired_tx, expiries) = mpsc::unbounded_channel();
         let watchdog_beat = crate::log_stream::Activity::default();
-        let watchdog = crate::watchdog::wanted(&|k| base_env.get(k).cloned()).and_then(|path| {
-            match crate::watchdog::start(&path, watched.clone(), expired_tx, watchdog_beat.clone())
-            {
-                Ok(w) => {
-                    base_env.insert(
-                        "TORCHELASTIC_TIMER_FILE".to_string(),
-                        path.display().to_string(),
-                    );
-                    tracing::info!("watchdog: reading timers at {}", path.display());
-                    Some(w)
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "cannot start the watchdog at {}: {e}; timers are off",
-                        path.display()
-                    );
-                    None
-                }
-            }
-        });
+        let watchdog =
+            crate::watchdog::wanted(&|k| crate::worker_env::get(&base_env, k).map(str::to_string))
+                .and_then(|path| {
+                    match crate::watchdog::start(
+                        &path,
+                        watched.clone(),
+                        expired_tx,
+                        watchdog_beat.clone(),
+                    ) {
+                        Ok(w) => {
+                            crate::worker_env::set(
+                                &mut base_env,
+                                "TORCHELASTIC_TIMER_FILE",
+                                path.as_os_str(),
+                            );
+                            tracing::info!("watchdog: reading timers at {}", path.display());
+                            Some(w)
+                        }
+                        Err(e) => {
+                            tracing::warn!(
+                                "cannot start the watchdog at {}: {e}; timers are off",
+                                path.display()
+                            );
+                            None
+                        }
+                    }
+                });
         {
             let mut o = observed.lock().unwrap_or_else(|p| p.into_inner());
             if watchdog.is_some() {
@@ -332,7 +341,7 @@ impl<'a> Agent<'a> {
             hang_rx,
             no_more_restarts: false,
             events_round: 0,
-            expiring: false,
+            expiring: std::collections::BTreeSet::new(),
             expiry_tx,
             expiry_rx,
             stubborn_capturing: false,
@@ -642,10 +651,9 @@ impl<'a> Agent<'a> {
             ],
         );
         // Its stack first (py-spy), then the signal: `on_expired_dumped`.
-        if self.expiring {
+        if !self.expiring.insert(w.pid) {
             return None;
         }
-        self.expiring = true;
         let (pid, dir, tx) = (w.pid, w.rank_dir(), self.expiry_tx.clone());
         tokio::spawn(async move {
             let stack = crate::stacks::capture(pid).await;
@@ -657,8 +665,8 @@ impl<'a> Agent<'a> {
     /// The stack of a worker whose watchdog timer expired: kept beside its
     /// logs, then its group gets the requested signal and the group fails.
     fn on_expired_dumped(&mut self, d: ExpiryDump) -> Done {
-        self.expiring = false;
         let (mut f, signal, dir, stack) = d;
+        self.expiring.remove(&f.pid);
         let Phase::Running(group) = &self.phase else {
             return None;
         };

@@ -82,6 +82,23 @@ impl Drop for HealthServer {
     }
 }
 
+/// How many HTTP connections are served at once. Further clients wait in
+/// the listen backlog: the server never takes more descriptors than this,
+/// since the launcher needs its own for pipes, log files and the store.
+const MAX_CONNECTIONS: usize = 32;
+
+/// A client must send a request's headers within this time.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection is closed after this long, whatever it does: a scraper
+/// re-connects, an idle client cannot hold a slot for ever.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// The pause after a failed accept (out of descriptors, say), doubling up
+/// to [`ACCEPT_BACKOFF_MAX`]: never a busy loop.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// Binds `addr` and serves; `pings` reach the agent's loop.
 pub async fn start(
     addr: SocketAddr,
@@ -90,21 +107,39 @@ pub async fn start(
 ) -> std::io::Result<HealthServer> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let task = tokio::spawn(async move {
+        let mut backoff = ACCEPT_BACKOFF;
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => {
+                    backoff = ACCEPT_BACKOFF;
+                    stream
+                }
+                Err(e) => {
+                    tracing::debug!("health server: accept failed: {e}; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    continue;
+                }
             };
             let (observed, pings) = (observed.clone(), pings.clone());
-            tokio::spawn(async move {
+            // A connection's panic ends that connection, not the job.
+            crate::background::spawn(async move {
+                let _slot = slot;
                 let service = hyper::service::service_fn(move |req| {
                     let (observed, pings) = (observed.clone(), pings.clone());
                     async move { Ok::<_, Infallible>(respond(req, &observed, &pings).await) }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await;
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(io, service);
+                let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
             });
         }
     });

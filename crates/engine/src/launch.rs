@@ -2,7 +2,7 @@
 //! entrypoint and its arguments, runs the job on this node, and returns how it
 //! ended.
 
-use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
 use crate::agent::{Agent, AgentError, RunResult};
@@ -143,14 +143,15 @@ fn numa_bindings(config: &LaunchConfig) -> Result<Vec<libc::cpu_set_t>, crate::n
 /// torch's `_get_entrypoint_name`: for a Python interpreter, the first
 /// argument not starting with `-` (the script as typed, or the module);
 /// otherwise the entrypoint as given.
-pub fn entrypoint_name(entrypoint: &str, args: &[String]) -> String {
+pub fn entrypoint_name(entrypoint: &str, args: &[OsString]) -> String {
     let base = std::path::Path::new(entrypoint)
         .file_name()
         .map_or(String::new(), |b| b.to_string_lossy().into_owned());
     if base.starts_with("python") {
         args.iter()
+            .map(|a| a.to_string_lossy())
             .find(|a| !a.starts_with('-'))
-            .cloned()
+            .map(|a| a.into_owned())
             .unwrap_or_default()
     } else {
         entrypoint.to_string()
@@ -166,23 +167,28 @@ fn new_run_id() -> String {
 /// code (then the launch runs on a thread of its own). Workers are tied to
 /// the launcher's life through the thread that forks them, which lives until
 /// every worker is gone.
-pub fn launch_agent(
+///
+/// `args` are passed to the entrypoint as they are, bytes that are not UTF-8
+/// included (`String`s, `OsString`s, `&str`s).
+pub fn launch_agent<A: AsRef<OsStr>>(
     config: &LaunchConfig,
     entrypoint: &str,
-    args: &[String],
+    args: &[A],
 ) -> Result<LaunchOutcome, LaunchError> {
     launch_agent_with(&Supervisor::embedded(), config, entrypoint, args)
 }
 
 /// [`launch_agent`] under a given [`Supervisor`]: the launcher binary's,
 /// which owns every child of the process and the orphan guardian.
-pub fn launch_agent_with(
+pub fn launch_agent_with<A: AsRef<OsStr>>(
     supervisor: &Supervisor,
     config: &LaunchConfig,
     entrypoint: &str,
-    args: &[String],
+    args: &[A],
 ) -> Result<LaunchOutcome, LaunchError> {
     config.validate()?;
+    let args: Vec<OsString> = args.iter().map(|a| a.as_ref().to_owned()).collect();
+    let args = args.as_slice();
     let mut config = config.clone();
     if config.run_id.is_empty() {
         config.run_id = new_run_id();
@@ -222,7 +228,7 @@ async fn run(
     supervisor: &Supervisor,
     config: LaunchConfig,
     entrypoint: &str,
-    args: &[String],
+    args: &[OsString],
 ) -> Result<LaunchOutcome, LaunchError> {
     let (mut trap, warnings) = Trap::install(&config.signals_to_handle, &config.forward_signals);
     for w in warnings {
@@ -235,20 +241,16 @@ async fn run(
     let program = process::find_program(entrypoint)
         .ok_or_else(|| LaunchError::NotFound(entrypoint.to_string()))?;
 
-    let mut base_env: BTreeMap<String, String> = std::env::vars_os()
-        .map(|(k, v)| {
-            (
-                k.to_string_lossy().into_owned(),
-                v.to_string_lossy().into_owned(),
-            )
-        })
-        .collect();
-    base_env.insert(
-        "TORCHELASTIC_SIGNALS_TO_HANDLE".to_string(),
+    // Byte for byte, as torchrun passes it: a variable that is not UTF-8
+    // reaches the workers unchanged.
+    let mut base_env: crate::worker_env::Env = std::env::vars_os().collect();
+    crate::worker_env::set(
+        &mut base_env,
+        "TORCHELASTIC_SIGNALS_TO_HANDLE",
         config.signals_to_handle.clone(),
     );
     let launcher_error_file = base_env
-        .get("TORCHELASTIC_ERROR_FILE")
+        .get(OsStr::new("TORCHELASTIC_ERROR_FILE"))
         .filter(|v| !v.is_empty())
         .map(PathBuf::from);
 

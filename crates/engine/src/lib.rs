@@ -13,7 +13,8 @@
 //! - `rendezvous`: one backend per file behind one trait, run in a task.
 //! - [`process`]: fork/exec of workers, the reaper, group signals.
 //! - `lifeline`: the guardian that leaves no process behind.
-//! - `worker_env`: the environment contract of spec §3.
+//! - [`worker_env`]: the environment contract of spec §3 (bytes, not text).
+//! - [`background`]: side tasks whose panic must not end the launcher.
 //! - `log_dir`, `log_stream`: log files, tee and pass-through pipes.
 //! - [`failure`]: error files and the failure summary.
 //! - `events`: torch's agent events (`--event-log-handler console`).
@@ -27,6 +28,7 @@
 //! - `host`: this host's names as Python computes them.
 
 mod agent;
+pub mod background;
 pub mod config;
 mod events;
 pub mod failure;
@@ -48,7 +50,7 @@ mod stacks;
 mod supervisor;
 mod terminate;
 mod watchdog;
-mod worker_env;
+pub mod worker_env;
 mod worker_group;
 
 pub use agent::{AgentError, RunResult};

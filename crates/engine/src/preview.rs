@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use crate::config::{ConfigError, LaunchConfig};
 use crate::rdzv_settings::{Backend, RdzvSettings};
-use crate::worker_env::{self, GroupInfo, WorkerRanks};
+use crate::worker_env::{self, Env, GroupInfo, WorkerRanks};
 
 /// One local rank's worker, as it would be started.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,7 +27,7 @@ pub fn preview_workers(
     config: &LaunchConfig,
     entrypoint: &str,
     args: &[String],
-    base_env: &BTreeMap<String, String>,
+    base_env: &Env,
     local_addr: &str,
 ) -> Result<Vec<WorkerPreview>, ConfigError> {
     let settings = RdzvSettings::from_config(config)?;
@@ -81,12 +81,19 @@ pub fn preview_workers(
             base_env,
             &group,
             &ranks,
-            &error_file,
+            std::ffi::OsStr::new(&error_file),
             config.virtual_local_rank,
         )?;
+        // Shown as text: a byte that is not UTF-8 reads as U+FFFD here only.
         let mut env: BTreeMap<String, String> = env
             .into_iter()
             .filter(|(k, v)| base_env.get(k) != Some(v))
+            .map(|(k, v)| {
+                (
+                    k.to_string_lossy().into_owned(),
+                    v.to_string_lossy().into_owned(),
+                )
+            })
             .collect();
         env.insert(
             "MASTER_PORT".to_string(),

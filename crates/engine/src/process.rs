@@ -14,7 +14,7 @@
 //! signal to that group reaches this job's processes and nothing else.
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
+use std::ffi::{CString, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -96,8 +96,8 @@ fn cstring(s: &[u8]) -> io::Result<CString> {
 /// Everything a worker needs, prepared before forking.
 pub struct SpawnSpec<'a> {
     pub program: &'a Path,
-    pub args: &'a [String],
-    pub env: &'a BTreeMap<String, String>,
+    pub args: &'a [OsString],
+    pub env: &'a BTreeMap<OsString, OsString>,
     pub stdout: Stdio,
     pub stderr: Stdio,
     /// The CPUs the worker may run on (`--numa-binding`), set before exec.
@@ -124,7 +124,13 @@ pub fn spawn(spec: SpawnSpec<'_>, exits: &mpsc::UnboundedSender<Exit>) -> io::Re
     let env_c: Vec<CString> = spec
         .env
         .iter()
-        .map(|(k, v)| cstring(format!("{k}={v}").as_bytes()))
+        .map(|(k, v)| {
+            let mut kv = Vec::with_capacity(k.len() + v.len() + 1);
+            kv.extend_from_slice(k.as_bytes());
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            cstring(&kv)
+        })
         .collect::<io::Result<_>>()?;
     let mut envp: Vec<*const libc::c_char> = env_c.iter().map(|c| c.as_ptr()).collect();
     envp.push(std::ptr::null());
@@ -294,6 +300,24 @@ unsafe fn child_after_fork(
         if err_fd != 2 && libc::dup2(err_fd, 2) < 0 {
             fail(err_w);
         }
+        // Nothing but 0, 1 and 2 crosses the exec, as with torchrun's
+        // `Popen(close_fds=True)`: a descriptor the launcher inherited
+        // without close-on-exec (a lock, a supervisor's pipe) must not end
+        // up held by every worker and its daemons. Marked close-on-exec
+        // rather than closed, so that `err_w` still reports a failed exec;
+        // a kernel without that flag (before 5.11) closes around `err_w`.
+        if libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ) != 0
+        {
+            if err_w > 3 {
+                libc::syscall(libc::SYS_close_range, 3u32, (err_w - 1) as u32, 0u32);
+            }
+            libc::syscall(libc::SYS_close_range, (err_w + 1) as u32, u32::MAX, 0u32);
+        }
         libc::execve(prog, argv, envp);
         fail(err_w)
     }
@@ -317,7 +341,9 @@ pub fn signal_group(pgid: i32, sig: i32) -> bool {
 }
 
 /// Reaps an exited worker, freeing its PID: the launcher never signals its
-/// group again. A worker that has not exited yet stays held.
+/// group again. A worker that has not exited yet (one a stop gave up on,
+/// in uninterruptible sleep) stays held until it exits, and is reaped by
+/// the reaper then: it never stays a zombie for the rest of the run.
 pub fn release(pid: i32) {
     let mut held = held();
     match held.get_mut(&pid) {
@@ -330,6 +356,9 @@ pub fn release(pid: i32) {
         Some(_) => {}
     }
     reap_held(&mut held, pid);
+    if let Some(h) = held.get_mut(&pid) {
+        h.release_wanted = true;
+    }
 }
 
 /// Reaps `pid` if it has exited; the caller holds the lock.
@@ -473,11 +502,19 @@ fn wait_readable(fd: RawFd) {
 fn reap_once() {
     {
         let mut held = held();
+        let mut released = Vec::new();
         for (&pid, h) in held.iter_mut().filter(|(_, h)| !h.reported) {
             if let Some(status) = wait_status(libc::P_PID, pid as libc::id_t, libc::WNOWAIT).1 {
                 h.reported = true;
                 let _ = h.exits.send(Exit { pid, status });
+                if h.release_wanted && h.pins == 0 {
+                    released.push(pid);
+                }
             }
+        }
+        // Released while still running: nobody will ask again.
+        for pid in released {
+            reap_held(&mut held, pid);
         }
     }
     if !REAP_ALL.load(Ordering::Acquire) {
@@ -580,6 +617,44 @@ mod tests {
     fn proc_state(pid: i32) -> Option<char> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         stat.rsplit_once(") ")?.1.chars().next()
+    }
+
+    #[test]
+    fn a_worker_released_while_still_running_is_reaped_when_it_exits() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let env = BTreeMap::new();
+        let args: Vec<OsString> = vec!["30".into()];
+        let pid = spawn(
+            SpawnSpec {
+                program: Path::new("/bin/sleep"),
+                args: &args,
+                env: &env,
+                stdout: Stdio::Inherit,
+                stderr: Stdio::Inherit,
+                cpus: None,
+            },
+            &tx,
+        )
+        .unwrap();
+        // A stop that gave up on it releases it anyway.
+        release(pid);
+        assert!(proc_state(pid).is_some(), "still running");
+        // It ends later (here: SIGKILL; in life: out of its D state).
+        assert!(signal_group(pid, libc::SIGKILL), "still ours to signal");
+        let exit = rx.blocking_recv().unwrap();
+        assert_eq!(exit.pid, pid);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while proc_state(pid).is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a released worker stayed a zombie after its exit"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(
+            !signal_group(pid, libc::SIGKILL),
+            "its PID is no longer ours"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! signal a stranger.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::io::Read;
 use std::time::Duration;
 
@@ -36,8 +37,30 @@ pub fn top_frame(dump: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// How many py-spy processes may run at once: each pauses its target, and a
+/// burst of requests (a scraper, a retrying client) must not start one per
+/// request and rank without bound.
+const MAX_CAPTURES: usize = 8;
+
+static CAPTURES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_CAPTURES);
+
 /// Dumps `pid`'s stacks with py-spy, in 10 s at most.
+///
+/// The capture runs in a task of its own, to its end, whatever happens to
+/// the caller: an HTTP client that goes away drops this future, but py-spy
+/// is still waited for and reaped (no zombie per aborted request), and a
+/// panic inside is an `Err`, never the launcher's end.
 pub async fn capture(pid: i32) -> Result<Stack, String> {
+    crate::background::spawn(capture_to_the_end(pid))
+        .await
+        .unwrap_or_else(|_| Err("the stack capture failed (internal error)".to_string()))
+}
+
+async fn capture_to_the_end(pid: i32) -> Result<Stack, String> {
+    let _slot = CAPTURES
+        .acquire()
+        .await
+        .map_err(|_| "stack captures are shut down".to_string())?;
     // py-spy gets the PID as a number: the worker must not be reaped (its
     // PID freed for a stranger) until py-spy is done with it.
     let _pin = process::pin(pid).ok_or("the worker has already exited and been released")?;
@@ -48,8 +71,10 @@ pub async fn capture(pid: i32) -> Result<Stack, String> {
         .write(true)
         .open("/dev/null")
         .map_err(|e| e.to_string())?;
-    let env: BTreeMap<String, String> = std::env::vars().collect();
-    let args = vec!["dump".to_string(), "--pid".to_string(), pid.to_string()];
+    // The launcher's environment as bytes: a variable that is not UTF-8 is
+    // passed on as it is, never a reason to fail (or panic).
+    let env: BTreeMap<OsString, OsString> = std::env::vars_os().collect();
+    let args: Vec<OsString> = vec!["dump".into(), "--pid".into(), pid.to_string().into()];
     let (exits_tx, mut exits) = mpsc::unbounded_channel();
     let spy = process::spawn(
         SpawnSpec {

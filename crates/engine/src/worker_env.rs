@@ -2,8 +2,25 @@
 //! torchrun 2.15 sets, with the same names and value formats (spec §3.2).
 
 use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 
 use crate::config::ConfigError;
+
+/// An environment as the kernel holds it: bytes, not necessarily UTF-8.
+/// torchrun passes every variable through unchanged, and so do we: a value
+/// that is not UTF-8 reaches the workers byte for byte.
+pub type Env = BTreeMap<OsString, OsString>;
+
+/// The value of `key` in `env`, when it is UTF-8 (the variables the
+/// launcher reads are all text).
+pub fn get<'e>(env: &'e Env, key: &str) -> Option<&'e str> {
+    env.get(OsStr::new(key)).and_then(|v| v.to_str())
+}
+
+/// Sets `key` to `value` in `env`.
+pub fn set(env: &mut Env, key: &str, value: impl Into<OsString>) {
+    env.insert(key.into(), value.into());
+}
 
 /// What all workers of one node share in one attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,36 +51,47 @@ pub struct WorkerRanks {
 /// Builds one worker's environment on top of `base` (the launcher's
 /// environment, including what the launcher itself exported).
 pub fn worker_env(
-    base: &BTreeMap<String, String>,
+    base: &Env,
     group: &GroupInfo,
     w: &WorkerRanks,
-    error_file: &str,
+    error_file: &OsStr,
     virtual_local_rank: bool,
-) -> Result<BTreeMap<String, String>, ConfigError> {
+) -> Result<Env, ConfigError> {
     let mut env = base.clone();
-    let mut set = |k: &str, v: String| {
-        env.insert(k.to_string(), v);
+    let mut set = |k: &str, v: OsString| {
+        env.insert(k.into(), v);
     };
     set(
         "LOCAL_RANK",
-        if virtual_local_rank { 0 } else { w.local_rank }.to_string(),
+        if virtual_local_rank { 0 } else { w.local_rank }
+            .to_string()
+            .into(),
     );
-    set("RANK", w.global_rank.to_string());
-    set("GROUP_RANK", group.group_rank.to_string());
-    set("ROLE_RANK", w.role_rank.to_string());
-    set("ROLE_NAME", group.role.clone());
-    set("LOCAL_WORLD_SIZE", group.local_world_size.to_string());
-    set("WORLD_SIZE", w.world_size.to_string());
-    set("GROUP_WORLD_SIZE", group.group_world_size.to_string());
-    set("ROLE_WORLD_SIZE", w.role_world_size.to_string());
-    set("MASTER_ADDR", group.master_addr.clone());
-    set("MASTER_PORT", group.master_port.to_string());
+    set("RANK", w.global_rank.to_string().into());
+    set("GROUP_RANK", group.group_rank.to_string().into());
+    set("ROLE_RANK", w.role_rank.to_string().into());
+    set("ROLE_NAME", group.role.clone().into());
+    set(
+        "LOCAL_WORLD_SIZE",
+        group.local_world_size.to_string().into(),
+    );
+    set("WORLD_SIZE", w.world_size.to_string().into());
+    set(
+        "GROUP_WORLD_SIZE",
+        group.group_world_size.to_string().into(),
+    );
+    set("ROLE_WORLD_SIZE", w.role_world_size.to_string().into());
+    set("MASTER_ADDR", group.master_addr.clone().into());
+    set("MASTER_PORT", group.master_port.to_string().into());
     set(
         "TORCHELASTIC_RESTART_COUNT",
-        group.restart_count.to_string(),
+        group.restart_count.to_string().into(),
     );
-    set("TORCHELASTIC_MAX_RESTARTS", group.max_restarts.to_string());
-    set("TORCHELASTIC_RUN_ID", group.run_id.clone());
+    set(
+        "TORCHELASTIC_MAX_RESTARTS",
+        group.max_restarts.to_string().into(),
+    );
+    set("TORCHELASTIC_RUN_ID", group.run_id.clone().into());
     // Python's str(bool): workers compare with the exact string "True".
     set(
         "TORCHELASTIC_USE_AGENT_STORE",
@@ -72,14 +100,15 @@ pub fn worker_env(
         } else {
             "False"
         }
-        .to_string(),
+        .to_string()
+        .into(),
     );
     let nccl = base
-        .get("TORCH_NCCL_ASYNC_ERROR_HANDLING")
+        .get(OsStr::new("TORCH_NCCL_ASYNC_ERROR_HANDLING"))
         .cloned()
-        .unwrap_or_else(|| "1".to_string());
+        .unwrap_or_else(|| "1".into());
     set("TORCH_NCCL_ASYNC_ERROR_HANDLING", nccl);
-    set("TORCHELASTIC_ERROR_FILE", error_file.to_string());
+    set("TORCHELASTIC_ERROR_FILE", error_file.to_owned());
     if virtual_local_rank {
         apply_virtual_local_rank(base, w.local_rank, &mut env)?;
     }
@@ -87,15 +116,11 @@ pub fn worker_env(
 }
 
 /// `--virtual-local-rank`: each worker sees exactly one device, its own.
-fn apply_virtual_local_rank(
-    base: &BTreeMap<String, String>,
-    local_rank: u32,
-    env: &mut BTreeMap<String, String>,
-) -> Result<(), ConfigError> {
-    let hip = base.get("HIP_VISIBLE_DEVICES").filter(|v| !v.is_empty());
+fn apply_virtual_local_rank(base: &Env, local_rank: u32, env: &mut Env) -> Result<(), ConfigError> {
+    let hip = get(base, "HIP_VISIBLE_DEVICES").filter(|v| !v.is_empty());
     let (var, source) = match hip {
         Some(v) => ("HIP_VISIBLE_DEVICES", Some(v)),
-        None => ("CUDA_VISIBLE_DEVICES", base.get("CUDA_VISIBLE_DEVICES")),
+        None => ("CUDA_VISIBLE_DEVICES", get(base, "CUDA_VISIBLE_DEVICES")),
     };
     let device = match source {
         Some(list) => list
@@ -110,9 +135,9 @@ fn apply_virtual_local_rank(
             })?,
         None => local_rank.to_string(),
     };
-    env.insert("CUDA_VISIBLE_DEVICES".to_string(), device.clone());
+    set(env, "CUDA_VISIBLE_DEVICES", device.clone());
     if var == "HIP_VISIBLE_DEVICES" {
-        env.insert("HIP_VISIBLE_DEVICES".to_string(), device);
+        set(env, "HIP_VISIBLE_DEVICES", device);
     }
     Ok(())
 }
@@ -123,6 +148,15 @@ pub fn substitute_local_rank(arg: &str, local_rank: u32) -> String {
     template_substitute(arg, |name| {
         (name == "local_rank").then(|| local_rank.to_string())
     })
+}
+
+/// [`substitute_local_rank`] for an argument as the kernel passes it: one
+/// that is not UTF-8 is passed on unchanged.
+pub fn substitute_local_rank_os(arg: &OsStr, local_rank: u32) -> OsString {
+    match arg.to_str() {
+        Some(s) => substitute_local_rank(s, local_rank).into(),
+        None => arg.to_owned(),
+    }
 }
 
 /// Python's `string.Template.safe_substitute`: `$$` → `$`, `$name` and
@@ -200,12 +234,9 @@ mod tests {
 
     #[test]
     fn env_contract() {
-        let mut base = BTreeMap::new();
-        base.insert("PATH".to_string(), "/bin".to_string());
-        base.insert(
-            "TORCH_NCCL_ASYNC_ERROR_HANDLING".to_string(),
-            "0".to_string(),
-        );
+        let mut base = Env::new();
+        set(&mut base, "PATH", "/bin");
+        set(&mut base, "TORCH_NCCL_ASYNC_ERROR_HANDLING", "0");
         let g = GroupInfo {
             role: "default".into(),
             run_id: "none".into(),
@@ -225,17 +256,17 @@ mod tests {
             world_size: 2,
             role_world_size: 2,
         };
-        let env = worker_env(&base, &g, &w, "/tmp/e.json", false).unwrap();
-        assert_eq!(env["TORCHELASTIC_USE_AGENT_STORE"], "True");
-        assert_eq!(env["TORCH_NCCL_ASYNC_ERROR_HANDLING"], "0");
-        assert_eq!(env["PATH"], "/bin");
-        assert_eq!(env["LOCAL_RANK"], "1");
+        let env = worker_env(&base, &g, &w, OsStr::new("/tmp/e.json"), false).unwrap();
+        assert_eq!(get(&env, "TORCHELASTIC_USE_AGENT_STORE").unwrap(), "True");
+        assert_eq!(get(&env, "TORCH_NCCL_ASYNC_ERROR_HANDLING").unwrap(), "0");
+        assert_eq!(get(&env, "PATH").unwrap(), "/bin");
+        assert_eq!(get(&env, "LOCAL_RANK").unwrap(), "1");
         let mut vbase = base.clone();
-        vbase.insert("CUDA_VISIBLE_DEVICES".into(), "4, 5".into());
-        let env = worker_env(&vbase, &g, &w, "", true).unwrap();
-        assert_eq!(env["LOCAL_RANK"], "0");
-        assert_eq!(env["CUDA_VISIBLE_DEVICES"], "5");
-        vbase.insert("CUDA_VISIBLE_DEVICES".into(), "4".into());
-        assert!(worker_env(&vbase, &g, &w, "", true).is_err());
+        set(&mut vbase, "CUDA_VISIBLE_DEVICES", "4, 5");
+        let env = worker_env(&vbase, &g, &w, OsStr::new(""), true).unwrap();
+        assert_eq!(get(&env, "LOCAL_RANK").unwrap(), "0");
+        assert_eq!(get(&env, "CUDA_VISIBLE_DEVICES").unwrap(), "5");
+        set(&mut vbase, "CUDA_VISIBLE_DEVICES", "4");
+        assert!(worker_env(&vbase, &g, &w, OsStr::new(""), true).is_err());
     }
 }

@@ -2,7 +2,6 @@
 //! environment and its output wiring, and the group's bookkeeping (who runs,
 //! who exited how, signalling the group, releasing it).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -128,10 +127,10 @@ impl Group {
     /// output to be copied.
     pub fn release(&mut self, drain_by: Instant) {
         self.signal_all(libc::SIGKILL);
+        // Those still running (a stop gave up on them) are reaped by the
+        // reaper when they finally exit.
         for w in &self.workers {
-            if w.state != WorkerState::Running {
-                process::release(w.pid);
-            }
+            process::release(w.pid);
         }
         for t in self.tees.drain(..) {
             t.finish_by(drain_by);
@@ -148,8 +147,8 @@ pub struct Launch<'a> {
     /// Each local rank's CPUs (`--numa-binding`), computed at start.
     pub cpus: Vec<libc::cpu_set_t>,
     pub program: PathBuf,
-    pub args: Vec<String>,
-    pub base_env: BTreeMap<String, String>,
+    pub args: Vec<std::ffi::OsString>,
+    pub base_env: worker_env::Env,
     pub log_dir: LogDir,
     /// Short hostname, for `${hostname}` in line prefixes.
     pub hostname: String,
@@ -385,19 +384,22 @@ impl Launch<'_> {
             &self.base_env,
             group_info,
             &ranks,
-            &error_file
+            // The path as bytes: a log directory (or TMPDIR) that is not
+            // UTF-8 still names the directory the file will be in.
+            error_file
                 .as_ref()
-                .map_or(String::new(), |p| p.display().to_string()),
+                .map_or(std::ffi::OsStr::new(""), |p| p.as_os_str()),
             cfg.virtual_local_rank,
         )?;
-        env.insert(
-            lifeline::MARKER_VAR.to_string(),
+        worker_env::set(
+            &mut env,
+            lifeline::MARKER_VAR,
             self.supervisor.marker().to_string(),
         );
-        let args: Vec<String> = self
+        let args: Vec<std::ffi::OsString> = self
             .args
             .iter()
-            .map(|a| worker_env::substitute_local_rank(a, local_rank))
+            .map(|a| worker_env::substitute_local_rank_os(a, local_rank))
             .collect();
         let activity = Activity::default();
         log_stream::touch(&activity);

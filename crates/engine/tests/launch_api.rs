@@ -72,7 +72,7 @@ fn launch_agent_api() {
     let mut cfg = config(1);
     cfg.max_nodes = 0;
     cfg.min_nodes = 0;
-    let err = launch_agent(&cfg, "sh", &["-c".into(), "exit 0".into()]).unwrap_err();
+    let err = launch_agent(&cfg, "sh", &["-c", "exit 0"]).unwrap_err();
     assert!(
         matches!(err, engine::LaunchError::Config(ref e) if e.flag == "--nnodes"),
         "{err}"
@@ -80,7 +80,7 @@ fn launch_agent_api() {
     let mut cfg = config(1);
     cfg.rdzv_configs
         .insert("join_timeout".into(), "1e20".into());
-    assert!(launch_agent(&cfg, "sh", &["-c".into(), "exit 0".into()]).is_err());
+    assert!(launch_agent(&cfg, "sh", &["-c", "exit 0"]).is_err());
 
     // From inside async code, as an embedding program would call it.
     let rt = tokio::runtime::Builder::new_current_thread()

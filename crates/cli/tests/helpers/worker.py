@@ -157,6 +157,15 @@ elif mode == "stubborn":
         time.sleep(60)
 
     stubborn()
+elif mode == "fail-first-on-file":
+    # The first attempt waits for OUTDIR/go, then rank 0 exits 1; a later
+    # attempt exits 0 at once.
+    ready()
+    if restart != "0":
+        sys.exit(0)
+    while not os.path.exists(os.path.join(outdir, "go")):
+        time.sleep(0.01)
+    sys.exit(1 if rank == 0 else 0)
 elif mode == "sleep":
     ready()
     time.sleep(float(args[0]) if args else 60)
