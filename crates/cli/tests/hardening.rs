@@ -333,3 +333,28 @@ fn a_second_watchdog_expiry_during_a_stack_capture_is_acted_on() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_daemon_left_by_a_failed_attempt_is_gone_before_the_next_attempt_starts() {
+    let out = tempfile::tempdir().unwrap();
+    let st = Command::new(BIN)
+        .args(["--nproc-per-node=2", "--max-restarts=1"])
+        .arg(testkit::cli_helper("worker.py"))
+        .arg("daemon-fail-once")
+        .arg(out.path())
+        .env("PYTHON_EXEC", "python3")
+        .env("TMPDIR", out.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(0));
+    for rank in 0..2 {
+        let seen =
+            std::fs::read_to_string(out.path().join(format!("daemon-alive.{rank}"))).unwrap();
+        assert_eq!(
+            seen, "no",
+            "rank {rank}'s daemon from attempt 0 still ran in attempt 1"
+        );
+    }
+}

@@ -97,6 +97,9 @@ enum Event {
     Stubborn(Vec<RankDump>),
     /// The stack of a worker whose watchdog timer expired.
     ExpiredDumped(Box<ExpiryDump>),
+    /// The processes the last attempt left behind are gone (how many were
+    /// stopped): the next round may start.
+    Swept(usize),
 }
 
 /// A watchdog expiry awaiting its stack: the failure, the signal asked
@@ -222,6 +225,8 @@ pub struct Agent<'a> {
     stuck: BTreeMap<i32, String>,
     stubborn_tx: mpsc::UnboundedSender<Vec<RankDump>>,
     stubborn_rx: mpsc::UnboundedReceiver<Vec<RankDump>>,
+    swept_tx: mpsc::UnboundedSender<usize>,
+    swept_rx: mpsc::UnboundedReceiver<usize>,
 }
 
 impl<'a> Agent<'a> {
@@ -250,6 +255,7 @@ impl<'a> Agent<'a> {
         let (observed, pings) = observed_pings;
         let (stubborn_tx, stubborn_rx) = mpsc::unbounded_channel();
         let (expiry_tx, expiry_rx) = mpsc::unbounded_channel();
+        let (swept_tx, swept_rx) = mpsc::unbounded_channel();
         let mut base_env = base_env;
         if config.hang_timeout.is_some()
             && crate::process::find_program("py-spy").is_none()
@@ -348,6 +354,8 @@ impl<'a> Agent<'a> {
             stuck: BTreeMap::new(),
             stubborn_tx,
             stubborn_rx,
+            swept_tx,
+            swept_rx,
         }
     }
 
@@ -440,6 +448,7 @@ impl<'a> Agent<'a> {
             Some(h) = self.hang_rx.recv() => Event::Hung(h),
             Some(d) = self.stubborn_rx.recv() => Event::Stubborn(d),
             Some(d) = self.expiry_rx.recv() => Event::ExpiredDumped(Box::new(d)),
+            Some(n) = self.swept_rx.recv() => Event::Swept(n),
             _ = sleep_until(timer) => Event::Timer,
         }
     }
@@ -458,6 +467,19 @@ impl<'a> Agent<'a> {
             Event::Hung(h) => self.on_hung(h),
             Event::Stubborn(d) => self.on_stubborn(d),
             Event::ExpiredDumped(d) => self.on_expired_dumped(*d),
+            Event::Swept(n) => {
+                if matches!(self.phase, Phase::Joining) {
+                    if n > 0 {
+                        tracing::warn!(
+                            "stopped {n} process(es) the last attempt's workers left behind (daemons outside their process groups)"
+                        );
+                        self.journal
+                            .record("leftovers_stopped", &[("count", V::U(n as u64))]);
+                    }
+                    self.join_next();
+                }
+                None
+            }
         }
     }
 
@@ -1238,7 +1260,7 @@ impl<'a> Agent<'a> {
                         self.launch.config.role
                     );
                     self.restart_count += 1;
-                    self.join_next();
+                    self.sweep_then_join();
                 } else {
                     self.rdzv.finish(false);
                     self.observe(|o| o.phase = "finishing");
@@ -1254,7 +1276,7 @@ impl<'a> Agent<'a> {
                     "regroup",
                     &[("cause", V::S("membership_changed".to_string()))],
                 );
-                self.join_next();
+                self.sweep_then_join();
                 None
             }
             AfterStop::Signaled(sig) => Some(Ok(RunResult::Signaled { signal: sig })),
@@ -1265,6 +1287,19 @@ impl<'a> Agent<'a> {
     /// Updates what the health and metrics endpoints show.
     fn observe(&self, f: impl FnOnce(&mut Observed)) {
         f(&mut self.observed.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Before the next attempt: what the last one left behind (a daemon
+    /// that left its worker's process group holds ports, GPU memory) is
+    /// stopped off the loop, then the next round is joined (`Swept`).
+    fn sweep_then_join(&mut self) {
+        self.observe(|o| o.phase = "rendezvous");
+        self.phase = Phase::Joining;
+        let supervisor = self.launch.supervisor.clone();
+        let tx = self.swept_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let _ = tx.send(supervisor.sweep_attempt());
+        });
     }
 
     fn join_next(&mut self) {

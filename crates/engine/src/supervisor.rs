@@ -59,6 +59,19 @@ impl Supervisor {
         &self.marker
     }
 
+    /// Between two attempts, once the first attempt's workers are reaped:
+    /// stops what they left behind (daemons that left their process groups,
+    /// holding ports and GPU memory the next attempt needs). The launcher's
+    /// subtree when it owns one, else every process with this run's marker.
+    /// Returns how many were stopped. Reads `/proc`: call it off async
+    /// threads.
+    pub fn sweep_attempt(&self) -> usize {
+        match self.lifeline.as_ref().and_then(|l| l.stop_descendants()) {
+            Some(n) => n,
+            None => lifeline::sweep(&self.marker),
+        }
+    }
+
     /// Stops whatever the workers left behind, once no worker runs: the
     /// launcher's whole subtree when it owns one (then the guardian is told
     /// it has nothing to do), else every process with this run's marker.

@@ -166,6 +166,28 @@ elif mode == "fail-first-on-file":
     while not os.path.exists(os.path.join(outdir, "go")):
         time.sleep(0.01)
     sys.exit(1 if rank == 0 else 0)
+elif mode == "daemon-fail-once":
+    # The first attempt leaves a daemon (its own session: out of every
+    # group of the worker) and fails; the next says whether that daemon is
+    # still alive (OUTDIR/daemon-alive.<rank>) and exits 0.
+    path = os.path.join(outdir, f"daemon.{rank}")
+    if restart == "0":
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                write(f"daemon.{rank}", str(os.getpid()))
+                time.sleep(301)
+            os._exit(0)
+        while not os.path.exists(path):
+            time.sleep(0.01)
+        sys.exit(1)
+    pid = int(open(path).read())
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        state = "gone"
+    write(f"daemon-alive.{rank}", "no" if state in ("gone", "Z", "X") else "yes")
+    sys.exit(0)
 elif mode == "sleep":
     ready()
     time.sleep(float(args[0]) if args else 60)
