@@ -47,6 +47,10 @@ pub enum RunResult {
 /// failure: torch hard-codes 30 s there, whatever `--shutdown-timeout` says.
 const RESTART_GRACE: Duration = Duration::from_secs(30);
 
+/// Beyond the exit barrier and the close: the time the store's requests may
+/// take (each is bounded by its client's request timeout).
+const FINISH_MARGIN: Duration = Duration::from_secs(60);
+
 /// How long to wait for a worker's output pipes after its group ended.
 const PIPE_DRAIN: Duration = Duration::from_millis(500);
 
@@ -151,7 +155,8 @@ enum Phase {
         stop: Stopping,
         then: AfterStop,
     },
-    /// Waiting for the rendezvous to finish (exit barrier, close).
+    /// Waiting for the rendezvous to finish (exit barrier, close), until
+    /// `finish_by` at the latest.
     Finishing(RunResult),
     /// A value for the moment between two phases.
     Between,
@@ -227,6 +232,11 @@ pub struct Agent<'a> {
     stubborn_rx: mpsc::UnboundedReceiver<Vec<RankDump>>,
     swept_tx: mpsc::UnboundedSender<usize>,
     swept_rx: mpsc::UnboundedReceiver<usize>,
+    /// How long finishing may take (exit barrier, close, and a margin for
+    /// the store to answer), and when the current one must be over: a
+    /// launcher whose job ended never waits longer, whatever the store does.
+    finish_within: Duration,
+    finish_by: Option<Instant>,
 }
 
 impl<'a> Agent<'a> {
@@ -356,6 +366,12 @@ impl<'a> Agent<'a> {
             stubborn_rx,
             swept_tx,
             swept_rx,
+            finish_within: crate::rdzv_settings::RdzvSettings::from_config(config)
+                .map_or(Duration::from_secs(330), |s| {
+                    s.exit_barrier_timeout + s.close_timeout
+                })
+                + FINISH_MARGIN,
+            finish_by: None,
         }
     }
 
@@ -436,6 +452,7 @@ impl<'a> Agent<'a> {
                 (a, b) => a.or(b),
             },
             Phase::Stopping { stop, .. } => Some(stop.deadline()),
+            Phase::Finishing(_) => self.finish_by,
             _ => None,
         };
         tokio::select! {
@@ -600,7 +617,7 @@ impl<'a> Agent<'a> {
                         self.journal.record("exit_barrier", &[]);
                     }
                     self.observe(|o| o.phase = "finishing");
-                    self.phase = Phase::Finishing(RunResult::Succeeded);
+                    self.enter_finishing(RunResult::Succeeded);
                     return None;
                 };
                 tracing::error!(
@@ -916,6 +933,16 @@ impl<'a> Agent<'a> {
     fn on_timer(&mut self) -> Done {
         let now = Instant::now();
         match &mut self.phase {
+            Phase::Finishing(_) if self.finish_by.is_some_and(|t| t <= now) => {
+                tracing::warn!(
+                    "the rendezvous did not finish (exit barrier, close) within {:?}; exiting without it",
+                    self.finish_within
+                );
+                let Phase::Finishing(result) = self.take_phase() else {
+                    unreachable!("matched above")
+                };
+                Some(Ok(result))
+            }
             Phase::Running(_) => {
                 if self.next_check.is_some_and(|t| t <= now) {
                     self.next_check = None;
@@ -1264,7 +1291,7 @@ impl<'a> Agent<'a> {
                 } else {
                     self.rdzv.finish(false);
                     self.observe(|o| o.phase = "finishing");
-                    self.phase = Phase::Finishing(RunResult::Failed { failures });
+                    self.enter_finishing(RunResult::Failed { failures });
                 }
                 None
             }
@@ -1282,6 +1309,13 @@ impl<'a> Agent<'a> {
             AfterStop::Signaled(sig) => Some(Ok(RunResult::Signaled { signal: sig })),
             AfterStop::Error(e) => Some(Err(e)),
         }
+    }
+
+    /// The job ended here: the rendezvous finishes (exit barrier, close)
+    /// within `finish_within`.
+    fn enter_finishing(&mut self, result: RunResult) {
+        self.finish_by = Some(Instant::now() + self.finish_within);
+        self.phase = Phase::Finishing(result);
     }
 
     /// Updates what the health and metrics endpoints show.

@@ -4,6 +4,16 @@
 //! it and through `torch.distributed.TCPStore` are the same keys; `get` waits
 //! for the key before reading it; a timed-out `wait` sends CANCEL_WAIT and
 //! drains the replies so the connection stays usable.
+//!
+//! Every request is bounded in time and safe to cancel. A request that does
+//! not finish (its future dropped by a `select!`, a timeout, a broken
+//! connection) leaves the connection in an unknown place of the protocol: an
+//! unread reply, a late STOP_WAITING, half a request sent. The client then
+//! never uses that connection again: the next request opens a fresh one
+//! (one try, bounded), so a reply can never be read as the answer to
+//! another request. A store that vanishes without a reset (power loss, a
+//! partition) fails the request after the request timeout instead of the
+//! kernel's retransmission limit (about 15 minutes).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -37,6 +47,8 @@ pub enum ClientError {
     QueueEmpty,
     #[error("store reply too large ({0} bytes)")]
     ReplyTooLarge(u64),
+    #[error("the store did not answer within {0:?}")]
+    Timeout(Duration),
 }
 
 /// How [`Client::connect`] retries.
@@ -66,10 +78,24 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest reply value the client accepts.
 const MAX_REPLY: u64 = 1 << 31;
 
-pub struct Client {
+/// Longest wait for the answer to a request that does not wait on keys.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The connection and what is half-built on it.
+struct Conn {
     stream: TcpStream,
-    timeout: Duration,
     buf: Vec<u8>,
+}
+
+pub struct Client {
+    conn: Conn,
+    /// Where to connect again after a request that did not finish.
+    addr: String,
+    /// A request was started and has not finished on `conn`: the next one
+    /// needs a fresh connection.
+    dirty: bool,
+    timeout: Duration,
+    request_timeout: Duration,
 }
 
 fn prefixed(key: &str) -> Vec<u8> {
@@ -120,9 +146,14 @@ impl Client {
             let last = match attempt {
                 Ok(stream) => {
                     return Ok(Client {
-                        stream,
+                        conn: Conn {
+                            stream,
+                            buf: Vec::new(),
+                        },
+                        addr,
+                        dirty: false,
                         timeout: opts.timeout,
-                        buf: Vec::new(),
+                        request_timeout: REQUEST_TIMEOUT,
                     })
                 }
                 // Something answered, and not as a TCPStore does: waiting
@@ -170,7 +201,7 @@ impl Client {
     }
 
     pub fn peer_addr(&self) -> std::io::Result<SocketAddr> {
-        self.stream.peer_addr()
+        self.conn.stream.peer_addr()
     }
 
     /// The timeout used by `get`, `multi_get` and blocking `queue_pop`.
@@ -182,6 +213,206 @@ impl Client {
         self.timeout
     }
 
+    /// How long a request that does not wait on keys may take (30 s by
+    /// default); a wait gets this on top of its own timeout.
+    pub fn set_request_timeout(&mut self, timeout: Duration) {
+        self.request_timeout = timeout;
+    }
+
+    /// The connection for the next request, a fresh one if the last
+    /// request did not finish; marked busy until [`Client::settle`].
+    async fn ready(&mut self) -> Result<&mut Conn, ClientError> {
+        if self.dirty {
+            let stream = tokio::time::timeout(
+                self.request_timeout.min(HANDSHAKE_TIMEOUT),
+                Self::try_connect(&self.addr),
+            )
+            .await
+            .map_err(|_| ClientError::Timeout(self.request_timeout.min(HANDSHAKE_TIMEOUT)))??;
+            tracing::debug!("store connection to {} opened again", self.addr);
+            self.conn = Conn {
+                stream,
+                buf: Vec::new(),
+            };
+        }
+        self.dirty = true;
+        Ok(&mut self.conn)
+    }
+
+    /// After a request: the connection is clean again when the request
+    /// finished the protocol's exchange (a successful reply, or an answer
+    /// that says no); an I/O error or a timeout leaves it dirty.
+    fn settle<T>(&mut self, r: &Result<T, ClientError>) {
+        self.dirty = !matches!(
+            r,
+            Ok(_) | Err(ClientError::WaitTimeout { .. } | ClientError::QueueEmpty)
+        );
+    }
+
+    /// Runs one request on a clean connection, within `limit`.
+    async fn bounded<T>(
+        limit: Duration,
+        f: impl std::future::Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        tokio::time::timeout(limit, f)
+            .await
+            .unwrap_or(Err(ClientError::Timeout(limit)))
+    }
+
+    pub async fn set(&mut self, key: &str, value: &[u8]) -> Result<(), ClientError> {
+        let limit = self.request_timeout;
+        let r = Self::bounded(limit, self.ready().await?.set(key, value)).await;
+        self.settle(&r);
+        r
+    }
+
+    /// Waits for `key` (up to the client timeout), then reads it.
+    pub async fn get(&mut self, key: &str) -> Result<Vec<u8>, ClientError> {
+        let (t, limit) = (self.timeout, self.timeout + self.request_timeout);
+        let r = Self::bounded(limit, self.ready().await?.get(key, t)).await;
+        self.settle(&r);
+        r
+    }
+
+    /// Reads `key` without waiting; a missing key reads as empty.
+    pub async fn get_now(&mut self, key: &str) -> Result<Vec<u8>, ClientError> {
+        let limit = self.request_timeout;
+        let r = Self::bounded(limit, self.ready().await?.get_now(key)).await;
+        self.settle(&r);
+        r
+    }
+
+    pub async fn add(&mut self, key: &str, delta: i64) -> Result<i64, ClientError> {
+        let limit = self.request_timeout;
+        let r = Self::bounded(limit, self.ready().await?.add(key, delta)).await;
+        self.settle(&r);
+        r
+    }
+
+    /// Returns the value now stored (or, for a missing key and a non-empty
+    /// `expected`, `expected` itself): the swap succeeded iff it equals
+    /// `desired`.
+    pub async fn compare_set(
+        &mut self,
+        key: &str,
+        expected: &[u8],
+        desired: &[u8],
+    ) -> Result<Vec<u8>, ClientError> {
+        let limit = self.request_timeout;
+        let conn = self.ready().await?;
+        let r = Self::bounded(limit, conn.compare_set(key, expected, desired)).await;
+        self.settle(&r);
+        r
+    }
+
+    pub async fn check(&mut self, keys: &[&str]) -> Result<bool, ClientError> {
+        let limit = self.request_timeout;
+        let r = Self::bounded(limit, self.ready().await?.check(keys)).await;
+        self.settle(&r);
+        r
+    }
+
+    /// Waits until every key exists; on timeout cancels the wait on the server.
+    pub async fn wait(&mut self, keys: &[&str], timeout: Duration) -> Result<(), ClientError> {
+        let limit = timeout + self.request_timeout;
+        let r = Self::bounded(limit, self.ready().await?.wait(keys, timeout)).await;
+        self.settle(&r);
+        r
+    }
+
+    pub async fn num_keys(&mut self) -> Result<i64, ClientError> {
+        let limit = self.request_timeout;
+        let r = Self::bounded(limit, self.ready().await?.num_keys()).await;
+        self.settle(&r);
+        r
+    }
+
+    pub async fn delete_key(&mut self, key: &str) -> Result<bool, ClientError> {
+        let limit = self.request_timeout;
+        let r = Self::bounded(limit, self.ready().await?.delete_key(key)).await;
+        self.settle(&r);
+        r
+    }
+
+    pub async fn append(&mut self, key: &str, value: &[u8]) -> Result<(), ClientError> {
+        let limit = self.request_timeout;
+        let r = Self::bounded(limit, self.ready().await?.append(key, value)).await;
+        self.settle(&r);
+        r
+    }
+
+    /// Waits for all keys, then reads them in order.
+    pub async fn multi_get(&mut self, keys: &[&str]) -> Result<Vec<Vec<u8>>, ClientError> {
+        let (t, limit) = (self.timeout, self.timeout + self.request_timeout);
+        let r = Self::bounded(limit, self.ready().await?.multi_get(keys, t)).await;
+        self.settle(&r);
+        r
+    }
+
+    pub async fn multi_set(&mut self, pairs: &[(&str, &[u8])]) -> Result<(), ClientError> {
+        let limit = self.request_timeout;
+        let r = Self::bounded(limit, self.ready().await?.multi_set(pairs)).await;
+        self.settle(&r);
+        r
+    }
+
+    pub async fn ping(&mut self, nonce: u32) -> Result<u32, ClientError> {
+        let limit = self.request_timeout;
+        let r = Self::bounded(limit, self.ready().await?.ping(nonce)).await;
+        self.settle(&r);
+        r
+    }
+
+    pub async fn queue_push(&mut self, key: &str, value: &[u8]) -> Result<(), ClientError> {
+        let limit = self.request_timeout;
+        let r = Self::bounded(limit, self.ready().await?.queue_push(key, value)).await;
+        self.settle(&r);
+        r
+    }
+
+    /// Pops the head of a queue; with `block`, first waits (up to the client
+    /// timeout) for the queue to be non-empty.
+    pub async fn queue_pop(&mut self, key: &str, block: bool) -> Result<Vec<u8>, ClientError> {
+        let (t, limit) = (self.timeout, self.timeout + self.request_timeout);
+        let r = Self::bounded(limit, self.ready().await?.queue_pop(key, block, t)).await;
+        self.settle(&r);
+        r
+    }
+
+    pub async fn queue_len(&mut self, key: &str) -> Result<i64, ClientError> {
+        let limit = self.request_timeout;
+        let r = Self::bounded(limit, self.ready().await?.queue_len(key)).await;
+        self.settle(&r);
+        r
+    }
+
+    /// Keys without the client prefix; keys not written through a client
+    /// (no leading `/`) are left out, as torch's client does.
+    pub async fn list_keys(&mut self) -> Result<Vec<String>, ClientError> {
+        let limit = self.request_timeout;
+        let r = Self::bounded(limit, self.ready().await?.list_keys()).await;
+        self.settle(&r);
+        r
+    }
+
+    /// Server-side barrier (torch 2.15's BARRIER command): returns when
+    /// `world_size` clients have arrived at `key`.
+    pub async fn barrier(
+        &mut self,
+        key: &str,
+        world_size: i64,
+        timeout: Duration,
+    ) -> Result<(), ClientError> {
+        let limit = timeout + self.request_timeout;
+        let conn = self.ready().await?;
+        let r = Self::bounded(limit, conn.barrier(key, world_size, timeout)).await;
+        self.settle(&r);
+        r
+    }
+}
+
+/// The protocol on one connection; [`Client`] decides when it may be used.
+impl Conn {
     async fn send(&mut self) -> Result<(), ClientError> {
         self.stream.write_all(&self.buf).await?;
         self.buf.clear();
@@ -198,27 +429,27 @@ impl Client {
         Ok(v)
     }
 
-    pub async fn set(&mut self, key: &str, value: &[u8]) -> Result<(), ClientError> {
+    async fn set(&mut self, key: &str, value: &[u8]) -> Result<(), ClientError> {
         let k = prefixed(key);
         codec::encode(&Request::Set { key: &k, value }, &mut self.buf);
         self.send().await
     }
 
-    /// Waits for `key` (up to the client timeout), then reads it.
-    pub async fn get(&mut self, key: &str) -> Result<Vec<u8>, ClientError> {
-        self.wait(&[key], self.timeout).await?;
+    /// Waits for `key` (up to `timeout`), then reads it.
+    async fn get(&mut self, key: &str, timeout: Duration) -> Result<Vec<u8>, ClientError> {
+        self.wait(&[key], timeout).await?;
         self.get_now(key).await
     }
 
     /// Reads `key` without waiting; a missing key reads as empty.
-    pub async fn get_now(&mut self, key: &str) -> Result<Vec<u8>, ClientError> {
+    async fn get_now(&mut self, key: &str) -> Result<Vec<u8>, ClientError> {
         let k = prefixed(key);
         codec::encode(&Request::Get { key: &k }, &mut self.buf);
         self.send().await?;
         self.read_bytes().await
     }
 
-    pub async fn add(&mut self, key: &str, delta: i64) -> Result<i64, ClientError> {
+    async fn add(&mut self, key: &str, delta: i64) -> Result<i64, ClientError> {
         let k = prefixed(key);
         codec::encode(&Request::Add { key: &k, delta }, &mut self.buf);
         self.send().await?;
@@ -228,7 +459,7 @@ impl Client {
     /// Returns the value now stored (or, for a missing key and a non-empty
     /// `expected`, `expected` itself): the swap succeeded iff it equals
     /// `desired`.
-    pub async fn compare_set(
+    async fn compare_set(
         &mut self,
         key: &str,
         expected: &[u8],
@@ -247,7 +478,7 @@ impl Client {
         self.read_bytes().await
     }
 
-    pub async fn check(&mut self, keys: &[&str]) -> Result<bool, ClientError> {
+    async fn check(&mut self, keys: &[&str]) -> Result<bool, ClientError> {
         let ks: Vec<_> = keys.iter().map(|k| prefixed(k)).collect();
         codec::encode_keys(code::CHECK, &ks, &mut self.buf);
         self.send().await?;
@@ -259,7 +490,7 @@ impl Client {
     }
 
     /// Waits until every key exists; on timeout cancels the wait on the server.
-    pub async fn wait(&mut self, keys: &[&str], timeout: Duration) -> Result<(), ClientError> {
+    async fn wait(&mut self, keys: &[&str], timeout: Duration) -> Result<(), ClientError> {
         let ks: Vec<_> = keys.iter().map(|k| prefixed(k)).collect();
         codec::encode_keys(code::WAIT, &ks, &mut self.buf);
         self.send().await?;
@@ -299,28 +530,32 @@ impl Client {
         }
     }
 
-    pub async fn num_keys(&mut self) -> Result<i64, ClientError> {
+    async fn num_keys(&mut self) -> Result<i64, ClientError> {
         self.buf.push(code::GETNUMKEYS);
         self.send().await?;
         Ok(self.stream.read_i64_le().await?)
     }
 
-    pub async fn delete_key(&mut self, key: &str) -> Result<bool, ClientError> {
+    async fn delete_key(&mut self, key: &str) -> Result<bool, ClientError> {
         let k = prefixed(key);
         codec::encode(&Request::DeleteKey { key: &k }, &mut self.buf);
         self.send().await?;
         Ok(self.stream.read_i64_le().await? == 1)
     }
 
-    pub async fn append(&mut self, key: &str, value: &[u8]) -> Result<(), ClientError> {
+    async fn append(&mut self, key: &str, value: &[u8]) -> Result<(), ClientError> {
         let k = prefixed(key);
         codec::encode(&Request::Append { key: &k, value }, &mut self.buf);
         self.send().await
     }
 
     /// Waits for all keys, then reads them in order.
-    pub async fn multi_get(&mut self, keys: &[&str]) -> Result<Vec<Vec<u8>>, ClientError> {
-        self.wait(keys, self.timeout).await?;
+    async fn multi_get(
+        &mut self,
+        keys: &[&str],
+        timeout: Duration,
+    ) -> Result<Vec<Vec<u8>>, ClientError> {
+        self.wait(keys, timeout).await?;
         let ks: Vec<_> = keys.iter().map(|k| prefixed(k)).collect();
         codec::encode_keys(code::MULTI_GET, &ks, &mut self.buf);
         self.send().await?;
@@ -331,19 +566,19 @@ impl Client {
         Ok(out)
     }
 
-    pub async fn multi_set(&mut self, pairs: &[(&str, &[u8])]) -> Result<(), ClientError> {
+    async fn multi_set(&mut self, pairs: &[(&str, &[u8])]) -> Result<(), ClientError> {
         let ps: Vec<_> = pairs.iter().map(|(k, v)| (prefixed(k), *v)).collect();
         codec::encode_multi_set(&ps, &mut self.buf);
         self.send().await
     }
 
-    pub async fn ping(&mut self, nonce: u32) -> Result<u32, ClientError> {
+    async fn ping(&mut self, nonce: u32) -> Result<u32, ClientError> {
         codec::encode(&Request::Ping { nonce }, &mut self.buf);
         self.send().await?;
         Ok(self.stream.read_u32_le().await?)
     }
 
-    pub async fn queue_push(&mut self, key: &str, value: &[u8]) -> Result<(), ClientError> {
+    async fn queue_push(&mut self, key: &str, value: &[u8]) -> Result<(), ClientError> {
         let k = prefixed(key);
         codec::encode(&Request::QueuePush { key: &k, value }, &mut self.buf);
         self.send().await
@@ -351,9 +586,14 @@ impl Client {
 
     /// Pops the head of a queue; with `block`, first waits (up to the client
     /// timeout) for the queue to be non-empty.
-    pub async fn queue_pop(&mut self, key: &str, block: bool) -> Result<Vec<u8>, ClientError> {
+    async fn queue_pop(
+        &mut self,
+        key: &str,
+        block: bool,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ClientError> {
         if block {
-            self.wait(&[key], self.timeout).await?;
+            self.wait(&[key], timeout).await?;
         }
         let k = prefixed(key);
         codec::encode(&Request::QueuePop { key: &k }, &mut self.buf);
@@ -365,7 +605,7 @@ impl Client {
         self.read_bytes().await
     }
 
-    pub async fn queue_len(&mut self, key: &str) -> Result<i64, ClientError> {
+    async fn queue_len(&mut self, key: &str) -> Result<i64, ClientError> {
         let k = prefixed(key);
         codec::encode(&Request::QueueLen { key: &k }, &mut self.buf);
         self.send().await?;
@@ -374,7 +614,7 @@ impl Client {
 
     /// Keys without the client prefix; keys not written through a client
     /// (no leading `/`) are left out, as torch's client does.
-    pub async fn list_keys(&mut self) -> Result<Vec<String>, ClientError> {
+    async fn list_keys(&mut self) -> Result<Vec<String>, ClientError> {
         self.buf.push(code::LIST_KEYS);
         self.send().await?;
         let n = self.stream.read_i64_le().await?;
@@ -390,7 +630,7 @@ impl Client {
 
     /// Server-side barrier (torch 2.15's BARRIER command): returns when
     /// `world_size` clients have arrived at `key`.
-    pub async fn barrier(
+    async fn barrier(
         &mut self,
         key: &str,
         world_size: i64,

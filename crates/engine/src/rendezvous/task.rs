@@ -2,10 +2,15 @@
 //! receives the results as events, so a store that stalls never holds up the
 //! agent's handling of worker exits and signals.
 //!
-//! A command that arrives while another is under way interrupts it (the
-//! operation in progress is dropped): that is how a launcher stopped by a
-//! signal while waiting for a round goes on to leave the rendezvous.
+//! Commands run one after the other, each to its end: a membership check is
+//! never dropped for a hang report (the agent would wait for its answer
+//! for ever), a finish never for anything. The one exception is a leave: a
+//! launcher stopped by a signal while it waits for a round must not wait
+//! for that round, so a leave interrupts the operation under way (the store
+//! client is safe to cancel: a dropped request never leaves a reply for the
+//! next one) and whatever was queued behind it.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -112,21 +117,44 @@ async fn serve<B: RendezvousBackend>(
     mut commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<RdzvEvent>,
 ) {
-    let mut next = commands.recv().await;
-    while let Some(command) = next.take() {
-        // Each operation races the next command, which interrupts it. A
-        // closed channel (the agent is done) lets the operation finish.
-        let interrupted = tokio::select! {
-            biased;
-            Some(c) = commands.recv() => Some(c),
-            ev = run(&mut rdzv, &config, command) => {
-                if let Some(ev) = ev {
-                    let _ = events.send(ev);
+    let mut queue: VecDeque<Command> = VecDeque::new();
+    let mut open = true;
+    loop {
+        let command = match queue.pop_front() {
+            Some(c) => c,
+            None if open => match commands.recv().await {
+                Some(c) => c,
+                None => break,
+            },
+            None => break,
+        };
+        let leaving = matches!(command, Command::Leave);
+        let interrupted = {
+            let op = run(&mut rdzv, &config, command);
+            tokio::pin!(op);
+            loop {
+                tokio::select! {
+                    biased;
+                    c = commands.recv(), if open => match c {
+                        Some(Command::Leave) if !leaving => break true,
+                        Some(c) => queue.push_back(c),
+                        // The agent is done: let the operation finish.
+                        None => open = false,
+                    },
+                    ev = &mut op => {
+                        if let Some(ev) = ev {
+                            let _ = events.send(ev);
+                        }
+                        break false;
+                    }
                 }
-                commands.recv().await
             }
         };
-        next = interrupted;
+        if interrupted {
+            // Nothing asked before the leave matters any more.
+            queue.clear();
+            queue.push_back(Command::Leave);
+        }
     }
     rdzv.shutdown().await;
 }
@@ -151,5 +179,86 @@ async fn run<B: RendezvousBackend>(
             None
         }
         Command::ShareHang(report) => Some(RdzvEvent::HangShared(rdzv.share_hang(report).await)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A backend whose membership check takes a while, as a store's answer
+    /// does; it counts the operations that ran to their end.
+    struct Slow {
+        checks_done: Arc<std::sync::atomic::AtomicU32>,
+    }
+
+    impl RendezvousBackend for Slow {
+        async fn next_round(&mut self, _: &LaunchConfig) -> Result<Assignment, RendezvousError> {
+            std::future::pending().await
+        }
+        async fn membership_changed(&mut self) -> Result<bool, RendezvousError> {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            self.checks_done
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(false)
+        }
+        async fn finish(&mut self, _: bool) {}
+        async fn share_hang(&mut self, report: String) -> Option<Vec<String>> {
+            Some(vec![report])
+        }
+        async fn shutdown(self) {}
+    }
+
+    async fn next(rx: &mut mpsc::UnboundedReceiver<RdzvEvent>) -> RdzvEvent {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("an answer within 5 s")
+            .expect("the task is alive")
+    }
+
+    #[tokio::test]
+    async fn a_membership_check_is_answered_even_when_a_hang_report_follows_it() {
+        let checks_done = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let task = RendezvousTask::spawn(
+            Slow {
+                checks_done: checks_done.clone(),
+            },
+            Arc::new(LaunchConfig::default()),
+            tx,
+        );
+        task.check_membership();
+        task.share_hang("rank 0".into());
+        assert!(matches!(
+            next(&mut rx).await,
+            RdzvEvent::Membership(Ok(false), _)
+        ));
+        assert!(matches!(
+            next(&mut rx).await,
+            RdzvEvent::HangShared(Some(_))
+        ));
+        assert_eq!(checks_done.load(std::sync::atomic::Ordering::SeqCst), 1);
+        task.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_leave_interrupts_a_round_that_waits() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let task = RendezvousTask::spawn(
+            Slow {
+                checks_done: Arc::default(),
+            },
+            Arc::new(LaunchConfig::default()),
+            tx,
+        );
+        task.next_round();
+        task.leave();
+        // The round never completes; the leave ends it, and the task shuts
+        // down at once.
+        tokio::time::timeout(Duration::from_secs(5), task.shutdown())
+            .await
+            .expect("the leave interrupted the round");
+        assert!(rx.try_recv().is_err());
     }
 }
