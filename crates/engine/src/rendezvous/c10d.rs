@@ -165,6 +165,7 @@ fn digest(participants: &BTreeMap<Node, u32>) -> u64 {
 /// The parsed `K.summary`.
 struct Summary {
     round: u64,
+    complete: bool,
     closed: bool,
     deadline: Option<f64>,
     epoch: u64,
@@ -174,11 +175,12 @@ impl Summary {
     fn parse(raw: &[u8]) -> Option<Summary> {
         let text = std::str::from_utf8(raw).ok()?;
         let f: Vec<&str> = text.split(' ').collect();
-        let [round, _complete, closed, deadline, epoch] = f[..] else {
+        let [round, complete, closed, deadline, epoch] = f[..] else {
             return None;
         };
         Some(Summary {
             round: round.parse().ok()?,
+            complete: complete == "1",
             closed: closed == "1",
             deadline: deadline.parse().ok(),
             epoch: epoch.parse().ok()?,
@@ -361,6 +363,7 @@ impl DynamicRdzv {
         let sum = if raw.is_empty() {
             Summary {
                 round: 0,
+                complete: false,
                 closed: false,
                 deadline: None,
                 epoch: 0,
@@ -444,6 +447,10 @@ impl DynamicRdzv {
     /// deadline passed.
     async fn wait_seat(&mut self, round: u64) -> Result<Option<Seat>, RendezvousError> {
         let key = self.seat_key(round, &self.node);
+        // The round was seen complete without this node's seat: once more
+        // and its completer died between its write and the seats (or this
+        // node is not in it): the state says what happened.
+        let mut seatless = false;
         loop {
             let t = now();
             if t >= self.op_deadline {
@@ -460,6 +467,13 @@ impl DynamicRdzv {
                 Err(ClientError::WaitTimeout { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
+            // A watched node that died (its launcher killed, say) may be
+            // what keeps the round from forming: the general loop, which
+            // evicts it, takes over. Nobody else would: its other watchers
+            // may be waiting here too.
+            if self.check_liveness(now()).await? {
+                return Ok(None);
+            }
             let raw = self.client.get_now(&self.summary_key()).await?;
             let Some(sum) = Summary::parse(&raw) else {
                 return Ok(None);
@@ -469,6 +483,12 @@ impl DynamicRdzv {
             let due = sum.round == round && sum.deadline.is_some_and(|d| now() >= d);
             if sum.round > round || sum.closed || due {
                 return Ok(None);
+            }
+            if sum.round == round && sum.complete {
+                if seatless {
+                    return Ok(None);
+                }
+                seatless = true;
             }
         }
     }
@@ -1097,6 +1117,17 @@ mod tests {
     use tcpstore::{BindAddr, ConnectOptions, Server};
 
     async fn agent(port: u16, i: u32, n: u32) -> DynamicRdzv {
+        let cfg = Settings {
+            min_nodes: n,
+            max_nodes: n,
+            last_call_timeout: 30.0,
+            keep_alive_interval: 5.0,
+            keep_alive_max_attempt: 3,
+        };
+        agent_with(port, i, cfg, 60.0).await
+    }
+
+    async fn agent_with(port: u16, i: u32, cfg: Settings, join_timeout: f64) -> DynamicRdzv {
         let connect = || Client::connect("127.0.0.1", port, ConnectOptions::default());
         let (c, hb) = (connect().await.unwrap(), connect().await.unwrap());
         let node = Node {
@@ -1107,14 +1138,7 @@ mod tests {
             pid: 1000 + i,
             local_id: 0,
         };
-        let cfg = Settings {
-            min_nodes: n,
-            max_nodes: n,
-            last_call_timeout: 30.0,
-            keep_alive_interval: 5.0,
-            keep_alive_max_attempt: 3,
-        };
-        let mut d = DynamicRdzv::new(c, hb, "many", node, cfg, 60.0, 30.0);
+        let mut d = DynamicRdzv::new(c, hb, "many", node, cfg, join_timeout, 30.0);
         d.publish_master(&format!("10.1.{}.{}", i / 250, i % 250), 29500)
             .await
             .unwrap();
@@ -1187,6 +1211,40 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(120), run)
             .await
             .expect("every agent re-formed within 120 s");
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_survivors_of_a_dead_node_re_form_instead_of_timing_out() {
+        let server = Server::bind(BindAddr::Any(0)).unwrap().spawn();
+        let n = 16;
+        let cfg = Settings {
+            min_nodes: 2,
+            max_nodes: n,
+            last_call_timeout: 1.0,
+            keep_alive_interval: 1.0,
+            keep_alive_max_attempt: 2,
+        };
+        let mut agents = Vec::new();
+        for i in 0..n {
+            agents.push(agent_with(server.port(), i, cfg, 30.0).await);
+        }
+        let (mut agents, joined) = all_join(agents).await;
+        assert_one_world(&joined, 0);
+        // Node 8's launcher dies: no leave, no more heartbeats.
+        drop(agents.remove(8));
+        let t0 = std::time::Instant::now();
+        let run = async {
+            let (_, joined) = all_join(agents).await;
+            let mut ranks: Vec<u32> = joined.iter().map(|j| j.rank).collect();
+            ranks.sort_unstable();
+            assert_eq!(ranks, (0..n - 1).collect::<Vec<_>>());
+            assert!(joined.iter().all(|j| j.world_size == n - 1));
+        };
+        tokio::time::timeout(Duration::from_secs(20), run)
+            .await
+            .expect("the 15 survivors re-formed within 20 s (join timeout 30 s)");
+        eprintln!("15 survivors re-formed in {:.1} s", t0.elapsed().as_secs_f64());
         server.shutdown().await;
     }
 }

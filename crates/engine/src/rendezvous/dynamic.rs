@@ -422,9 +422,16 @@ pub fn sanitize(s: &mut State, now: f64, cfg: &Settings) -> Vec<Node> {
 /// a participant.
 pub fn remove_for_good(s: &mut State, n: &Node, cfg: &Settings) -> bool {
     s.last_heartbeats.remove(n);
-    s.wait_list.remove(n);
+    let was_waiting = s.wait_list.remove(n);
     s.redundancy_list.remove(n);
     let was_participant = s.participants.remove(n).is_some();
+    if was_participant || was_waiting {
+        // A re-forming group no longer waits for it: the round completes as
+        // soon as every other live node is back, not at the last call.
+        if let Some(e) = &mut s.expected {
+            *e = e.saturating_sub(1);
+        }
+    }
     if was_participant {
         after_participant_loss(s, cfg);
     }
@@ -957,6 +964,30 @@ mod tests {
         let mut s = State::default();
         drain(&mut s, &l, NOW, &c);
         assert_eq!((s.epoch, s.applied, s.participants.len()), (1, 0, 100));
+    }
+
+    #[test]
+    fn a_re_forming_round_does_not_wait_for_a_node_evicted_meanwhile() {
+        // min 2, max 3: a, b and c run; a and b fail and come back at +12 s;
+        // c is dead and evicted at +26 s. The round completes then, not
+        // after a last call counted from the eviction (+56 s).
+        let cf = cfg(2, 3);
+        let (a, b, c) = (node("a", 1), node("b", 1), node("c", 1));
+        let mut s = with_participants(&[&a, &b, &c], true, NOW);
+        apply_request(&mut s, Request::Leave(a.clone()), NOW, &cf);
+        apply_request(&mut s, Request::Leave(b.clone()), NOW, &cf);
+        settle(&mut s, NOW, &cf);
+        apply_request(&mut s, Request::Join(a.clone()), NOW + 12.0, &cf);
+        apply_request(&mut s, Request::Join(b.clone()), NOW + 12.0, &cf);
+        settle(&mut s, NOW + 12.0, &cf);
+        assert!(!s.complete || s.participants.contains_key(&c), "c still holds the old round");
+        s.last_heartbeats.insert(c.clone(), NOW);
+        let evicted = sanitize(&mut s, NOW + 26.0, &cf);
+        assert_eq!(evicted, vec![c.clone()]);
+        settle(&mut s, NOW + 26.0, &cf);
+        assert!(s.complete, "complete at the eviction: {s:?}");
+        assert_eq!(s.participants.len(), 2);
+        assert!(s.participants.contains_key(&a) && s.participants.contains_key(&b));
     }
 
     #[test]
