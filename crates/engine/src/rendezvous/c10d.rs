@@ -91,6 +91,10 @@ pub struct DynamicRdzv {
     op_deadline: f64,
     /// Whether the user was told this node waits as a spare.
     spare_noted: bool,
+    /// Tests: this agent's write that completes a round stops before the
+    /// seats, as a completer killed at that moment would.
+    #[cfg(test)]
+    fail_before_seats: bool,
 }
 
 /// The round this node runs in, as far as a running agent needs it.
@@ -263,6 +267,8 @@ impl DynamicRdzv {
             op_deadline: f64::INFINITY,
             spare_noted: false,
             evicted: Vec::new(),
+            #[cfg(test)]
+            fail_before_seats: false,
         }
     }
 
@@ -557,6 +563,10 @@ impl DynamicRdzv {
         let mut wake = Vec::new();
         let s = &self.state;
         if s.complete && !(old.complete && old.round == s.round) {
+            #[cfg(test)]
+            if self.fail_before_seats {
+                return Err(RendezvousError::Closed);
+            }
             wake.push(s.round);
             self.seat_everyone(version).await?;
         }
@@ -1244,7 +1254,50 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(20), run)
             .await
             .expect("the 15 survivors re-formed within 20 s (join timeout 30 s)");
-        eprintln!("15 survivors re-formed in {:.1} s", t0.elapsed().as_secs_f64());
+        eprintln!(
+            "15 survivors re-formed in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_completer_that_dies_before_the_seats_does_not_hold_up_the_others() {
+        let server = Server::bind(BindAddr::Any(0)).unwrap().spawn();
+        let cfg = Settings {
+            min_nodes: 2,
+            max_nodes: 9,
+            last_call_timeout: 30.0,
+            keep_alive_interval: 1.0,
+            keep_alive_max_attempt: 30,
+        };
+        // Eight arrive together: one writes for the batch, the others wait
+        // for their seats; the round waits for the ninth or the last call.
+        let mut first = Vec::new();
+        for i in 0..8 {
+            first.push(agent_with(server.port(), i, cfg, 60.0).await);
+        }
+        let t0 = std::time::Instant::now();
+        let waiting: Vec<_> = first
+            .into_iter()
+            .map(|mut a| tokio::spawn(async move { a.next_rendezvous().await.map(|j| (a, j)) }))
+            .collect();
+        // The ninth completes the round and dies before writing any seat.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut ninth = agent_with(server.port(), 8, cfg, 60.0).await;
+        ninth.fail_before_seats = true;
+        assert!(ninth.next_rendezvous().await.is_err());
+        for w in waiting {
+            let r = tokio::time::timeout(Duration::from_secs(10), w)
+                .await
+                .expect("joined within 10 s of the round completing (last call: 30 s)");
+            let (_, j) = r.unwrap().unwrap();
+            assert_eq!((j.round, j.world_size), (0, 9));
+        }
+        eprintln!(
+            "eight joined {:.1} s after the start",
+            t0.elapsed().as_secs_f64()
+        );
         server.shutdown().await;
     }
 }

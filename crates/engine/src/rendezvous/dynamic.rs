@@ -980,7 +980,10 @@ mod tests {
         apply_request(&mut s, Request::Join(a.clone()), NOW + 12.0, &cf);
         apply_request(&mut s, Request::Join(b.clone()), NOW + 12.0, &cf);
         settle(&mut s, NOW + 12.0, &cf);
-        assert!(!s.complete || s.participants.contains_key(&c), "c still holds the old round");
+        assert!(
+            !s.complete || s.participants.contains_key(&c),
+            "c still holds the old round"
+        );
         s.last_heartbeats.insert(c.clone(), NOW);
         let evicted = sanitize(&mut s, NOW + 26.0, &cf);
         assert_eq!(evicted, vec![c.clone()]);
