@@ -31,7 +31,7 @@
 //! before.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tcpstore::{Client, ClientError};
 
@@ -52,12 +52,28 @@ pub fn now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// Heartbeat counters of the watched nodes and when (by this agent's clock)
-/// each last moved.
-#[derive(Default)]
+/// Heartbeat counters of the watched nodes and when (by this agent's
+/// monotonic clock: a step of the wall clock, from NTP or a resumed VM,
+/// must neither make live nodes look dead nor suspend eviction) each last
+/// moved.
 struct Liveness {
-    seen: HashMap<Node, (i64, f64)>,
-    next_check: f64,
+    seen: HashMap<Node, (i64, Instant)>,
+    next_check: Instant,
+    /// A watched node missed a beat: every node of the state is read while
+    /// one is late, so that a rack that died together is evicted within one
+    /// window, not one window per [`WATCHED`] nodes (each newly watched one
+    /// would start a timer of its own).
+    sweeping: bool,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            seen: HashMap::new(),
+            next_check: Instant::now(),
+            sweeping: false,
+        }
+    }
 }
 
 /// One agent's view of the dynamic rendezvous.
@@ -81,6 +97,8 @@ pub struct DynamicRdzv {
     /// participants and this node's rank).
     joined: Option<Membership>,
     liveness: Liveness,
+    /// While sweeping: every node of the state when the sweep began.
+    everyone: Vec<Node>,
     /// The nodes whose heartbeats this agent watches.
     watched: Vec<Node>,
     /// Whether the fast path just waited in vain for an ack (the general
@@ -261,6 +279,7 @@ impl DynamicRdzv {
             read_at: 0.0,
             joined: None,
             liveness: Liveness::default(),
+            everyone: Vec::new(),
             watched: Vec::new(),
             waited: None,
             heartbeat: Some(heartbeat),
@@ -457,6 +476,12 @@ impl DynamicRdzv {
         // and its completer died between its write and the seats (or this
         // node is not in it): the state says what happened.
         let mut seatless = false;
+        // Heartbeats are read from the start: a node that died with the
+        // workers that brought us here is timed from now, not from the
+        // first wait's end.
+        if self.check_liveness(now()).await? {
+            return Ok(None);
+        }
         loop {
             let t = now();
             if t >= self.op_deadline {
@@ -621,18 +646,54 @@ impl DynamicRdzv {
         self.watched.clone()
     }
 
-    /// Reads the watched heartbeat counters if due. Returns whether one of
-    /// them has not moved for the dead-node window.
-    async fn check_liveness(&mut self, t: f64) -> Result<bool, RendezvousError> {
-        if t >= self.liveness.next_check {
-            self.liveness.next_check = t + WATCH_EVERY.min(self.cfg.keep_alive_interval);
-            let watched = self.watch_set();
+    /// Reads the watched heartbeat counters if due (every node's while
+    /// sweeping). Returns whether one of them has not moved for the
+    /// dead-node window. `_t` is the wall time of the caller's decision;
+    /// ages are measured on the monotonic clock.
+    async fn check_liveness(&mut self, _t: f64) -> Result<bool, RendezvousError> {
+        let now = Instant::now();
+        // One beat missed: suspicion enough to look at everyone (a few
+        // reads, no eviction: that still takes the whole window).
+        let late_after = Duration::from_secs_f64(self.cfg.keep_alive_interval);
+        let dead_after = Duration::from_secs_f64(self.cfg.dead_after());
+        if now >= self.liveness.next_check {
+            self.liveness.next_check =
+                now + Duration::from_secs_f64(WATCH_EVERY.min(self.cfg.keep_alive_interval));
+            let late = self
+                .liveness
+                .seen
+                .iter()
+                .any(|(n, &(_, at))| now.duration_since(at) > late_after && self.present(n));
+            if late != self.liveness.sweeping {
+                self.liveness.sweeping = late;
+                self.everyone = if late {
+                    // Who else is there: the state as it is now (read
+                    // aside: the caller's view and CAS token stay as
+                    // they are).
+                    let raw = self.client.get_now(&self.key).await?;
+                    State::decode(&String::from_utf8_lossy(&raw))
+                        .map(|st| st.nodes().cloned().collect())
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+            }
+            let mut watched = self.watch_set();
+            if late {
+                let known: BTreeSet<Node> = watched.iter().cloned().collect();
+                watched.extend(
+                    self.everyone
+                        .iter()
+                        .filter(|n| **n != self.node && !known.contains(*n))
+                        .cloned(),
+                );
+            }
             let mut seen = HashMap::with_capacity(watched.len());
             for n in watched {
                 let count = self.client.add(&hb_key(&self.key, &n), 0).await?;
                 let since = match self.liveness.seen.get(&n) {
                     Some(&(c, at)) if c == count => at,
-                    _ => t,
+                    _ => now,
                 };
                 seen.insert(n, (count, since));
             }
@@ -641,20 +702,37 @@ impl DynamicRdzv {
         Ok(self
             .liveness
             .seen
-            .values()
-            .any(|&(_, at)| t - at > self.cfg.dead_after()))
+            .iter()
+            .any(|(n, &(_, at))| now.duration_since(at) > dead_after && self.present(n)))
     }
 
-    /// Fills the state's heartbeat times from what this agent saw of the
-    /// nodes it watches. Only those can be evicted here: the others are
-    /// their own watchers' to judge.
-    fn observe(&self, s: &mut State) {
+    /// Whether `n` is still in the rendezvous as this agent knows it: a
+    /// node already evicted (by us or another watcher) is no reason to act.
+    fn present(&self, n: &Node) -> bool {
+        self.watched.contains(n) || in_any_list(&self.state, n)
+    }
+
+    /// Fills the state's heartbeat times (wall clock, as of `t`) from what
+    /// this agent saw of the nodes it watches (of every node, while it
+    /// sweeps). Only those can be evicted here: the others are their own
+    /// watchers' to judge.
+    fn observe(&self, s: &mut State, t: f64) {
+        let now = Instant::now();
         s.last_heartbeats = self
             .liveness
             .seen
             .iter()
-            .map(|(n, &(_, at))| (n.clone(), at))
+            .map(|(n, &(_, at))| (n.clone(), t - now.duration_since(at).as_secs_f64()))
             .collect();
+    }
+
+    /// When the next heartbeat check is due, as a wall time.
+    fn next_liveness_check(&self, t: f64) -> f64 {
+        t + self
+            .liveness
+            .next_check
+            .saturating_duration_since(Instant::now())
+            .as_secs_f64()
     }
 
     /// Whether this node's request is already reflected in the state.
@@ -740,7 +818,7 @@ impl DynamicRdzv {
             let log = self.client.get_now(&log_key).await?;
             let mut next = self.state.clone();
             let applied = dynamic::drain(&mut next, &log, t, &self.cfg);
-            self.observe(&mut next);
+            self.observe(&mut next, t);
             if !dynamic::sanitize(&mut next, t, &self.cfg).is_empty() {
                 dynamic::settle(&mut next, t, &self.cfg);
             }
@@ -842,7 +920,7 @@ impl DynamicRdzv {
         let key = self.wake_key(round);
         loop {
             let t = now();
-            let mut until = self.liveness.next_check.max(t0).min(self.op_deadline);
+            let mut until = self.next_liveness_check(t).max(t0).min(self.op_deadline);
             if let Some(d) = deadline {
                 until = until.min(d);
             }
@@ -981,7 +1059,7 @@ impl DynamicRdzv {
         let mut evicted = Vec::new();
         if dead {
             let mut next = self.state.clone();
-            self.observe(&mut next);
+            self.observe(&mut next, t);
             evicted = dynamic::sanitize(&mut next, t, &self.cfg);
             if !evicted.is_empty() {
                 dynamic::settle(&mut next, t, &self.cfg);
@@ -1298,6 +1376,43 @@ mod tests {
             "eight joined {:.1} s after the start",
             t0.elapsed().as_secs_f64()
         );
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rack_of_dead_nodes_is_evicted_within_about_one_window() {
+        let server = Server::bind(BindAddr::Any(0)).unwrap().spawn();
+        let n = 20;
+        let cfg = Settings {
+            min_nodes: 2,
+            max_nodes: n,
+            last_call_timeout: 1.0,
+            keep_alive_interval: 1.0,
+            keep_alive_max_attempt: 2,
+        };
+        let mut agents = Vec::new();
+        for i in 0..n {
+            agents.push(agent_with(server.port(), i, cfg, 60.0).await);
+        }
+        let (mut agents, joined) = all_join(agents).await;
+        assert_one_world(&joined, 0);
+        // Twelve consecutive nodes (a rack) die together.
+        let survivors: Vec<DynamicRdzv> = {
+            let mut keep = agents.split_off(16);
+            agents.truncate(4);
+            agents.append(&mut keep);
+            agents
+        };
+        let t0 = std::time::Instant::now();
+        let (_, joined) = tokio::time::timeout(Duration::from_secs(30), all_join(survivors))
+            .await
+            .expect("re-formed");
+        let took = t0.elapsed().as_secs_f64();
+        assert!(joined.iter().all(|j| j.world_size == 8));
+        eprintln!("12 dead of 20 evicted and the 8 re-formed in {took:.1} s (window 2 s)");
+        // One window (2 s), a late beat (1.5 s) and the checks' period
+        // (1 s): not one window per three dead nodes (four windows here).
+        assert!(took < 7.0, "took {took:.1} s");
         server.shutdown().await;
     }
 }
