@@ -1,6 +1,7 @@
 //! Several agents on this machine forming one job with the static backend.
 
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_torchrun-rs");
 
@@ -631,6 +632,71 @@ fn clocks_that_differ_between_nodes_do_not_evict_anyone() {
         assert_eq!(code, Some(0), "{out}\n{err}");
         assert!(!err.contains("stopped sending heartbeats"), "{err}");
         assert!(!err.contains("restart"), "no restart expected: {err}");
+    }
+}
+
+#[test]
+fn a_step_of_the_wall_clock_does_not_make_live_nodes_look_dead() {
+    // A node's wall clock jumps 60 s ahead (an NTP step, a resumed VM)
+    // while the job runs; heartbeats every second, dead after 2 s.
+    let lib = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+    assert!(
+        std::path::Path::new(lib).exists(),
+        "this test needs faketime (apt-get install faketime; scripts/test.sh does)"
+    );
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let clock = dir.path().join("clock");
+    std::fs::write(&clock, "+0\n").unwrap();
+    let go = dir.path().join("go");
+    let script = format!(
+        "echo started >> {0}/starts.$GROUP_RANK; while [ ! -e {1} ]; do sleep 0.05; done",
+        dir.path().display(),
+        go.display()
+    );
+    let agent = |n: u8, jumping: bool| {
+        let mut c = Command::new(BIN);
+        c.args([
+            "--nnodes=2",
+            "--nproc-per-node=1",
+            "--rdzv-backend=c10d",
+            &format!("--rdzv-endpoint=127.0.0.2:{port}"),
+            "--rdzv-id=clock-step",
+            &format!("--local-addr=127.0.0.{n}"),
+            "--rdzv-conf=keep_alive_interval=1,keep_alive_max_attempt=2,last_call_timeout=1",
+            "--no-python",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        if jumping {
+            // The wall clock only: the monotonic one is the kernel's.
+            c.env("LD_PRELOAD", lib)
+                .env("FAKETIME_TIMESTAMP_FILE", &clock)
+                .env("FAKETIME_NO_CACHE", "1")
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
+        c.spawn().unwrap()
+    };
+    let host = agent(2, false);
+    let stepping = agent(3, true);
+    testkit::wait_for(Duration::from_secs(60), "both workers", || {
+        (dir.path().join("starts.0").exists() && dir.path().join("starts.1").exists()).then_some(())
+    });
+    std::fs::write(&clock, "+60\n").unwrap();
+    // Two and a half dead-node windows: what would evict, would have.
+    std::thread::sleep(Duration::from_secs(5));
+    std::fs::write(&go, "").unwrap();
+    for a in [host, stepping] {
+        let (code, out, err) = finish(a);
+        assert_eq!(code, Some(0), "{out}\n{err}");
+        assert!(!err.contains("stopped sending heartbeats"), "{err}");
+    }
+    for rank in 0..2 {
+        let starts = std::fs::read_to_string(dir.path().join(format!("starts.{rank}"))).unwrap();
+        assert_eq!(starts.lines().count(), 1, "group rank {rank} restarted");
     }
 }
 

@@ -78,12 +78,7 @@ impl C10dBackend {
             keep_alive_interval: settings.keep_alive_interval.as_secs_f64(),
             keep_alive_max_attempt: settings.keep_alive_max_attempt,
         };
-        let node = dynamic::Node {
-            order: settings.node_index.unwrap_or(u32::MAX),
-            addr: local_addr.to_string(),
-            pid: std::process::id(),
-            local_id: 0,
-        };
+        let node = super::this_node(settings.node_index, local_addr);
         let dynamic = c10d::DynamicRdzv::new(
             state_client,
             heartbeat_client,

@@ -42,12 +42,7 @@ impl EtcdBackend {
         let worker_store = Server::bind(BindAddr::Any(0))
             .map_err(|source| RendezvousError::Bind { port: 0, source })?
             .spawn();
-        let node = dynamic::Node {
-            order: settings.node_index.unwrap_or(u32::MAX),
-            addr: local_addr.to_string(),
-            pid: std::process::id(),
-            local_id: 0,
-        };
+        let node = super::this_node(settings.node_index, local_addr);
         let cfg = dynamic::Settings {
             min_nodes: config.min_nodes,
             max_nodes: config.max_nodes,

@@ -180,6 +180,22 @@ pub async fn start(
     })
 }
 
+/// This launcher as a node of the dynamic rendezvous. Host name and PID do
+/// not tell launcher starts apart: a restarted container has the same host
+/// name and, with the launcher as PID 1, the same PID. Taken for the old
+/// participant, it would get a seat already consumed and share the old
+/// heartbeat key. A random identity per start (`local_id`) keeps the two
+/// apart; it only breaks ties, so rank order is unchanged.
+pub fn this_node(order: Option<u32>, addr: &str) -> dynamic::Node {
+    use rand::Rng;
+    dynamic::Node {
+        order: order.unwrap_or(u32::MAX),
+        addr: addr.to_string(),
+        pid: std::process::id(),
+        local_id: rand::thread_rng().gen(),
+    }
+}
+
 /// Where an operation of the dynamic rendezvous ends on a decision that
 /// needs no write: `Some` when it is over (done, or failed), `None` when
 /// the agent waits for a change and looks again.
@@ -258,4 +274,21 @@ fn wipe_worker_keys(server: &ServerHandle, run_id: &str) {
     server.retain_keys(|k| {
         k.starts_with(b"/torch.rendezvous.") || k.starts_with(agent_prefix.as_bytes())
     });
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn two_starts_of_a_launcher_with_the_same_host_and_pid_are_two_nodes() {
+        let first = super::this_node(Some(3), "node-7");
+        let restarted = super::this_node(Some(3), "node-7");
+        assert_eq!(
+            (first.order, &first.addr, first.pid),
+            (restarted.order, &restarted.addr, restarted.pid)
+        );
+        assert_ne!(first, restarted);
+        // The identity survives the state's encoding.
+        let text = super::dynamic::node_text(&restarted);
+        assert_eq!(super::dynamic::node_parse(&text), Some(restarted));
+    }
 }
