@@ -701,6 +701,56 @@ fn a_step_of_the_wall_clock_does_not_make_live_nodes_look_dead() {
 }
 
 #[test]
+fn a_store_that_freezes_while_a_node_joins_fails_the_join_in_bounded_time() {
+    let store = testkit::StoreProcess::start(&store_bin(), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let mut agent = Command::new(BIN)
+        .args([
+            "--nnodes=2",
+            "--rdzv-backend=c10d",
+            &format!("--rdzv-endpoint=127.0.0.1:{}", store.port),
+            "--rdzv-id=frozen",
+            "--rdzv-conf=is_host=false,read_timeout=3,join_timeout=600",
+            "--events-file",
+        ])
+        .arg(&events)
+        .args(["--no-python", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    testkit::wait_for(Duration::from_secs(30), "the agent joining", || {
+        std::fs::read_to_string(&events)
+            .ok()
+            .filter(|e| e.contains("rendezvous_joining"))
+    });
+    // The store's host stops answering, without closing anything.
+    // SAFETY: a plain system call on a process this test started.
+    unsafe { libc::kill(store.pid() as i32, libc::SIGSTOP) };
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = agent.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = agent.kill();
+            // SAFETY: as above.
+            unsafe { libc::kill(store.pid() as i32, libc::SIGCONT) };
+            panic!("the agent still waits on a frozen store after 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // SAFETY: as above.
+    unsafe { libc::kill(store.pid() as i32, libc::SIGCONT) };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut agent.stderr.take().unwrap(), &mut err).unwrap();
+    assert_ne!(status.code(), Some(0), "{err}");
+    assert!(err.contains("did not answer within"), "{err}");
+    eprintln!("a frozen store failed the join after {:?}", t0.elapsed());
+}
+
+#[test]
 fn two_jobs_with_different_ids_share_one_store() {
     let store = testkit::StoreProcess::start(&store_bin(), &[]);
     let conf = format!("{FAST},is_host=false");

@@ -248,13 +248,22 @@ async fn connect_store(
         initial_backoff: Duration::from_millis(10),
         ..ConnectOptions::default()
     };
-    Client::connect(host, port, opts)
-        .await
-        .map_err(|source| RendezvousError::Connect {
-            addr: format!("{host}:{port}"),
-            source,
-        })
+    let mut client =
+        Client::connect(host, port, opts)
+            .await
+            .map_err(|source| RendezvousError::Connect {
+                addr: format!("{host}:{port}"),
+                source,
+            })?;
+    // A store host that vanishes without a reset (power loss, a partition)
+    // fails a request after this, not after the kernel's retransmissions.
+    client.set_request_timeout(timeout.min(MAX_REQUEST_TIME));
+    Ok(client)
 }
+
+/// The longest a rendezvous store request waits for its answer (less when
+/// `read_timeout` is shorter).
+const MAX_REQUEST_TIME: Duration = Duration::from_secs(30);
 
 /// Hosts a store on `port` (0: any free port) and connects to it.
 async fn host_store(port: u16) -> Result<(ServerHandle, Client), RendezvousError> {
