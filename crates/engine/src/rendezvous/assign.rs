@@ -78,7 +78,15 @@ pub(crate) struct RoundStore {
     round_prefix: String,
     /// How long a node that finished waits for the others.
     exit_barrier_timeout: Duration,
+    /// The key prefixes of this node's recent rounds and its group rank in
+    /// each: what it wrote there is deleted two rounds later (nobody reads
+    /// a round that old), so the store does not grow with every restart.
+    recent: std::collections::VecDeque<(String, u32)>,
 }
+
+/// How many rounds' keys a node keeps (its current round and the one
+/// before, which a slow node may still be reading).
+const ROUNDS_KEPT: usize = 2;
 
 impl RoundStore {
     pub fn new(client: Client, exit_barrier_timeout: Duration) -> RoundStore {
@@ -90,6 +98,7 @@ impl RoundStore {
             master_port: 0,
             round_prefix: String::new(),
             exit_barrier_timeout,
+            recent: std::collections::VecDeque::new(),
         }
     }
 
@@ -100,6 +109,7 @@ impl RoundStore {
         prefix: String,
     ) -> Result<Assignment, RendezvousError> {
         self.round_prefix = prefix.clone();
+        self.forget_old_rounds(&prefix).await?;
         let c = &mut self.client;
         let me = RoleInfo {
             role: config.role.clone(),
@@ -163,6 +173,27 @@ impl RoundStore {
             master_addr: self.master_addr.clone(),
             master_port: self.master_port,
         })
+    }
+
+    /// Deletes the keys this node wrote in the round before last.
+    async fn forget_old_rounds(&mut self, prefix: &str) -> Result<(), RendezvousError> {
+        if self.recent.back().is_some_and(|(p, _)| p == prefix) {
+            return Ok(());
+        }
+        self.recent.push_back((prefix.to_string(), self.group_rank));
+        while self.recent.len() > ROUNDS_KEPT {
+            let Some((old, g)) = self.recent.pop_front() else {
+                break;
+            };
+            for k in [
+                format!("{old}/torchelastic/role_info/{g}"),
+                format!("{old}/torchelastic/assigned_ranks/{g}"),
+                format!("{old}/torchrun_rs/hang/{g}"),
+            ] {
+                self.client.delete_key(&k).await?;
+            }
+        }
+        Ok(())
     }
 
     /// A hang report across nodes: every node writes its `report` for this
@@ -268,5 +299,33 @@ mod tests {
             r#"{"role": "default", "rank": 0, "local_world_size": 2}"#
         );
         assert_eq!(RoleInfo::from_json(&r.to_json()), Some(r));
+    }
+
+    #[tokio::test]
+    async fn a_nodes_keys_of_old_rounds_are_deleted() {
+        let server = tcpstore::Server::bind(tcpstore::BindAddr::Any(0))
+            .unwrap()
+            .spawn();
+        let connect = || {
+            tcpstore::Client::connect(
+                "127.0.0.1",
+                server.port(),
+                tcpstore::ConnectOptions::default(),
+            )
+        };
+        let mut store = RoundStore::new(connect().await.unwrap(), Duration::from_secs(5));
+        let mut counter = connect().await.unwrap();
+        let config = LaunchConfig::default();
+        let mut sizes = Vec::new();
+        for round in 0..10 {
+            store
+                .assign(&config, format!("torch.rendezvous.x.{round}"))
+                .await
+                .unwrap();
+            let _ = store.share("rank 0", Duration::from_millis(1)).await;
+            sizes.push(counter.num_keys().await.unwrap());
+        }
+        assert!(sizes[9] <= sizes[2], "keys per round: {sizes:?}");
+        server.shutdown().await;
     }
 }

@@ -582,9 +582,13 @@ impl DynamicRdzv {
         self.client.set(&k, sum.as_bytes()).await?;
         let k = self.version_key();
         let version = self.client.add(&k, 1).await?;
-        // The write claim of the version this write replaced is spent.
-        let claim = format!("{}.writing.{}", self.key, version - 1);
-        self.client.delete_key(&claim).await?;
+        // The write claims of the version this write replaced are spent,
+        // and so is the one before: an agent that read that version late
+        // may have added its claim again after it was deleted.
+        for v in [version - 1, version - 2] {
+            let claim = format!("{}.writing.{v}", self.key);
+            self.client.delete_key(&claim).await?;
+        }
         let mut wake = Vec::new();
         let s = &self.state;
         if s.complete && !(old.complete && old.round == s.round) {
@@ -608,6 +612,11 @@ impl DynamicRdzv {
         for r in wake {
             let k = self.wake_key(r);
             self.client.set(&k, b"1").await?;
+            // Nobody waits for a round two behind this one.
+            if let Some(old) = r.checked_sub(2) {
+                let k = self.wake_key(old);
+                self.client.delete_key(&k).await?;
+            }
         }
         Ok(true)
     }
@@ -819,9 +828,11 @@ impl DynamicRdzv {
             let mut next = self.state.clone();
             let applied = dynamic::drain(&mut next, &log, t, &self.cfg);
             self.observe(&mut next, t);
+            let before = next.clone();
             if !dynamic::sanitize(&mut next, t, &self.cfg).is_empty() {
                 dynamic::settle(&mut next, t, &self.cfg);
             }
+            let dead_gone = gone(&before, &next);
             let action = op(&next, &self.node, t);
             let mutation = is_mutation(action);
             if mutation {
@@ -830,6 +841,9 @@ impl DynamicRdzv {
             if next.encode().as_bytes() != self.token.as_slice() {
                 // A lost race re-read the state: decide again on it.
                 let won = self.cas(&next).await?;
+                if won {
+                    self.forget_nodes(&dead_gone).await?;
+                }
                 if won && !applied.is_empty() {
                     self.ack(&applied).await?;
                     self.serve_pending().await?;
@@ -1015,6 +1029,10 @@ impl DynamicRdzv {
             digest: digest(&self.state.participants),
             rank,
         });
+        // The completer left a seat for every participant; this one joined
+        // from the state and will not read it.
+        let seat = self.seat_key(self.state.round, &self.node);
+        self.client.delete_key(&seat).await?;
         let (master_addr, master_port) = self.master_of(&rank0).await?;
         Ok(Joined {
             round: self.state.round,
@@ -1060,11 +1078,14 @@ impl DynamicRdzv {
         if dead {
             let mut next = self.state.clone();
             self.observe(&mut next, t);
+            let before = next.clone();
             evicted = dynamic::sanitize(&mut next, t, &self.cfg);
             if !evicted.is_empty() {
                 dynamic::settle(&mut next, t, &self.cfg);
                 // A lost race is fine: the next check tries again.
-                self.cas(&next).await?;
+                if self.cas(&next).await? {
+                    self.forget_nodes(&gone(&before, &next)).await?;
+                }
             }
         }
         let Some(m) = self.joined else {
@@ -1096,6 +1117,26 @@ impl DynamicRdzv {
         Ok(changed)
     }
 
+    /// Deletes the keys of nodes that left the rendezvous for good (evicted
+    /// or quit): heartbeat counter, published store, acks. A job whose
+    /// launchers come and go does not grow the store with each one.
+    async fn forget_nodes(&mut self, nodes: &[Node]) -> Result<(), RendezvousError> {
+        for n in nodes {
+            let mut keys = vec![hb_key(&self.key, n), self.master_key(n)];
+            for r in [
+                Request::Join(n.clone()),
+                Request::Leave(n.clone()),
+                Request::Quit(n.clone()),
+            ] {
+                keys.push(self.ack_key(&r));
+            }
+            for k in keys {
+                self.client.delete_key(&k).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Takes this node out of the rendezvous for good, without closing it:
     /// the others re-form at once instead of after the heartbeat window.
     pub async fn quit(&mut self) -> Result<(), RendezvousError> {
@@ -1117,6 +1158,16 @@ impl DynamicRdzv {
         Ok(())
     }
 
+    /// After a quit: this node's own keys go too (its heartbeat stops
+    /// with the process).
+    pub async fn forget_self(&mut self) -> Result<(), RendezvousError> {
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
+        }
+        let me = self.node.clone();
+        self.forget_nodes(&[me]).await
+    }
+
     /// Marks the rendezvous closed: later joiners fail, spares exit 0.
     pub async fn close(&mut self) -> Result<(), RendezvousError> {
         // Every node closes at the end: most find it done.
@@ -1130,6 +1181,15 @@ impl DynamicRdzv {
             .await?;
         Ok(())
     }
+}
+
+/// The nodes `before` lists and `after` does not.
+fn gone(before: &State, after: &State) -> Vec<Node> {
+    before
+        .nodes()
+        .filter(|n| !in_any_list(after, n))
+        .cloned()
+        .collect()
 }
 
 /// Every node the state lists, in node order.
@@ -1413,6 +1473,30 @@ mod tests {
         // One window (2 s), a late beat (1.5 s) and the checks' period
         // (1 s): not one window per three dead nodes (four windows here).
         assert!(took < 7.0, "took {took:.1} s");
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_store_does_not_grow_with_every_restart() {
+        let server = Server::bind(BindAddr::Any(0)).unwrap().spawn();
+        let n = 4;
+        let mut agents = Vec::new();
+        for i in 0..n {
+            agents.push(agent(server.port(), i, n).await);
+        }
+        let mut counter = Client::connect("127.0.0.1", server.port(), ConnectOptions::default())
+            .await
+            .unwrap();
+        let mut sizes = Vec::new();
+        for round in 0..12 {
+            let (a, joined) = all_join(agents).await;
+            assert_one_world(&joined, round);
+            agents = a;
+            sizes.push(counter.num_keys().await.unwrap());
+        }
+        // A few rounds in, every kind of key exists; after that the count
+        // stays put, whatever the number of restarts.
+        assert!(sizes[11] <= sizes[3], "keys per round: {sizes:?}");
         server.shutdown().await;
     }
 }

@@ -176,7 +176,12 @@ impl RendezvousBackend for C10dBackend {
     /// other nodes re-form at once rather than after the heartbeat window.
     /// Bounded: a store that does not answer does not hold the exit.
     async fn leave(&mut self) {
-        super::leave_within(self.dynamic.quit(), "the store").await;
+        let dynamic = &mut self.dynamic;
+        let quit = async move {
+            dynamic.quit().await?;
+            dynamic.forget_self().await
+        };
+        super::leave_within(quit, "the store").await;
     }
 
     async fn shutdown(self) {
