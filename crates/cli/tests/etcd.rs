@@ -551,3 +551,33 @@ fn a_signal_stops_an_agent_waiting_for_the_others_and_it_leaves() {
     assert!(!left.iter().any(|k| k.contains("/alive/")), "{left:?}");
     assert!(!after.contains("127.0.0.2"), "{after}");
 }
+
+/// etcd's only endpoint goes away for a moment (a restart, as a leader
+/// election would make it answer UNAVAILABLE) while a node waits for the
+/// other: the node keeps waiting instead of ending the job.
+#[test]
+fn a_node_waiting_for_the_others_survives_a_restart_of_etcd() {
+    let mut etcd = EtcdServer::start();
+    let mut spec = Agent::new(&etcd, 2, "2");
+    // A lease long enough to outlive the restart: what is tested is the
+    // requests that fail meanwhile, not eviction.
+    spec.conf = "last_call_timeout=1,keep_alive_interval=2,keep_alive_max_attempt=5".into();
+    let waiting = spec.spawn(&elastic(2));
+    let run = "/torch/elastic/rendezvous/etcd-test/";
+    testkit::wait_for(Duration::from_secs(20), "the first node to join", || {
+        etcd.etcdctl(&["get", "--print-value-only", &format!("{run}state")])
+            .lines()
+            .any(|l| l.starts_with("P ") && l.contains("127.0.0.2"))
+            .then_some(())
+    });
+    etcd.kill();
+    std::thread::sleep(Duration::from_millis(1500));
+    etcd.restart();
+    spec.n = 3;
+    let late = spec.spawn(&elastic(2));
+    let all = all_succeed(vec![running(waiting, "world 2"), running(late, "world 2")]);
+    assert!(
+        all.contains("rank 0 world 2") && all.contains("rank 1 world 2"),
+        "{all}"
+    );
+}

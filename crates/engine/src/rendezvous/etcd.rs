@@ -827,6 +827,17 @@ async fn run_lease(etcd: &Etcd, keys: &Keys, ttl: i64) -> Result<i64, Rendezvous
         if t.succeeded {
             return Ok(mine);
         }
+        // Our own commit, whose reply was lost and which the client sent
+        // again (the compare then fails on it), is not another agent's:
+        // revoking `mine` would delete what is written on it.
+        let (now, _) = etcd.range(&key, false).await?;
+        if now
+            .first()
+            .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse::<i64>().ok())
+            == Some(mine)
+        {
+            return Ok(mine);
+        }
         // Another agent recorded its lease first: use that one.
         let _ = etcd.revoke(mine).await;
     }

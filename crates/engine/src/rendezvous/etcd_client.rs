@@ -360,8 +360,36 @@ impl Etcd {
     }
 
     /// Sends `body` to `path` on the first endpoint that answers, logging
-    /// in first (and again when the token expired).
+    /// in first (and again when the token expired). When none answers (a
+    /// leader election, `UNAVAILABLE`; a restart of the only endpoint), the
+    /// endpoints are tried again with backoff for up to `read_timeout`
+    /// before the request fails: a blip of etcd must not end the job.
+    ///
+    /// A request sent again may have been applied the first time (its reply
+    /// lost). Reads and puts are idempotent; a transaction's compare then
+    /// fails on its own earlier write, and every caller of a transaction
+    /// re-reads what it compared before deciding (see `run_lease`).
     async fn call(&self, path: &str, body: &Value) -> Result<Value, EtcdError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.call_once(path, body).await {
+                Err(e @ EtcdError::Unreachable { .. }) => {
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
+                        return Err(e);
+                    }
+                    tracing::debug!("etcd did not answer ({e}); trying again in {pause:?}");
+                    tokio::time::sleep(pause.min(deadline - now)).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One pass over the endpoints.
+    async fn call_once(&self, path: &str, body: &Value) -> Result<Value, EtcdError> {
         let n = self.bases.len();
         let first = self.current.load(Ordering::Relaxed);
         let mut reasons = Vec::new();
