@@ -987,3 +987,101 @@ fn summary(s: &State) -> String {
         s.redundancy_list.len()
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A proxy in front of etcd that forwards everything, but answers the
+    /// first transaction with a closed connection once etcd has applied
+    /// it (a reply lost on the way back). Counts the lease grants.
+    async fn lossy_proxy(upstream: u16, grants: Arc<AtomicUsize>) -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                let (grants, lost) = (grants.clone(), lost.clone());
+                tokio::spawn(async move {
+                    let mut up = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
+                        .await
+                        .unwrap();
+                    let (mut cr, mut cw) = client.split();
+                    let (mut ur, mut uw) = up.split();
+                    let mut from_client = [0u8; 65536];
+                    let mut from_up = [0u8; 65536];
+                    loop {
+                        tokio::select! {
+                            n = cr.read(&mut from_client) => {
+                                let Ok(n @ 1..) = n else { return };
+                                let chunk = &from_client[..n];
+                                let text = String::from_utf8_lossy(chunk);
+                                if text.contains("/v3/lease/grant") {
+                                    grants.fetch_add(1, Ordering::SeqCst);
+                                }
+                                if uw.write_all(chunk).await.is_err() {
+                                    return;
+                                }
+                                if text.contains("/v3/kv/txn") && !lost.swap(true, Ordering::SeqCst) {
+                                    // Let etcd apply it, then lose the reply.
+                                    tokio::time::sleep(Duration::from_millis(300)).await;
+                                    return;
+                                }
+                            }
+                            n = ur.read(&mut from_up) => {
+                                let Ok(n @ 1..) = n else { return };
+                                if cw.write_all(&from_up[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_lease_whose_commit_reply_was_lost_is_kept_not_revoked() {
+        let etcd = testkit::EtcdServer::start();
+        let grants = Arc::new(AtomicUsize::new(0));
+        let proxy = lossy_proxy(etcd.port, grants.clone()).await;
+        let client = Etcd::connect(&super::super::etcd_client::EtcdOptions {
+            endpoints: vec![format!("127.0.0.1:{proxy}")],
+            https: false,
+            ca_cert: None,
+            client_cert: None,
+            username: None,
+            password: None,
+            timeout: Duration::from_secs(10),
+        })
+        .await
+        .unwrap();
+        let keys = Keys {
+            root: "/torch/elastic/rendezvous/lost-reply/".into(),
+        };
+        let lease = run_lease(&client, &keys, 30).await.unwrap();
+        // The lease its own (re-sent) transaction recorded is the one used:
+        // granted once, alive, and the one recorded.
+        assert_eq!(
+            grants.load(Ordering::SeqCst),
+            1,
+            "a second lease was granted"
+        );
+        assert!(
+            client.keep_alive(lease).await.unwrap() > 0,
+            "the lease was revoked"
+        );
+        let (kvs, _) = client.range(&keys.lease(), false).await.unwrap();
+        assert_eq!(
+            std::str::from_utf8(&kvs[0].value).unwrap(),
+            lease.to_string()
+        );
+    }
+}
