@@ -299,6 +299,82 @@ fn survivors_of_a_killed_node_re_form_a_smaller_world() {
 }
 
 #[test]
+fn a_killed_agent_is_seen_at_once_and_a_gloo_job_re_forms_without_the_heartbeat_window() {
+    // Default heartbeats (5 s x 3): re-forming within seconds means the
+    // death was seen through the closed connection, not the window.
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let job = vec![
+        helper("allreduce_loop.py"),
+        dir.path().display().to_string(),
+        "2".to_string(),
+    ];
+    let conf = "last_call_timeout=1";
+    let start = |n: u8| {
+        let mut c = Command::new(BIN);
+        c.args([
+            "--nnodes=2:3",
+            "--nproc-per-node=1",
+            "--max-restarts=3",
+            "--rdzv-backend=c10d",
+            &format!("--rdzv-endpoint=127.0.0.2:{port}"),
+            "--rdzv-id=killed",
+            &format!("--local-addr=127.0.0.{n}"),
+            &format!("--rdzv-conf={conf}"),
+        ])
+        .args(&job)
+        .env("PYTHON_EXEC", testkit::torch_python())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        c.spawn().unwrap()
+    };
+    let mut a = start(2);
+    let mut b = start(3);
+    let mut c = start(4);
+    let (ra, seen_a) = wait_line(&mut a, "world 3");
+    let (rb, seen_b) = wait_line(&mut b, "world 3");
+    let (_rc, _) = wait_line(&mut c, "world 3");
+    // The agent that does not host the store dies, and its worker with it.
+    let t0 = std::time::Instant::now();
+    // SAFETY: a plain system call on a child of this test.
+    unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+    c.wait().unwrap();
+    // Both survivors' new workers start (group ranks 0 and 1 again).
+    let starts = |g: u32| {
+        std::fs::read_to_string(dir.path().join(format!("start.{g}")))
+            .map_or(0, |s| s.lines().count())
+    };
+    testkit::wait_for(
+        Duration::from_secs(60),
+        "the survivors' new workers",
+        || (starts(0) >= 2 && starts(1) >= 2).then_some(()),
+    );
+    let took = t0.elapsed();
+    let all = kill_finish(vec![(a, ra, seen_a), (b, rb, seen_b)]);
+    assert!(
+        all.contains("rank 0 world 2") && all.contains("rank 1 world 2"),
+        "the survivors re-formed a world of 2: {all}"
+    );
+    eprintln!("agent killed -> survivors' new workers started in {took:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "{took:?}: the heartbeat window (15 s) was waited out"
+    );
+}
+
+/// Waits for each agent to exit 0; everything they printed.
+fn kill_finish(agents: Vec<Running>) -> String {
+    let mut all = String::new();
+    for (mut child, mut rest, seen) in agents {
+        let code = child.wait().unwrap().code();
+        all += &seen;
+        std::io::Read::read_to_string(&mut rest, &mut all).unwrap();
+        assert_eq!(code, Some(0), "{all}");
+    }
+    all
+}
+
+#[test]
 fn a_node_stopped_by_sigterm_leaves_and_the_survivors_re_form_at_once() {
     // Default heartbeats: without the leave, the survivors would wait for
     // the 15 s heartbeat window.

@@ -43,10 +43,6 @@ pub enum RunResult {
     Signaled { signal: i32 },
 }
 
-/// Grace period when stopping a group for a restart or after a sibling's
-/// failure: torch hard-codes 30 s there, whatever `--shutdown-timeout` says.
-const RESTART_GRACE: Duration = Duration::from_secs(30);
-
 /// Beyond the exit barrier and the close: the time the store's requests may
 /// take (each is bounded by its client's request timeout).
 const FINISH_MARGIN: Duration = Duration::from_secs(60);
@@ -742,7 +738,10 @@ impl<'a> Agent<'a> {
         let Phase::Running(group) = self.take_phase() else {
             unreachable!("called while running")
         };
-        self.begin_stop(group, sig, RESTART_GRACE, AfterStop::Failed(failures))
+        // torch hard-codes 30 s here whatever `--shutdown-timeout` says
+        // (pytorch PR #192815 is open for it); the flag bounds every stop.
+        let grace = self.launch.config.shutdown_timeout;
+        self.begin_stop(group, sig, grace, AfterStop::Failed(failures))
     }
 
     fn on_rendezvous(&mut self, r: RdzvEvent) -> Done {
@@ -918,7 +917,8 @@ impl<'a> Agent<'a> {
                 let Phase::Running(group) = self.take_phase() else {
                     unreachable!("called while running")
                 };
-                self.begin_stop(group, libc::SIGTERM, RESTART_GRACE, AfterStop::Regroup)
+                let grace = self.launch.config.shutdown_timeout;
+                self.begin_stop(group, libc::SIGTERM, grace, AfterStop::Regroup)
             }
             Err(e) => {
                 // Said once, not at every check; the workers keep running.
@@ -1247,11 +1247,24 @@ impl<'a> Agent<'a> {
     /// Every worker of the stopping group is gone: release it and go on.
     fn end_stop(&mut self) -> Done {
         let Phase::Stopping {
-            mut group, then, ..
+            mut group,
+            then,
+            stop,
         } = self.take_phase()
         else {
             unreachable!("called while stopping")
         };
+        // How much of the recovery the stop took (workers blocked in a
+        // collective whose peer died are what makes it long).
+        let took = stop.took().as_secs_f64();
+        tracing::info!(
+            "[{}] the worker group stopped in {took:.3} s",
+            self.launch.config.role
+        );
+        self.journal.record(
+            "group_stopped",
+            &[("took_s", V::F((took * 1000.0).round() / 1000.0))],
+        );
         self.watched
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -21,6 +21,8 @@ pub struct Stopping {
     sig: i32,
     deadline: Instant,
     killed: bool,
+    /// When the stop began: how much of a recovery the stop takes.
+    began: Instant,
 }
 
 /// What a passed deadline leads to.
@@ -49,6 +51,7 @@ impl Stopping {
             sig,
             deadline: Instant::now() + grace,
             killed: false,
+            began: Instant::now(),
         }
     }
 
@@ -60,11 +63,17 @@ impl Stopping {
             sig: libc::SIGKILL,
             deadline: Instant::now() + AFTER_SIGKILL,
             killed: true,
+            began: Instant::now(),
         }
     }
 
     pub fn deadline(&self) -> Instant {
         self.deadline
+    }
+
+    /// How long the stop has taken so far.
+    pub fn took(&self) -> Duration {
+        self.began.elapsed()
     }
 
     /// Whether the group was SIGKILLed already.

@@ -99,6 +99,9 @@ pub struct DynamicRdzv {
     liveness: Liveness,
     /// While sweeping: every node of the state when the sweep began.
     everyone: Vec<Node>,
+    /// Connections to the watched nodes' launchers: a launcher that dies
+    /// is seen at once, not after the heartbeat window.
+    peers: super::peer_watch::PeerWatch,
     /// The nodes whose heartbeats this agent watches.
     watched: Vec<Node>,
     /// Whether the fast path just waited in vain for an ack (the general
@@ -280,6 +283,7 @@ impl DynamicRdzv {
             joined: None,
             liveness: Liveness::default(),
             everyone: Vec::new(),
+            peers: super::peer_watch::PeerWatch::default(),
             watched: Vec::new(),
             waited: None,
             heartbeat: Some(heartbeat),
@@ -488,7 +492,7 @@ impl DynamicRdzv {
                 return Ok(None);
             }
             let timeout = Duration::from_secs_f64((self.op_deadline - t).clamp(0.01, 1.0));
-            match self.client.wait(&[key.as_str()], timeout).await {
+            match self.wait_or_death(&key, timeout).await {
                 Ok(()) => {
                     let raw = self.client.get_now(&key).await?;
                     // Read once: nobody else needs it.
@@ -521,6 +525,27 @@ impl DynamicRdzv {
                 }
                 seatless = true;
             }
+        }
+    }
+
+    /// Waits for `key` up to `timeout`, or until a watched launcher is
+    /// found gone (then as if the wait timed out: the caller looks again).
+    /// The store client is safe to interrupt.
+    async fn wait_or_death(&mut self, key: &str, timeout: Duration) -> Result<(), ClientError> {
+        let news = self.peers.news.clone();
+        let died = news.notified();
+        tokio::pin!(died);
+        died.as_mut().enable();
+        if self.peers.dead().iter().any(|n| self.present(n)) {
+            return Err(ClientError::WaitTimeout {
+                timeout,
+                keys: vec![key.to_string()],
+            });
+        }
+        let keys = [key];
+        tokio::select! {
+            r = self.client.wait(&keys, timeout) => r,
+            _ = died => Err(ClientError::WaitTimeout { timeout, keys: vec![key.to_string()] }),
         }
     }
 
@@ -660,6 +685,10 @@ impl DynamicRdzv {
     /// dead-node window. `_t` is the wall time of the caller's decision;
     /// ages are measured on the monotonic clock.
     async fn check_liveness(&mut self, _t: f64) -> Result<bool, RendezvousError> {
+        self.hold_peers().await?;
+        if self.peers.dead().iter().any(|n| self.present(n)) {
+            return Ok(true);
+        }
         let now = Instant::now();
         // One beat missed: suspicion enough to look at everyone (a few
         // reads, no eviction: that still takes the whole window).
@@ -715,6 +744,24 @@ impl DynamicRdzv {
             .any(|(n, &(_, at))| now.duration_since(at) > dead_after && self.present(n)))
     }
 
+    /// Holds a connection to each watched node's launcher (at the store
+    /// address it published when it started), and to no other.
+    async fn hold_peers(&mut self) -> Result<(), RendezvousError> {
+        let watched = self.watch_set();
+        self.peers.retain(&watched);
+        for n in watched {
+            if self.peers.watches(&n) {
+                continue;
+            }
+            let k = self.master_key(&n);
+            let addr = String::from_utf8_lossy(&self.client.get_now(&k).await?).into_owned();
+            if !addr.is_empty() {
+                self.peers.watch(n, addr);
+            }
+        }
+        Ok(())
+    }
+
     /// Whether `n` is still in the rendezvous as this agent knows it: a
     /// node already evicted (by us or another watcher) is no reason to act.
     fn present(&self, n: &Node) -> bool {
@@ -733,6 +780,10 @@ impl DynamicRdzv {
             .iter()
             .map(|(n, &(_, at))| (n.clone(), t - now.duration_since(at).as_secs_f64()))
             .collect();
+        // A launcher found gone is as dead as one silent for the window.
+        for n in self.peers.dead() {
+            s.last_heartbeats.insert(n, t - self.cfg.dead_after() - 1.0);
+        }
     }
 
     /// When the next heartbeat check is due, as a wall time.
@@ -939,7 +990,7 @@ impl DynamicRdzv {
                 until = until.min(d);
             }
             let timeout = Duration::from_secs_f64((until - t).clamp(0.01, 5.0));
-            match self.client.wait(&[key.as_str()], timeout).await {
+            match self.wait_or_death(&key, timeout).await {
                 Ok(()) => return Ok(()),
                 Err(ClientError::WaitTimeout { .. }) => {}
                 Err(e) => return Err(e.into()),
@@ -1122,6 +1173,7 @@ impl DynamicRdzv {
     /// launchers come and go does not grow the store with each one.
     async fn forget_nodes(&mut self, nodes: &[Node]) -> Result<(), RendezvousError> {
         for n in nodes {
+            self.peers.forget(n);
             let mut keys = vec![hb_key(&self.key, n), self.master_key(n)];
             for r in [
                 Request::Join(n.clone()),

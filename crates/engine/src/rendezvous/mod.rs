@@ -26,6 +26,7 @@ pub mod etcd_backend;
 pub mod etcd_client;
 mod hosts;
 pub mod local;
+pub mod peer_watch;
 pub mod static_backend;
 pub mod task;
 
