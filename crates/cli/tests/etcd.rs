@@ -169,6 +169,31 @@ fn survivors_of_a_killed_node_re_form_within_the_lease_ttl() {
 }
 
 #[test]
+fn a_killed_agent_is_seen_at_once_not_after_its_lease_ttl() {
+    let etcd = EtcdServer::start();
+    let spec = |n| {
+        let mut a = Agent::new(&etcd, n, "2:3");
+        // Default heartbeats: the lease lives 15 s after the death.
+        a.conf = "last_call_timeout=1".into();
+        a
+    };
+    let started = [2, 3, 4].map(|n| spec(n).spawn(&elastic(2)));
+    let [a, b, c] = started.map(|c| running(c, "world 3"));
+    let (mut c, _rc, _) = c;
+    let t0 = Instant::now();
+    // SAFETY: a plain system call on a child of this test.
+    unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+    c.wait().unwrap();
+    let all = all_succeed(vec![a, b]);
+    let took = t0.elapsed();
+    assert!(all.contains("world 2 restart 0"), "{all}");
+    eprintln!("survivors finished in a world of 2 {took:?} after the node died");
+    // Re-forming and a torch start and exit; the lease (15 s) was not
+    // waited out.
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
+
+#[test]
 fn a_spare_replaces_a_lost_node() {
     let etcd = EtcdServer::start();
     let started = [2, 3].map(|n| Agent::new(&etcd, n, "2:2").spawn(&elastic(3)));

@@ -1245,13 +1245,13 @@ fn gone(before: &State, after: &State) -> Vec<Node> {
 }
 
 /// Every node the state lists, in node order.
-fn sorted_nodes(s: &State) -> Vec<&Node> {
+pub(super) fn sorted_nodes(s: &State) -> Vec<&Node> {
     s.nodes().collect::<BTreeSet<_>>().into_iter().collect()
 }
 
 /// The next [`WATCHED`] nodes after `me` in `all` (sorted, distinct),
 /// wrapping around; `me` itself excluded.
-fn watched_by(all: &[&Node], me: &Node) -> Vec<Node> {
+pub(super) fn watched_by(all: &[&Node], me: &Node) -> Vec<Node> {
     let start = all.partition_point(|n| *n <= me);
     (0..all.len())
         .map(|k| all[(start + k) % all.len()])

@@ -156,6 +156,10 @@ pub struct EtcdRdzv {
     state_lost_seen: u64,
     loss_warned: bool,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The nodes this agent watches the launchers of (the next ones in node
+    /// order among those of the state as last read): `watch_peers` holds
+    /// connections to them.
+    watched: watch::Sender<Vec<Node>>,
 }
 
 impl Drop for EtcdRdzv {
@@ -206,6 +210,7 @@ impl EtcdRdzv {
         });
         let (summary_tx, summary_rx) = watch::channel(None);
         let (deaths_tx, deaths_rx) = watch::channel(Deaths::default());
+        let (watched, watched_rx) = watch::channel(Vec::new());
         let every = Duration::from_secs_f64(p.cfg.keep_alive_interval.max(0.1));
         let tasks = vec![
             tokio::spawn(keep_alive(
@@ -224,6 +229,7 @@ impl EtcdRdzv {
                 keys.deaths_end(),
                 deaths_tx,
             )),
+            tokio::spawn(watch_peers(etcd.clone(), keys.clone(), watched_rx)),
         ];
         Ok(EtcdRdzv {
             evicted: Vec::new(),
@@ -251,6 +257,7 @@ impl EtcdRdzv {
             state_lost_seen: 0,
             loss_warned: false,
             tasks,
+            watched,
         })
     }
 
@@ -288,7 +295,21 @@ impl EtcdRdzv {
                 self.seen_state = true;
             }
         }
+        self.watch_next_nodes();
         Ok(())
+    }
+
+    /// Tells `watch_peers` which launchers to hold connections to.
+    fn watch_next_nodes(&self) {
+        let all = super::c10d::sorted_nodes(&self.state);
+        let next = super::c10d::watched_by(&all, &self.node);
+        self.watched.send_if_modified(|w| {
+            let changed = *w != next;
+            if changed {
+                *w = next;
+            }
+            changed
+        });
     }
 
     /// Reads the state (its value only if it changed since the last read).
@@ -433,6 +454,7 @@ impl EtcdRdzv {
                 self.state = new.clone();
                 self.token = t.revision;
                 self.seen_state = true;
+                self.watch_next_nodes();
                 return Ok(true);
             }
             self.adopt(t.range(0).first())?;
@@ -840,6 +862,51 @@ async fn run_lease(etcd: &Etcd, keys: &Keys, ttl: i64) -> Result<i64, Rendezvous
         }
         // Another agent recorded its lease first: use that one.
         let _ = etcd.revoke(mine).await;
+    }
+}
+
+/// Holds a connection to the launcher of each node in `watched` (at the
+/// worker-store address its alive key holds). A launcher found gone (its
+/// port refuses connections) has its alive key deleted at once: every
+/// agent learns of the death from the deletions watch, as after its lease
+/// expired, without waiting out the lease's TTL.
+async fn watch_peers(etcd: Arc<Etcd>, keys: Keys, mut watched: watch::Receiver<Vec<Node>>) {
+    let mut peers = super::peer_watch::PeerWatch::default();
+    let news = peers.news.clone();
+    loop {
+        // Armed before looking, so that a death meanwhile is not missed.
+        let died = news.notified();
+        tokio::pin!(died);
+        died.as_mut().enable();
+        let now: Vec<Node> = watched.borrow_and_update().clone();
+        peers.retain(&now);
+        for n in &now {
+            if peers.watches(n) {
+                continue;
+            }
+            if let Ok((kvs, _)) = etcd.range(&keys.alive(n), false).await {
+                if let Some(kv) = kvs.first() {
+                    peers.watch(n.clone(), String::from_utf8_lossy(&kv.value).into_owned());
+                }
+            }
+        }
+        for n in peers.dead() {
+            match etcd.delete(&keys.alive(&n)).await {
+                Ok(_) => peers.forget(&n),
+                Err(e) => tracing::debug!("cannot delete a dead node's alive key yet: {e}"),
+            }
+        }
+        tokio::select! {
+            changed = watched.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = died => {}
+            // A node not found at first (its alive key not yet written), or
+            // a deletion that failed: look again.
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
 
