@@ -362,6 +362,76 @@ fn a_killed_agent_is_seen_at_once_and_a_gloo_job_re_forms_without_the_heartbeat_
     );
 }
 
+#[test]
+fn a_frozen_node_is_evicted_within_its_heartbeat_window() {
+    // Heartbeats every second, dead after 3 s; one node's agent and worker
+    // stop (SIGSTOP: no FIN, no RST, as a machine that hangs).
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let job = vec![
+        helper("allreduce_loop.py"),
+        dir.path().display().to_string(),
+        "2".to_string(),
+    ];
+    let conf = "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3";
+    let start = |n: u8| {
+        Command::new(BIN)
+            .args([
+                "--nnodes=2:3",
+                "--nproc-per-node=1",
+                "--max-restarts=3",
+                "--rdzv-backend=c10d",
+                &format!("--rdzv-endpoint=127.0.0.2:{port}"),
+                "--rdzv-id=frozen-node",
+                &format!("--local-addr=127.0.0.{n}"),
+                &format!("--rdzv-conf={conf}"),
+            ])
+            .args(&job)
+            .env("PYTHON_EXEC", testkit::torch_python())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut a = start(2);
+    let mut b = start(3);
+    let mut c = start(4);
+    let (ra, seen_a) = wait_line(&mut a, "world 3");
+    let (rb, seen_b) = wait_line(&mut b, "world 3");
+    let (_rc, _) = wait_line(&mut c, "world 3");
+    // The frozen node's processes: its agent and its worker (group rank 2).
+    let worker: i32 = std::fs::read_to_string(dir.path().join("pid.2"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    for pid in [c.id() as i32, worker] {
+        // SAFETY: a plain system call on processes this test started.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+    }
+    let starts = |g: u32| {
+        std::fs::read_to_string(dir.path().join(format!("start.{g}")))
+            .map_or(0, |s| s.lines().count())
+    };
+    testkit::wait_for(
+        Duration::from_secs(60),
+        "the survivors' new workers",
+        || (starts(0) >= 2 && starts(1) >= 2).then_some(()),
+    );
+    let took = t0.elapsed();
+    for pid in [c.id() as i32, worker] {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let _ = c.wait();
+    let all = kill_finish(vec![(a, ra, seen_a), (b, rb, seen_b)]);
+    assert!(all.contains("rank 1 world 2"), "{all}");
+    eprintln!("node frozen -> survivors' new workers started in {took:?} (window 3 s)");
+    // The window, a second for the checks, a second for the rest.
+    assert!(took < Duration::from_secs(6), "{took:?}");
+}
+
 /// Waits for each agent to exit 0; everything they printed.
 fn kill_finish(agents: Vec<Running>) -> String {
     let mut all = String::new();

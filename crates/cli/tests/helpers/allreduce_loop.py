@@ -1,6 +1,6 @@
 """A training loop in miniature: allreduce_loop.py OUTDIR WANT.
-Appends its start time to OUTDIR/start.<group rank> (before torch is
-imported), joins gloo, then all-reduces every 50 ms. In a world of WANT it
+Appends its start time to OUTDIR/start.<group rank> and writes its pid to
+OUTDIR/pid.<group rank> (before torch is imported), joins gloo, then all-reduces every 50 ms. In a world of WANT it
 prints its view and exits 0 after one all-reduce; otherwise it loops until
 a collective fails (a peer died), and then fails too."""
 import os
@@ -11,6 +11,8 @@ out, want = sys.argv[1], int(sys.argv[2])
 group, attempt = os.environ["GROUP_RANK"], os.environ["TORCHELASTIC_RESTART_COUNT"]
 with open(os.path.join(out, f"start.{group}"), "a") as f:
     f.write(f"{time.time()}\n")
+with open(os.path.join(out, f"pid.{group}"), "w") as f:
+    f.write(str(os.getpid()))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
