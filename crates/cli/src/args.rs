@@ -92,6 +92,8 @@ static SPECS: &[Spec] = &[
     v("metrics_addr", &["--metrics-addr", "--metrics_addr"], "torchrun-rs: the address the metrics port listens on (default: all interfaces)"),
     v("hang_timeout", &["--hang-timeout", "--hang_timeout"], "torchrun-rs: when no rank writes any output for this long (300, 90s, 5m, 1h), dump every rank's stack (py-spy) and report where each is"),
     v("on_hang", &["--on-hang", "--on_hang"], "torchrun-rs: after a hang report: report (default), fail, or restart"),
+    v("restart_backoff", &["--restart-backoff", "--restart_backoff"], "torchrun-rs: wait before each restart after a failure: MIN or MIN:MAX (10, 30s, 5m), doubling up to MAX, plus up to 25 % jitter (default 0)"),
+    v("fatal_exit_codes", &["--fatal-exit-codes", "--fatal_exit_codes"], "torchrun-rs: worker exit codes that end the job at once, without a restart, e.g. 2,64"),
     Spec { dest: "gpus", names: &["--gpus"], kind: Kind::Value, pet: false, help: "torchrun-rs: run on these GPUs only, e.g. 0,2,5 or 0-3 (sets CUDA_VISIBLE_DEVICES; gpu and auto count them)" },
     Spec { dest: "no_auto_config", names: &["--no-auto-config", "--no_auto_config"], kind: Kind::Flag, pet: false, help: "torchrun-rs: do not derive unset values from a Slurm or Kubernetes environment (also TORCHRUN_RS_NO_AUTO_CONFIG=1)" },
     Spec { dest: "dry_run", names: &["--dry-run", "--dry_run"], kind: Kind::Flag, pet: false, help: "torchrun-rs: print the resolved configuration and each worker's command and environment, start nothing" },

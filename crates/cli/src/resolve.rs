@@ -364,23 +364,48 @@ pub fn resolve(
         .filter(|p| !p.is_empty())
         .map(PathBuf::from);
     if let Some(v) = raw.get("hang_timeout").filter(|v| !v.trim().is_empty()) {
-        let t = v.trim();
-        let (num, unit) = match t.char_indices().last() {
-            Some((i, 's')) => (&t[..i], 1.0),
-            Some((i, 'm')) => (&t[..i], 60.0),
-            Some((i, 'h')) => (&t[..i], 3600.0),
-            _ => (t, 1.0),
+        c.hang_timeout = Some(human_duration(v).filter(|d| !d.is_zero()).ok_or_else(|| {
+            usage(
+                "--hang-timeout",
+                format!(
+                    "invalid value '{v}': expected a positive duration like 300, 90s, 5m or 1h"
+                ),
+            )
+        })?);
+    }
+    if let Some(v) = raw.get("restart_backoff").filter(|v| !v.trim().is_empty()) {
+        let bad = || {
+            usage(
+                "--restart-backoff",
+                format!("invalid value '{v}': expected MIN or MIN:MAX, durations like 10, 30s or 5m with MIN <= MAX"),
+            )
         };
-        let secs = num.trim().parse::<f64>().ok().map(|n| n * unit);
-        c.hang_timeout = Some(
-            secs.and_then(|s| engine::config::parse_seconds(&s.to_string()))
-                .ok_or_else(|| {
-                    usage(
-                        "--hang-timeout",
-                        format!("invalid value '{v}': expected a positive duration like 300, 90s, 5m or 1h"),
-                    )
-                })?,
-        );
+        let (lo, hi) = match v.split_once(':') {
+            Some((lo, hi)) => (
+                human_duration(lo).ok_or_else(bad)?,
+                human_duration(hi).ok_or_else(bad)?,
+            ),
+            None => {
+                let d = human_duration(v).ok_or_else(bad)?;
+                (d, d)
+            }
+        };
+        if lo > hi {
+            return Err(bad());
+        }
+        c.restart_backoff = (lo, hi);
+    }
+    if let Some(v) = raw.get("fatal_exit_codes").filter(|v| !v.trim().is_empty()) {
+        c.fatal_exit_codes = v
+            .split(',')
+            .map(|code| code.trim().parse::<i32>().ok().filter(|c| (1..=255).contains(c)))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                usage(
+                    "--fatal-exit-codes",
+                    format!("invalid value '{v}': expected exit codes from 1 to 255, comma-separated, e.g. 2,64"),
+                )
+            })?;
     }
     c.on_hang = match raw.get("on_hang").map(str::trim) {
         None | Some("report") => engine::config::OnHang::Report,
@@ -556,6 +581,23 @@ pub fn resolve(
         cuda_visible_devices,
         entrypoint_name: run_path.then(|| "run_script_path".to_string()),
     })
+}
+
+/// A duration as `--hang-timeout` and `--restart-backoff` take it: seconds
+/// (`300`, `1.5`) or with a unit (`90s`, `5m`, `1h`); zero allowed.
+fn human_duration(v: &str) -> Option<std::time::Duration> {
+    let t = v.trim();
+    let (num, unit) = match t.char_indices().last() {
+        Some((i, 's')) => (&t[..i], 1.0),
+        Some((i, 'm')) => (&t[..i], 60.0),
+        Some((i, 'h')) => (&t[..i], 3600.0),
+        _ => (t, 1.0),
+    };
+    let secs = num.trim().parse::<f64>().ok()? * unit;
+    if secs == 0.0 {
+        return Some(std::time::Duration::ZERO);
+    }
+    engine::config::parse_seconds(&secs.to_string())
 }
 
 #[cfg(test)]

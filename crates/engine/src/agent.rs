@@ -233,6 +233,8 @@ pub struct Agent<'a> {
     /// launcher whose job ended never waits longer, whatever the store does.
     finish_within: Duration,
     finish_by: Option<Instant>,
+    /// `--restart-backoff`: when the next round may be joined.
+    backoff_until: Option<Instant>,
 }
 
 impl<'a> Agent<'a> {
@@ -368,6 +370,7 @@ impl<'a> Agent<'a> {
                 })
                 + FINISH_MARGIN,
             finish_by: None,
+            backoff_until: None,
         }
     }
 
@@ -449,6 +452,7 @@ impl<'a> Agent<'a> {
             },
             Phase::Stopping { stop, .. } => Some(stop.deadline()),
             Phase::Finishing(_) => self.finish_by,
+            Phase::Joining => self.backoff_until,
             _ => None,
         };
         tokio::select! {
@@ -933,6 +937,11 @@ impl<'a> Agent<'a> {
     fn on_timer(&mut self) -> Done {
         let now = Instant::now();
         match &mut self.phase {
+            Phase::Joining if self.backoff_until.is_some_and(|t| t <= now) => {
+                self.backoff_until = None;
+                self.sweep_then_join();
+                None
+            }
             Phase::Finishing(_) if self.finish_by.is_some_and(|t| t <= now) => {
                 tracing::warn!(
                     "the rendezvous did not finish (exit barrier, close) within {:?}; exiting without it",
@@ -1280,7 +1289,17 @@ impl<'a> Agent<'a> {
                 }
                 self.stuck.clear();
                 let max = self.launch.config.max_restarts;
-                let remaining = if self.no_more_restarts {
+                let fatal = failures
+                    .iter()
+                    .find(|f| self.launch.config.fatal_exit_codes.contains(&f.exitcode()));
+                if let Some(f) = fatal {
+                    tracing::error!(
+                        "local_rank {} exited with {}, one of --fatal-exit-codes: the job ends without a restart",
+                        f.local_rank,
+                        f.exitcode()
+                    );
+                }
+                let remaining = if self.no_more_restarts || fatal.is_some() {
                     0
                 } else {
                     max - self.restart_count
@@ -1300,7 +1319,27 @@ impl<'a> Agent<'a> {
                         self.launch.config.role
                     );
                     self.restart_count += 1;
-                    self.sweep_then_join();
+                    let wait =
+                        restart_backoff(self.launch.config.restart_backoff, self.restart_count - 1);
+                    if wait.is_zero() {
+                        self.sweep_then_join();
+                    } else {
+                        tracing::warn!(
+                            "[{}] waiting {:.1} s before the restart (--restart-backoff)",
+                            self.launch.config.role,
+                            wait.as_secs_f64()
+                        );
+                        self.journal.record(
+                            "restart_backoff",
+                            &[(
+                                "wait_s",
+                                V::F((wait.as_secs_f64() * 1000.0).round() / 1000.0),
+                            )],
+                        );
+                        self.observe(|o| o.phase = "backoff");
+                        self.phase = Phase::Joining;
+                        self.backoff_until = Some(Instant::now() + wait);
+                    }
                 } else {
                     self.rdzv.finish(false);
                     self.observe(|o| o.phase = "finishing");
@@ -1411,9 +1450,36 @@ fn record_exit(
     Some(f)
 }
 
+/// The wait before restart `n` (0 for the first): `min(max, min·2^n)` plus
+/// up to 25 % of it at random, so that nodes do not restart in lockstep.
+fn restart_backoff((min, max): (Duration, Duration), n: u32) -> Duration {
+    if max.is_zero() {
+        return Duration::ZERO;
+    }
+    let base = min.saturating_mul(1u32 << n.min(20)).min(max);
+    use rand::Rng;
+    base.mul_f64(1.0 + rand::thread_rng().gen_range(0.0..=0.25))
+}
+
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::restart_backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn the_backoff_doubles_up_to_its_maximum_with_a_quarter_of_jitter() {
+        let s = Duration::from_secs;
+        assert_eq!(restart_backoff((s(0), s(0)), 3), Duration::ZERO);
+        for (n, base) in [(0, 2), (1, 4), (2, 8), (3, 10), (30, 10)] {
+            let w = restart_backoff((s(2), s(10)), n);
+            assert!(w >= s(base) && w <= s(base).mul_f64(1.25), "{n}: {w:?}");
+        }
     }
 }

@@ -246,6 +246,12 @@ pub struct LaunchConfig {
     /// long is a hang: every rank's stack is dumped and `on_hang` applies.
     pub hang_timeout: Option<Duration>,
     pub on_hang: OnHang,
+    /// `--restart-backoff` (beyond torch): the wait before restart n is
+    /// `min(max, min·2^n)` plus up to 25 % jitter; zero (torch) by default.
+    pub restart_backoff: (Duration, Duration),
+    /// `--fatal-exit-codes` (beyond torch): a worker exiting with one of
+    /// these ends the job at once, without using a restart.
+    pub fatal_exit_codes: Vec<i32>,
     /// `--events-file` (beyond torch): every lifecycle fact as JSON Lines.
     pub events_file: Option<PathBuf>,
     /// `--numa-binding`: pin each local rank's CPUs near its GPU.
@@ -327,6 +333,8 @@ impl Default for LaunchConfig {
             events_file: None,
             hang_timeout: None,
             on_hang: OnHang::Report,
+            restart_backoff: (Duration::ZERO, Duration::ZERO),
+            fatal_exit_codes: Vec::new(),
             metrics_port: None,
             metrics_addr: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             shutdown_timeout: Duration::from_secs(30),
