@@ -432,6 +432,53 @@ fn a_frozen_node_is_evicted_within_its_heartbeat_window() {
     assert!(took < Duration::from_secs(6), "{took:?}");
 }
 
+#[test]
+fn every_node_of_a_round_has_the_jobs_restart_count() {
+    // Node 2's worker fails; nodes 3 and 4 only see the group re-form. With
+    // torch each node counts its own restarts (pytorch#108158): 1 on node
+    // 2, 0 on the others. The job has made one restart: all say 1.
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let job = vec![
+        helper("worker.py"),
+        "rank0-fails-first".to_string(),
+        dir.path().display().to_string(),
+    ];
+    let agents: Vec<Child> = (2..5)
+        .map(|n| {
+            Command::new(BIN)
+                .args([
+                    "--nnodes=3",
+                    "--nproc-per-node=1",
+                    "--max-restarts=1",
+                    "--rdzv-backend=c10d",
+                    &format!("--rdzv-endpoint=127.0.0.2:{port}"),
+                    "--rdzv-id=counts",
+                    &format!("--local-addr=127.0.0.{n}"),
+                    &format!("--rdzv-conf={FAST}"),
+                ])
+                .args(&job)
+                .env("PYTHON_EXEC", "python3")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for a in agents {
+        let (code, _, err) = finish(a);
+        assert_eq!(code, Some(0), "{err}");
+    }
+    for rank in 0..3 {
+        let env: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join(format!("env.{rank}.1.json")))
+                .unwrap_or_else(|_| panic!("rank {rank} never ran with restart count 1")),
+        )
+        .unwrap();
+        assert_eq!(env["env"]["TORCHELASTIC_RESTART_COUNT"], "1");
+    }
+}
+
 /// Waits for each agent to exit 0; everything they printed.
 fn kill_finish(agents: Vec<Running>) -> String {
     let mut all = String::new();

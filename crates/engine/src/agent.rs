@@ -235,6 +235,8 @@ pub struct Agent<'a> {
     finish_by: Option<Instant>,
     /// `--restart-backoff`: when the next round may be joined.
     backoff_until: Option<Instant>,
+    /// The next round is joined after this node's workers failed.
+    after_failure: bool,
 }
 
 impl<'a> Agent<'a> {
@@ -371,6 +373,7 @@ impl<'a> Agent<'a> {
                 + FINISH_MARGIN,
             finish_by: None,
             backoff_until: None,
+            after_failure: false,
         }
     }
 
@@ -752,6 +755,11 @@ impl<'a> Agent<'a> {
         match (r, &self.phase) {
             (RdzvEvent::Round(Ok(a)), Phase::Joining) => {
                 self.events_round += 1;
+                // The job's count where the rendezvous keeps it: the same
+                // on every node of the round, whatever each saw.
+                if let Some(r) = a.restarts {
+                    self.restart_count = r;
+                }
                 // Ranks are assigned within the round here: its time is the
                 // rendezvous's, the assignment's is not told apart.
                 let took = self.round_asked.elapsed().as_secs_f64() * 1000.0;
@@ -1319,6 +1327,7 @@ impl<'a> Agent<'a> {
                         self.launch.config.role
                     );
                     self.restart_count += 1;
+                    self.after_failure = true;
                     let wait =
                         restart_backoff(self.launch.config.restart_backoff, self.restart_count - 1);
                     if wait.is_zero() {
@@ -1396,7 +1405,8 @@ impl<'a> Agent<'a> {
         self.observe(|o| o.phase = "rendezvous");
         self.phase = Phase::Joining;
         self.round_asked = std::time::Instant::now();
-        self.rdzv.next_round();
+        self.rdzv
+            .next_round(std::mem::take(&mut self.after_failure));
     }
 
     /// Siblings stopped by the launcher, listed after the root cause as

@@ -188,6 +188,19 @@ elif mode == "daemon-fail-once":
         state = "gone"
     write(f"daemon-alive.{rank}", "no" if state in ("gone", "Z", "X") else "yes")
     sys.exit(0)
+elif mode == "rank0-fails-first":
+    # On its first start, global rank 0 fails and the other ranks wait to
+    # be re-formed (they see a membership change, not a failure); on a
+    # later start, every rank exits 0. (Ranks stay with their nodes here.)
+    starts = os.path.join(outdir, f"starts.{rank}")
+    with open(starts, "a") as f:
+        f.write("x")
+    if os.path.getsize(starts) > 1:
+        sys.exit(0)
+    if rank == 0:
+        sys.exit(1)
+    ready()
+    time.sleep(120)
 elif mode == "sleep":
     ready()
     time.sleep(float(args[0]) if args else 60)

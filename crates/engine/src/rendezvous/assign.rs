@@ -172,6 +172,7 @@ impl RoundStore {
             role_world_size,
             master_addr: self.master_addr.clone(),
             master_port: self.master_port,
+            restarts: None,
         })
     }
 

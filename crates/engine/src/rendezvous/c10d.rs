@@ -112,6 +112,8 @@ pub struct DynamicRdzv {
     op_deadline: f64,
     /// Whether the user was told this node waits as a spare.
     spare_noted: bool,
+    /// The next leave is because this node's workers failed.
+    after_failure: bool,
     /// Tests: this agent's write that completes a round stops before the
     /// seats, as a completer killed at that moment would.
     #[cfg(test)]
@@ -132,6 +134,8 @@ struct Membership {
 struct Seat {
     rank: u32,
     world: u32,
+    /// The job's restarts (the state's count when the round completed).
+    restarts: u32,
     /// `K.version` right after the round completed.
     version: i64,
     digest: u64,
@@ -145,11 +149,12 @@ impl Seat {
     /// line each.
     fn encode(&self) -> String {
         let mut out = format!(
-            "{} {} {} {}\n{}",
+            "{} {} {} {} {}\n{}",
             self.rank,
             self.world,
             self.version,
             self.digest,
+            self.restarts,
             dynamic::node_text(&self.rank0)
         );
         for n in &self.watched {
@@ -168,6 +173,7 @@ impl Seat {
             world: f.next()?.parse().ok()?,
             version: f.next()?.parse().ok()?,
             digest: f.next()?.parse().ok()?,
+            restarts: f.next()?.parse().ok()?,
             rank0: dynamic::node_parse(lines.next()?)?,
             watched: lines.map(dynamic::node_parse).collect::<Option<_>>()?,
         })
@@ -234,6 +240,8 @@ pub struct Joined {
     pub round: u64,
     pub rank: u32,
     pub world_size: u32,
+    /// The job's restarts after failures, as of this round.
+    pub restarts: u32,
     /// Where the round's workers meet: the rank-0 agent's worker store.
     pub master_addr: String,
     pub master_port: u16,
@@ -289,6 +297,7 @@ impl DynamicRdzv {
             heartbeat: Some(heartbeat),
             op_deadline: f64::INFINITY,
             spare_noted: false,
+            after_failure: false,
             evicted: Vec::new(),
             #[cfg(test)]
             fail_before_seats: false,
@@ -312,6 +321,12 @@ impl DynamicRdzv {
     /// its master address, without waiting for that agent to say it.
     fn master_key(&self, n: &Node) -> String {
         format!("{}.master.{}.{}.{}", self.key, n.addr, n.pid, n.local_id)
+    }
+
+    /// The next round is joined because this node's workers failed: the
+    /// job's restart count moves (once per failed round).
+    pub fn note_failure(&mut self) {
+        self.after_failure = true;
     }
 
     /// Publishes this node's worker store; call once, before joining.
@@ -342,6 +357,7 @@ impl DynamicRdzv {
             Request::Join(n) => ('J', n),
             Request::Leave(n) => ('L', n),
             Request::Quit(n) => ('Q', n),
+            Request::Fail(n) => ('F', n),
         };
         format!("{}.ack.{}.{}.{}.{tag}", self.key, n.addr, n.pid, n.local_id)
     }
@@ -662,6 +678,7 @@ impl DynamicRdzv {
                 let seat = Seat {
                     rank,
                     world,
+                    restarts: s.restarts,
                     version,
                     digest,
                     rank0: rank0.clone(),
@@ -804,7 +821,7 @@ impl DynamicRdzv {
                     || s.wait_list.contains(n)
                     || s.redundancy_list.contains(n)
             }
-            Request::Leave(n) => !s.participants.contains_key(n),
+            Request::Leave(n) | Request::Fail(n) => !s.participants.contains_key(n),
             Request::Quit(n) => !in_any_list(s, n),
         }
     }
@@ -1021,7 +1038,11 @@ impl DynamicRdzv {
         let deadline = now() + self.join_timeout;
         self.op_deadline = deadline;
         if self.joined.take().is_some() || self.state.participants.contains_key(&self.node) {
-            let leave = Request::Leave(self.node.clone());
+            let leave = if std::mem::take(&mut self.after_failure) {
+                Request::Fail(self.node.clone())
+            } else {
+                Request::Leave(self.node.clone())
+            };
             if self.post_fast(&leave).await?.is_none() {
                 self.run_op(Some(leave), |s, n, t| {
                     dynamic::exit_action(s, n, t, deadline)
@@ -1089,6 +1110,7 @@ impl DynamicRdzv {
             round: self.state.round,
             rank,
             world_size: self.state.participants.len() as u32,
+            restarts: self.state.restarts,
             master_addr,
             master_port,
         })
@@ -1110,6 +1132,7 @@ impl DynamicRdzv {
             round,
             rank: seat.rank,
             world_size: seat.world,
+            restarts: seat.restarts,
             master_addr,
             master_port,
         })
@@ -1179,6 +1202,7 @@ impl DynamicRdzv {
                 Request::Join(n.clone()),
                 Request::Leave(n.clone()),
                 Request::Quit(n.clone()),
+                Request::Fail(n.clone()),
             ] {
                 keys.push(self.ack_key(&r));
             }

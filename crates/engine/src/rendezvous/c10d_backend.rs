@@ -111,8 +111,8 @@ impl C10dBackend {
 
     /// c10d across nodes: joins the next round, whose workers use the store
     /// of the round's rank-0 agent (every agent published its own when it
-    /// started). Returns the round's key prefix.
-    async fn join_dynamic(&mut self) -> Result<String, RendezvousError> {
+    /// started). Returns the round's key prefix and the job's restarts.
+    async fn join_dynamic(&mut self) -> Result<(String, u32), RendezvousError> {
         let joined = self.dynamic.next_rendezvous().await?;
         self.store.group_rank = joined.rank;
         self.store.group_world_size = joined.world_size;
@@ -132,7 +132,7 @@ impl C10dBackend {
         }
         self.store.master_addr = joined.master_addr;
         self.store.master_port = joined.master_port;
-        Ok(prefix)
+        Ok((prefix, joined.restarts))
     }
 }
 
@@ -147,8 +147,14 @@ impl RendezvousBackend for C10dBackend {
     }
 
     async fn next_round(&mut self, config: &LaunchConfig) -> Result<Assignment, RendezvousError> {
-        let prefix = self.join_dynamic().await?;
-        self.store.assign(config, prefix).await
+        let (prefix, restarts) = self.join_dynamic().await?;
+        let mut a = self.store.assign(config, prefix).await?;
+        a.restarts = Some(restarts);
+        Ok(a)
+    }
+
+    fn note_failure(&mut self) {
+        self.dynamic.note_failure();
     }
 
     fn take_evicted(&mut self) -> Vec<String> {

@@ -55,6 +55,12 @@ pub struct State {
     /// completes at once instead of waiting out the last call: the survivors
     /// of a lost node, or a grown group, restart promptly.
     pub expected: Option<u32>,
+    /// The job's restarts after a worker failure (`--max-restarts` counts
+    /// these, for the whole job): every node of a round gets the same
+    /// `TORCHELASTIC_RESTART_COUNT`, and rejoining never resets it.
+    pub restarts: u32,
+    /// The last round whose failure was counted.
+    pub failed_round: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -286,6 +292,10 @@ pub enum Request {
     /// Leaving for good (the node's launcher was stopped by a signal): the
     /// others re-form without waiting for it to come back.
     Quit(Node),
+    /// Leaving the round because its workers failed: as `Leave`, and the
+    /// job's restart count moves, once per failed round whoever says so
+    /// first.
+    Fail(Node),
 }
 
 impl Request {
@@ -295,6 +305,7 @@ impl Request {
             Request::Join(n) => ('J', n),
             Request::Leave(n) => ('L', n),
             Request::Quit(n) => ('Q', n),
+            Request::Fail(n) => ('F', n),
         };
         format!("{tag} {}\n", node_text(n))
     }
@@ -306,6 +317,7 @@ impl Request {
             "J" => Some(Request::Join(node)),
             "L" => Some(Request::Leave(node)),
             "Q" => Some(Request::Quit(node)),
+            "F" => Some(Request::Fail(node)),
             _ => None,
         }
     }
@@ -361,6 +373,13 @@ pub fn apply_request(s: &mut State, req: Request, now: f64, cfg: &Settings) {
         }
         Request::Quit(n) => {
             remove_for_good(s, &n, cfg);
+        }
+        Request::Fail(n) => {
+            if s.complete && s.participants.contains_key(&n) && s.failed_round != Some(s.round) {
+                s.restarts += 1;
+                s.failed_round = Some(s.round);
+            }
+            apply_request(s, Request::Leave(n), now, cfg);
         }
     }
 }
@@ -459,7 +478,7 @@ pub fn node_parse(text: &str) -> Option<Node> {
 }
 
 /// First line of an encoded state; a format change gets a new tag.
-const STATE_TAG: &str = "torchrun-rs-rdzv/2";
+const STATE_TAG: &str = "torchrun-rs-rdzv/3";
 
 impl State {
     /// Every node the state lists: participants, wait list, spares.
@@ -477,7 +496,7 @@ impl State {
         use std::fmt::Write;
         let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
         let mut out = format!(
-            "{STATE_TAG} round={} complete={} closed={} deadline={} expected={} epoch={} applied={}\n",
+            "{STATE_TAG} round={} complete={} closed={} deadline={} expected={} epoch={} applied={} restarts={} failed={}\n",
             self.round,
             u8::from(self.complete),
             u8::from(self.closed),
@@ -485,6 +504,8 @@ impl State {
             opt(self.expected.map(|e| e.to_string())),
             self.epoch,
             self.applied,
+            self.restarts,
+            opt(self.failed_round.map(|r| r.to_string())),
         );
         for (n, r) in &self.participants {
             let _ = writeln!(out, "P {r} {}", node_text(n));
@@ -517,11 +538,13 @@ impl State {
                 "expected" => s.expected = if opt { Some(v.parse().ok()?) } else { None },
                 "epoch" => s.epoch = v.parse().ok()?,
                 "applied" => s.applied = v.parse().ok()?,
+                "restarts" => s.restarts = v.parse().ok()?,
+                "failed" => s.failed_round = if opt { Some(v.parse().ok()?) } else { None },
                 _ => return None,
             }
             seen += 1;
         }
-        if seen != 7 {
+        if seen != 9 {
             return None;
         }
         for line in lines {
@@ -838,6 +861,8 @@ mod tests {
         s.expected = Some(3);
         s.epoch = 2;
         s.applied = 77;
+        s.restarts = 4;
+        s.failed_round = Some(6);
         let back = State::decode(&s.encode()).unwrap();
         // Heartbeats are each agent's own observation, not shared.
         s.last_heartbeats.clear();
@@ -991,6 +1016,32 @@ mod tests {
         assert!(s.complete, "complete at the eviction: {s:?}");
         assert_eq!(s.participants.len(), 2);
         assert!(s.participants.contains_key(&a) && s.participants.contains_key(&b));
+    }
+
+    #[test]
+    fn a_failed_round_counts_one_restart_whoever_reports_it() {
+        let c = cfg(2, 3);
+        let (a, b, x) = (node("a", 1), node("b", 1), node("x", 1));
+        let mut s = with_participants(&[&a, &b, &x], true, NOW);
+        // Every node's workers failed: three reports, one restart.
+        for n in [&a, &b, &x] {
+            apply_request(&mut s, Request::Fail(n.clone()), NOW, &c);
+        }
+        assert_eq!((s.round, s.restarts), (1, 1));
+        for n in [&a, &b, &x] {
+            apply_request(&mut s, Request::Join(n.clone()), NOW, &c);
+        }
+        settle(&mut s, NOW, &c);
+        assert!(s.complete);
+        // A membership change (a plain leave) is free; the next failure
+        // counts again.
+        apply_request(&mut s, Request::Leave(x.clone()), NOW, &c);
+        assert_eq!(s.restarts, 1);
+        apply_request(&mut s, Request::Fail(a.clone()), NOW, &c);
+        apply_request(&mut s, Request::Fail(b.clone()), NOW, &c);
+        assert_eq!(s.restarts, 2);
+        let line = Request::Fail(a.clone()).line();
+        assert_eq!(Request::parse(line.trim_end()), Some(Request::Fail(a)));
     }
 
     #[test]

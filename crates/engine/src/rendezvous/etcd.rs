@@ -79,6 +79,7 @@ impl Keys {
             Request::Join(n) => ('J', n),
             Request::Leave(n) => ('L', n),
             Request::Quit(n) => ('Q', n),
+            Request::Fail(n) => ('F', n),
         };
         format!("{}~req/{}/{tag}", self.root, node_id(n)).into_bytes()
     }
@@ -142,6 +143,8 @@ pub struct EtcdRdzv {
     joined: Option<(u64, BTreeMap<Node, u32>)>,
     op_deadline: f64,
     spare_noted: bool,
+    /// The next leave is because this node's workers failed.
+    after_failure: bool,
     leases: Arc<Leases>,
     /// This node's worker store, `addr:port`.
     master: String,
@@ -245,6 +248,7 @@ impl EtcdRdzv {
             joined: None,
             op_deadline: f64::INFINITY,
             spare_noted: false,
+            after_failure: false,
             leases,
             master: p.master,
             signals: Signals {
@@ -259,6 +263,12 @@ impl EtcdRdzv {
             tasks,
             watched,
         })
+    }
+
+    /// The next round is joined because this node's workers failed: the
+    /// job's restart count moves (once per failed round).
+    pub fn note_failure(&mut self) {
+        self.after_failure = true;
     }
 
     /// Says once per loss that the state is gone.
@@ -468,7 +478,7 @@ impl EtcdRdzv {
         let s = &self.state;
         match r {
             Request::Join(n) => in_any_list(s, n),
-            Request::Leave(n) => !s.participants.contains_key(n),
+            Request::Leave(n) | Request::Fail(n) => !s.participants.contains_key(n),
             Request::Quit(n) => !in_any_list(s, n),
         }
     }
@@ -649,7 +659,11 @@ impl EtcdRdzv {
         self.op_deadline = deadline;
         self.read().await?;
         if self.state.participants.contains_key(&self.node) {
-            let leave = Request::Leave(self.node.clone());
+            let leave = if std::mem::take(&mut self.after_failure) {
+                Request::Fail(self.node.clone())
+            } else {
+                Request::Leave(self.node.clone())
+            };
             self.run_op(Some(leave), |s, n, t| {
                 dynamic::exit_action(s, n, t, deadline)
             })
@@ -690,6 +704,7 @@ impl EtcdRdzv {
             round: self.state.round,
             rank,
             world_size: self.state.participants.len() as u32,
+            restarts: self.state.restarts,
             master_addr,
             master_port,
         })

@@ -113,7 +113,13 @@ impl RendezvousBackend for EtcdBackend {
         store.master_addr = joined.master_addr;
         store.master_port = joined.master_port;
         let store = self.store.insert(store);
-        store.assign(config, prefix).await
+        let mut a = store.assign(config, prefix).await?;
+        a.restarts = Some(joined.restarts);
+        Ok(a)
+    }
+
+    fn note_failure(&mut self) {
+        self.dynamic.note_failure();
     }
 
     fn take_evicted(&mut self) -> Vec<String> {

@@ -94,6 +94,9 @@ pub struct Assignment {
     pub role_world_size: u32,
     pub master_addr: String,
     pub master_port: u16,
+    /// The job's restarts after failures, when the rendezvous keeps them
+    /// (c10d, etcd-v3); else each node counts its own, as torch does.
+    pub restarts: Option<u32>,
 }
 
 /// What the agent needs of a rendezvous backend. Each call runs in the
@@ -114,6 +117,10 @@ pub trait RendezvousBackend: Send + 'static {
         &mut self,
         config: &LaunchConfig,
     ) -> impl Future<Output = Result<Assignment, RendezvousError>> + Send;
+
+    /// The next round is joined because this node's workers failed (the
+    /// job's restart count, where the backend keeps one, moves).
+    fn note_failure(&mut self) {}
 
     /// While workers run: whether the group must re-form.
     fn membership_changed(&mut self) -> impl Future<Output = Result<bool, RendezvousError>> + Send {

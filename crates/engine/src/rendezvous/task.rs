@@ -21,8 +21,9 @@ use crate::config::LaunchConfig;
 /// What the agent asks of the rendezvous.
 #[derive(Debug)]
 enum Command {
-    /// Join the next round and assign ranks: answered by [`RdzvEvent::Round`].
-    NextRound,
+    /// Join the next round and assign ranks (after this node's workers
+    /// failed, or not): answered by [`RdzvEvent::Round`].
+    NextRound { after_failure: bool },
     /// Whether the group must re-form: answered by [`RdzvEvent::Membership`].
     CheckMembership,
     /// The job ended here (exit barrier on success, then close): answered
@@ -87,8 +88,8 @@ impl RendezvousTask {
         // The task ends only when this handle is dropped or shut down.
         let _ = self.commands.send(c);
     }
-    pub fn next_round(&self) {
-        self.send(Command::NextRound);
+    pub fn next_round(&self, after_failure: bool) {
+        self.send(Command::NextRound { after_failure });
     }
     pub fn check_membership(&self) {
         self.send(Command::CheckMembership);
@@ -165,7 +166,12 @@ async fn run<B: RendezvousBackend>(
     c: Command,
 ) -> Option<RdzvEvent> {
     match c {
-        Command::NextRound => Some(RdzvEvent::Round(rdzv.next_round(config).await)),
+        Command::NextRound { after_failure } => {
+            if after_failure {
+                rdzv.note_failure();
+            }
+            Some(RdzvEvent::Round(rdzv.next_round(config).await))
+        }
         Command::CheckMembership => {
             let changed = rdzv.membership_changed().await;
             Some(RdzvEvent::Membership(changed, rdzv.take_evicted()))
@@ -252,7 +258,7 @@ mod tests {
             Arc::new(LaunchConfig::default()),
             tx,
         );
-        task.next_round();
+        task.next_round(false);
         task.leave();
         // The round never completes; the leave ends it, and the task shuts
         // down at once.
