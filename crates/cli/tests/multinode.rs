@@ -479,14 +479,131 @@ fn every_node_of_a_round_has_the_jobs_restart_count() {
     }
 }
 
+/// `torchrun-rs-store --port PORT`, started once the port is free.
+fn store_at(port: u16) -> Child {
+    Command::new(store_bin())
+        .args(["--port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Three agents of a gloo job on a standalone store at `port`.
+fn store_loss_job(port: u16, dir: &std::path::Path, conf: &str) -> Vec<Child> {
+    let job = vec![
+        helper("allreduce_loop.py"),
+        dir.display().to_string(),
+        "2".to_string(),
+    ];
+    (2..5)
+        .map(|n| {
+            Command::new(BIN)
+                .args([
+                    "--nnodes=2:3",
+                    "--nproc-per-node=1",
+                    "--max-restarts=3",
+                    "--rdzv-backend=c10d",
+                    &format!("--rdzv-endpoint=127.0.0.1:{port}"),
+                    "--rdzv-id=store-loss",
+                    &format!("--local-addr=127.0.0.{n}"),
+                    &format!("--rdzv-conf=is_host=false,last_call_timeout=1,{conf}"),
+                ])
+                .args(&job)
+                .env("PYTHON_EXEC", testkit::torch_python())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn a_store_restarted_at_its_address_lets_the_survivors_re_form() {
+    // The node that hosts the store dies (its store and its agent); a
+    // store comes back at the same address, as a pod behind its service.
+    let port = free_port();
+    let mut store = store_at(port);
+    let dir = tempfile::tempdir().unwrap();
+    let mut agents = store_loss_job(port, dir.path(), "join_timeout=60");
+    let mut c = agents.pop().unwrap();
+    let mut b = agents.pop().unwrap();
+    let mut a = agents.pop().unwrap();
+    let (ra, seen_a) = wait_line(&mut a, "world 3");
+    let (rb, seen_b) = wait_line(&mut b, "world 3");
+    let (_rc, _) = wait_line(&mut c, "world 3");
+    let _ = store.kill();
+    let _ = store.wait();
+    // SAFETY: a plain system call on a child of this test.
+    unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+    c.wait().unwrap();
+    // The survivors' workers fail, their agents wait for a store.
+    let starts = |g: u32| {
+        std::fs::read_to_string(dir.path().join(format!("start.{g}")))
+            .map_or(0, |s| s.lines().count())
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!((starts(0), starts(1)), (1, 1), "re-formed without a store");
+    let mut store = store_at(port);
+    let all = kill_finish(vec![(a, ra, seen_a), (b, rb, seen_b)]);
+    let _ = store.kill();
+    let _ = store.wait();
+    assert!(
+        all.contains("rank 0 world 2") && all.contains("rank 1 world 2"),
+        "{all}"
+    );
+}
+
+#[test]
+fn a_store_that_does_not_come_back_ends_the_job_with_one_line_naming_it() {
+    let port = free_port();
+    let mut store = store_at(port);
+    let dir = tempfile::tempdir().unwrap();
+    let mut agents = store_loss_job(port, dir.path(), "join_timeout=3");
+    for a in agents.iter_mut() {
+        let _ = wait_line(a, "world 3");
+    }
+    let _ = store.kill();
+    let _ = store.wait();
+    let mut c = agents.pop().unwrap();
+    // SAFETY: a plain system call on a child of this test.
+    unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+    c.wait().unwrap();
+    let t0 = std::time::Instant::now();
+    for a in agents {
+        let (code, _, err) = finish(a);
+        assert_eq!(code, Some(1), "{err}");
+        let lines: Vec<&str> = err
+            .lines()
+            .filter(|l| {
+                l.contains(&format!(
+                    "the rendezvous store at 127.0.0.1:{port} did not answer"
+                ))
+            })
+            .collect();
+        assert_eq!(lines.len(), 1, "{err}");
+        assert!(
+            lines[0].contains("etcd-v3") && lines[0].contains("torchrun-rs-store"),
+            "{err}"
+        );
+    }
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+}
+
 /// Waits for each agent to exit 0; everything they printed.
 fn kill_finish(agents: Vec<Running>) -> String {
     let mut all = String::new();
     for (mut child, mut rest, seen) in agents {
+        let mut err = String::new();
+        let _ = child
+            .stderr
+            .take()
+            .map(|mut e| std::io::Read::read_to_string(&mut e, &mut err));
         let code = child.wait().unwrap().code();
         all += &seen;
         std::io::Read::read_to_string(&mut rest, &mut all).unwrap();
-        assert_eq!(code, Some(0), "{all}");
+        assert_eq!(code, Some(0), "{all}\n{err}");
     }
     all
 }

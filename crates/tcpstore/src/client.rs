@@ -222,7 +222,7 @@ impl Client {
     /// The connection for the next request, a fresh one if the last
     /// request did not finish; marked busy until [`Client::settle`].
     async fn ready(&mut self) -> Result<&mut Conn, ClientError> {
-        if self.dirty {
+        if self.dirty || closed_by_peer(&self.conn.stream) {
             let stream = tokio::time::timeout(
                 self.request_timeout.min(HANDSHAKE_TIMEOUT),
                 Self::try_connect(&self.addr),
@@ -409,6 +409,25 @@ impl Client {
         self.settle(&r);
         r
     }
+}
+
+/// Whether an idle connection was closed (or written to) by the server:
+/// between requests a store never sends anything, so anything to read is
+/// the end of the connection (its host restarted, say) or garbage. Such a
+/// connection is replaced before a request is written into it: a request
+/// written into a dead connection would fail, though the store behind the
+/// address may be back.
+fn closed_by_peer(stream: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: poll on one pollfd of a descriptor this stream owns, without
+    // waiting.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents != 0
 }
 
 /// The protocol on one connection; [`Client`] decides when it may be used.

@@ -76,3 +76,20 @@ async fn a_store_that_stops_answering_fails_a_request_after_the_request_timeout(
     assert!(t0.elapsed() < Duration::from_secs(3));
     frozen.abort();
 }
+
+#[tokio::test]
+async fn an_idle_connection_to_a_store_that_restarted_is_replaced_before_a_request() {
+    let first = Server::bind(BindAddr::Any(0)).unwrap().spawn();
+    let port = first.port();
+    let mut c = client(port).await;
+    c.set("k", b"v").await.unwrap();
+    // The store's host restarts while the client is idle.
+    first.shutdown().await;
+    let second = Server::bind(BindAddr::Any(port)).unwrap().spawn();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The first request after it goes to the new store, not into the dead
+    // connection.
+    assert_eq!(c.add("n", 1).await.unwrap(), 1);
+    assert_eq!(c.get_now("k").await.unwrap(), b"");
+    second.shutdown().await;
+}

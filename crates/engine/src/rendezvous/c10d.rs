@@ -114,6 +114,10 @@ pub struct DynamicRdzv {
     spare_noted: bool,
     /// The next leave is because this node's workers failed.
     after_failure: bool,
+    /// The store's address, for messages.
+    endpoint: String,
+    /// This node's workers' store as published (again after a store loss).
+    published: Option<(String, u16)>,
     /// Tests: this agent's write that completes a round stops before the
     /// seats, as a completer killed at that moment would.
     #[cfg(test)]
@@ -271,6 +275,9 @@ impl DynamicRdzv {
         // Heartbeat counters are read with `add(key, 0)`, which never
         // blocks; no read here waits on a key.
         client.set_timeout(Duration::from_secs(5));
+        let endpoint = client
+            .peer_addr()
+            .map_or_else(|_| "its endpoint".to_string(), |a| a.to_string());
         let key = format!("torch.rendezvous.{run_id}");
         let heartbeat = tokio::spawn(beat(
             heartbeat_client,
@@ -298,6 +305,8 @@ impl DynamicRdzv {
             op_deadline: f64::INFINITY,
             spare_noted: false,
             after_failure: false,
+            endpoint,
+            published: None,
             evicted: Vec::new(),
             #[cfg(test)]
             fail_before_seats: false,
@@ -331,6 +340,7 @@ impl DynamicRdzv {
 
     /// Publishes this node's worker store; call once, before joining.
     pub async fn publish_master(&mut self, addr: &str, port: u16) -> Result<(), RendezvousError> {
+        self.published = Some((addr.to_string(), port));
         let k = self.master_key(&self.node);
         self.client
             .set(&k, format!("{addr}:{port}").as_bytes())
@@ -1034,8 +1044,46 @@ impl DynamicRdzv {
 
     /// Leaves the current round (if in one) and joins the next. Returns this
     /// node's rank and the world of the completed round.
+    ///
+    /// A store that stops answering (its host died) is waited for, until
+    /// the join deadline: a store restarted at the same address (a pod
+    /// restarted behind its service name) lets the job re-form; then this
+    /// node's view starts afresh and its store address is published again.
     pub async fn next_rendezvous(&mut self) -> Result<Joined, RendezvousError> {
         let deadline = now() + self.join_timeout;
+        let mut waiting = false;
+        loop {
+            match self.join_once(deadline).await {
+                Err(RendezvousError::Store(e)) => {
+                    if now() >= deadline {
+                        return Err(RendezvousError::StoreLost {
+                            addr: self.endpoint.clone(),
+                            timeout: Duration::from_secs_f64(self.join_timeout),
+                        });
+                    }
+                    if !std::mem::replace(&mut waiting, true) {
+                        tracing::warn!(
+                            "the rendezvous store at {} does not answer ({e}); waiting up to join_timeout for a store there",
+                            self.endpoint
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    // Whatever comes back there knows nothing of us.
+                    self.token.clear();
+                    self.state = State::default();
+                    self.version = 0;
+                    self.waited = None;
+                    self.everyone.clear();
+                    if let Some((addr, port)) = self.published.clone() {
+                        let _ = self.publish_master(&addr, port).await;
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn join_once(&mut self, deadline: f64) -> Result<Joined, RendezvousError> {
         self.op_deadline = deadline;
         if self.joined.take().is_some() || self.state.participants.contains_key(&self.node) {
             let leave = if std::mem::take(&mut self.after_failure) {

@@ -74,6 +74,8 @@ pub enum RendezvousError {
     Closed,
     #[error("timed out joining the rendezvous (join_timeout in --rdzv-conf)")]
     JoinTimeout,
+    #[error("the rendezvous store at {addr} did not answer for {timeout:?} (join_timeout): the node that hosted it is gone. A store that outlives any one node: a standalone torchrun-rs-store on a node that does not train (--rdzv-conf=is_host=false), or --rdzv-backend=etcd-v3")]
+    StoreLost { addr: String, timeout: Duration },
     /// This node was a spare and the job ended: not an error for the user.
     #[error("the job ended while this node waited as a spare")]
     GracefulExit,
