@@ -6,7 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS="${1:-3}"
 PY="$(bash scripts/setup-python.sh)/bin/python"
-cargo build -q --release -p torchrun-rs --bin torchrun-rs-store -p torchrun-rs-bench
+# Two builds: a --bin filter would apply to both packages and leave out
+# the load generator.
+cargo build -q --release -p torchrun-rs --bin torchrun-rs-store
+cargo build -q --release -p torchrun-rs-bench
 LOAD=target/release/store-load
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
@@ -30,7 +33,9 @@ start_servers() {
   OURS_PORT=$(sed 's/.*://' "$tmp/ours_out")
 }
 stop_servers() {
-  exec 3>&- 2>/dev/null || true
+  # (Grouped: a bare `exec 2>/dev/null` would silence the script's own
+  # stderr from here on.)
+  { exec 3>&-; } 2>/dev/null || true
   kill "${TORCH_PID:-}" "${OURS_PID:-}" 2>/dev/null || true
   wait 2>/dev/null || true
 }

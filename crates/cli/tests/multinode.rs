@@ -304,30 +304,8 @@ fn a_killed_agent_is_seen_at_once_and_a_gloo_job_re_forms_without_the_heartbeat_
     // death was seen through the closed connection, not the window.
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
-    let job = vec![
-        helper("allreduce_loop.py"),
-        dir.path().display().to_string(),
-        "2".to_string(),
-    ];
-    let conf = "last_call_timeout=1";
-    let start = |n: u8| {
-        let mut c = Command::new(BIN);
-        c.args([
-            "--nnodes=2:3",
-            "--nproc-per-node=1",
-            "--max-restarts=3",
-            "--rdzv-backend=c10d",
-            &format!("--rdzv-endpoint=127.0.0.2:{port}"),
-            "--rdzv-id=killed",
-            &format!("--local-addr=127.0.0.{n}"),
-            &format!("--rdzv-conf={conf}"),
-        ])
-        .args(&job)
-        .env("PYTHON_EXEC", testkit::torch_python())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        c.spawn().unwrap()
-    };
+    let endpoint = format!("127.0.0.2:{port}");
+    let start = |n: u8| loop_agent(n, &endpoint, "killed", "last_call_timeout=1", dir.path());
     let mut a = start(2);
     let mut b = start(3);
     let mut c = start(4);
@@ -340,15 +318,7 @@ fn a_killed_agent_is_seen_at_once_and_a_gloo_job_re_forms_without_the_heartbeat_
     unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
     c.wait().unwrap();
     // Both survivors' new workers start (group ranks 0 and 1 again).
-    let starts = |g: u32| {
-        std::fs::read_to_string(dir.path().join(format!("start.{g}")))
-            .map_or(0, |s| s.lines().count())
-    };
-    testkit::wait_for(
-        Duration::from_secs(60),
-        "the survivors' new workers",
-        || (starts(0) >= 2 && starts(1) >= 2).then_some(()),
-    );
+    wait_for_new_workers(dir.path());
     let took = t0.elapsed();
     let all = kill_finish(vec![(a, ra, seen_a), (b, rb, seen_b)]);
     assert!(
@@ -368,31 +338,9 @@ fn a_frozen_node_is_evicted_within_its_heartbeat_window() {
     // stop (SIGSTOP: no FIN, no RST, as a machine that hangs).
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
-    let job = vec![
-        helper("allreduce_loop.py"),
-        dir.path().display().to_string(),
-        "2".to_string(),
-    ];
+    let endpoint = format!("127.0.0.2:{port}");
     let conf = "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3";
-    let start = |n: u8| {
-        Command::new(BIN)
-            .args([
-                "--nnodes=2:3",
-                "--nproc-per-node=1",
-                "--max-restarts=3",
-                "--rdzv-backend=c10d",
-                &format!("--rdzv-endpoint=127.0.0.2:{port}"),
-                "--rdzv-id=frozen-node",
-                &format!("--local-addr=127.0.0.{n}"),
-                &format!("--rdzv-conf={conf}"),
-            ])
-            .args(&job)
-            .env("PYTHON_EXEC", testkit::torch_python())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let start = |n: u8| loop_agent(n, &endpoint, "frozen-node", conf, dir.path());
     let mut a = start(2);
     let mut b = start(3);
     let mut c = start(4);
@@ -410,15 +358,7 @@ fn a_frozen_node_is_evicted_within_its_heartbeat_window() {
         // SAFETY: a plain system call on processes this test started.
         unsafe { libc::kill(pid, libc::SIGSTOP) };
     }
-    let starts = |g: u32| {
-        std::fs::read_to_string(dir.path().join(format!("start.{g}")))
-            .map_or(0, |s| s.lines().count())
-    };
-    testkit::wait_for(
-        Duration::from_secs(60),
-        "the survivors' new workers",
-        || (starts(0) >= 2 && starts(1) >= 2).then_some(()),
-    );
+    wait_for_new_workers(dir.path());
     let took = t0.elapsed();
     for pid in [c.id() as i32, worker] {
         // SAFETY: as above.
@@ -491,31 +431,10 @@ fn store_at(port: u16) -> Child {
 
 /// Three agents of a gloo job on a standalone store at `port`.
 fn store_loss_job(port: u16, dir: &std::path::Path, conf: &str) -> Vec<Child> {
-    let job = vec![
-        helper("allreduce_loop.py"),
-        dir.display().to_string(),
-        "2".to_string(),
-    ];
+    let endpoint = format!("127.0.0.1:{port}");
+    let conf = format!("is_host=false,last_call_timeout=1,{conf}");
     (2..5)
-        .map(|n| {
-            Command::new(BIN)
-                .args([
-                    "--nnodes=2:3",
-                    "--nproc-per-node=1",
-                    "--max-restarts=3",
-                    "--rdzv-backend=c10d",
-                    &format!("--rdzv-endpoint=127.0.0.1:{port}"),
-                    "--rdzv-id=store-loss",
-                    &format!("--local-addr=127.0.0.{n}"),
-                    &format!("--rdzv-conf=is_host=false,last_call_timeout=1,{conf}"),
-                ])
-                .args(&job)
-                .env("PYTHON_EXEC", testkit::torch_python())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
+        .map(|n| loop_agent(n, &endpoint, "store-loss", &conf, dir))
         .collect()
 }
 
@@ -539,12 +458,12 @@ fn a_store_restarted_at_its_address_lets_the_survivors_re_form() {
     unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
     c.wait().unwrap();
     // The survivors' workers fail, their agents wait for a store.
-    let starts = |g: u32| {
-        std::fs::read_to_string(dir.path().join(format!("start.{g}")))
-            .map_or(0, |s| s.lines().count())
-    };
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!((starts(0), starts(1)), (1, 1), "re-formed without a store");
+    assert_eq!(
+        (starts(dir.path(), 0), starts(dir.path(), 1)),
+        (1, 1),
+        "re-formed without a store"
+    );
     let mut store = store_at(port);
     let all = kill_finish(vec![(a, ra, seen_a), (b, rb, seen_b)]);
     let _ = store.kill();
@@ -589,6 +508,42 @@ fn a_store_that_does_not_come_back_ends_the_job_with_one_line_naming_it() {
         );
     }
     assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+}
+
+/// An agent of a 2:3-node gloo job whose workers all-reduce in a loop
+/// (`allreduce_loop.py`: in a world of 2 they exit 0).
+fn loop_agent(n: u8, endpoint: &str, run_id: &str, conf: &str, dir: &std::path::Path) -> Child {
+    Command::new(BIN)
+        .args([
+            "--nnodes=2:3",
+            "--nproc-per-node=1",
+            "--max-restarts=3",
+            "--rdzv-backend=c10d",
+            &format!("--rdzv-endpoint={endpoint}"),
+            &format!("--rdzv-id={run_id}"),
+            &format!("--local-addr=127.0.0.{n}"),
+            &format!("--rdzv-conf={conf}"),
+        ])
+        .arg(helper("allreduce_loop.py"))
+        .arg(dir)
+        .arg("2")
+        .env("PYTHON_EXEC", testkit::torch_python())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// How many workers of group rank `g` have started (`allreduce_loop.py`).
+fn starts(dir: &std::path::Path, g: u32) -> usize {
+    std::fs::read_to_string(dir.join(format!("start.{g}"))).map_or(0, |s| s.lines().count())
+}
+
+/// Until the workers of group ranks 0 and 1 have started a second time.
+fn wait_for_new_workers(dir: &std::path::Path) {
+    testkit::wait_for(Duration::from_secs(60), "the survivors' new workers", || {
+        (starts(dir, 0) >= 2 && starts(dir, 1) >= 2).then_some(())
+    });
 }
 
 /// Waits for each agent to exit 0; everything they printed.
