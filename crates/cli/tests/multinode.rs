@@ -541,9 +541,11 @@ fn starts(dir: &std::path::Path, g: u32) -> usize {
 
 /// Until the workers of group ranks 0 and 1 have started a second time.
 fn wait_for_new_workers(dir: &std::path::Path) {
-    testkit::wait_for(Duration::from_secs(60), "the survivors' new workers", || {
-        (starts(dir, 0) >= 2 && starts(dir, 1) >= 2).then_some(())
-    });
+    testkit::wait_for(
+        Duration::from_secs(60),
+        "the survivors' new workers",
+        || (starts(dir, 0) >= 2 && starts(dir, 1) >= 2).then_some(()),
+    );
 }
 
 /// Waits for each agent to exit 0; everything they printed.

@@ -118,6 +118,9 @@ pub struct DynamicRdzv {
     endpoint: String,
     /// This node's workers' store as published (again after a store loss).
     published: Option<(String, u16)>,
+    /// This node has joined a round: from then on it watches its peers'
+    /// launchers.
+    published_ranked: bool,
     /// Tests: this agent's write that completes a round stops before the
     /// seats, as a completer killed at that moment would.
     #[cfg(test)]
@@ -307,6 +310,7 @@ impl DynamicRdzv {
             after_failure: false,
             endpoint,
             published: None,
+            published_ranked: false,
             evicted: Vec::new(),
             #[cfg(test)]
             fail_before_seats: false,
@@ -712,7 +716,12 @@ impl DynamicRdzv {
     /// dead-node window. `_t` is the wall time of the caller's decision;
     /// ages are measured on the monotonic clock.
     async fn check_liveness(&mut self, _t: f64) -> Result<bool, RendezvousError> {
-        self.hold_peers().await?;
+        // Once this node has run in a round: a job's first rendezvous has
+        // no launcher to lose yet, and thousands of arriving agents need not
+        // connect to each other while they rank.
+        if self.published_ranked {
+            self.hold_peers().await?;
+        }
         if self.peers.dead().iter().any(|n| self.present(n)) {
             return Ok(true);
         }
@@ -1154,6 +1163,7 @@ impl DynamicRdzv {
         let seat = self.seat_key(self.state.round, &self.node);
         self.client.delete_key(&seat).await?;
         let (master_addr, master_port) = self.master_of(&rank0).await?;
+        self.published_ranked = true;
         Ok(Joined {
             round: self.state.round,
             rank,
@@ -1176,6 +1186,7 @@ impl DynamicRdzv {
         self.version = seat.version;
         self.watched = seat.watched;
         let (master_addr, master_port) = self.master_of(&seat.rank0).await?;
+        self.published_ranked = true;
         Ok(Joined {
             round,
             rank: seat.rank,

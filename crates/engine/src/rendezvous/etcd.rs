@@ -309,8 +309,14 @@ impl EtcdRdzv {
         Ok(())
     }
 
-    /// Tells `watch_peers` which launchers to hold connections to.
+    /// Tells `watch_peers` which launchers to hold connections to, once
+    /// this node has joined a round (a job's first rendezvous has no
+    /// launcher to lose yet, and its arriving agents need not load etcd
+    /// with lookups while they rank).
     fn watch_next_nodes(&self) {
+        if self.joined.is_none() {
+            return;
+        }
         let all = super::c10d::sorted_nodes(&self.state);
         let next = super::c10d::watched_by(&all, &self.node);
         self.watched.send_if_modified(|w| {
@@ -697,6 +703,7 @@ impl EtcdRdzv {
             .map(|(n, _)| n.clone())
             .ok_or(RendezvousError::JoinTimeout)?;
         self.joined = Some((s.round, s.participants.clone()));
+        self.watch_next_nodes();
         // A later loss of the state is a new one to tell.
         self.loss_warned = false;
         let (master_addr, master_port) = self.master_of(&rank0).await?;
