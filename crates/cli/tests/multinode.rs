@@ -978,7 +978,7 @@ fn a_store_that_freezes_while_a_node_joins_fails_the_join_in_bounded_time() {
             "--rdzv-backend=c10d",
             &format!("--rdzv-endpoint=127.0.0.1:{}", store.port),
             "--rdzv-id=frozen",
-            "--rdzv-conf=is_host=false,read_timeout=3,join_timeout=600",
+            "--rdzv-conf=is_host=false,read_timeout=3,join_timeout=5",
             "--events-file",
         ])
         .arg(&events)
@@ -1013,7 +1013,10 @@ fn a_store_that_freezes_while_a_node_joins_fails_the_join_in_bounded_time() {
     let mut err = String::new();
     std::io::Read::read_to_string(&mut agent.stderr.take().unwrap(), &mut err).unwrap();
     assert_ne!(status.code(), Some(0), "{err}");
-    assert!(err.contains("did not answer within"), "{err}");
+    // Each request gives up after read_timeout (3 s), the join after
+    // join_timeout (5 s), not after the kernel's retransmissions.
+    assert!(err.contains("did not answer"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
     eprintln!("a frozen store failed the join after {:?}", t0.elapsed());
 }
 

@@ -1605,9 +1605,10 @@ mod tests {
         let took = t0.elapsed().as_secs_f64();
         assert!(joined.iter().all(|j| j.world_size == 8));
         eprintln!("12 dead of 20 evicted and the 8 re-formed in {took:.1} s (window 2 s)");
-        // One window (2 s), a late beat (1.5 s) and the checks' period
-        // (1 s): not one window per three dead nodes (four windows here).
-        assert!(took < 7.0, "took {took:.1} s");
+        // One window (2 s), a late beat (1 s) and the checks' period (1 s),
+        // with room for a loaded machine: not one window per three dead
+        // nodes (12 s here before).
+        assert!(took < 8.0, "took {took:.1} s");
         server.shutdown().await;
     }
 
