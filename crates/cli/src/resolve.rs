@@ -395,6 +395,19 @@ pub fn resolve(
         }
         c.restart_backoff = (lo, hi);
     }
+    if let Some(v) = raw
+        .get("max_node_failures")
+        .filter(|v| !v.trim().is_empty())
+    {
+        c.max_node_failures = Some(v.trim().parse::<u32>().ok().filter(|k| *k > 0).ok_or_else(
+            || {
+                usage(
+                    "--max-node-failures",
+                    format!("invalid value '{v}': expected a positive number of failures"),
+                )
+            },
+        )?);
+    }
     if let Some(v) = raw.get("fatal_exit_codes").filter(|v| !v.trim().is_empty()) {
         c.fatal_exit_codes = v
             .split(',')

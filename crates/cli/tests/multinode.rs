@@ -548,6 +548,69 @@ fn wait_for_new_workers(dir: &std::path::Path) {
     );
 }
 
+#[test]
+fn a_node_that_keeps_failing_is_excluded_and_a_spare_takes_its_place() {
+    // One failure is enough here (--max-node-failures=1: the counting of
+    // several is the state machine's unit test); the bad node's worker
+    // fails after 3 s, while a spare waits.
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = |n: u8, bad: bool| {
+        let mut c = Command::new(BIN);
+        c.args([
+            "--nnodes=2:2",
+            "--nproc-per-node=1",
+            "--max-restarts=5",
+            "--max-node-failures=1",
+            "--rdzv-backend=c10d",
+            &format!("--rdzv-endpoint=127.0.0.2:{port}"),
+            "--rdzv-id=bad-node",
+            &format!("--local-addr=127.0.0.{n}"),
+            &format!("--rdzv-conf={FAST}"),
+        ])
+        .arg(helper("worker.py"))
+        .args(["fail-if-env"])
+        .arg(dir.path())
+        .arg("3")
+        .env("PYTHON_EXEC", "python3")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        if bad {
+            c.env("FAIL_HERE", "1");
+        }
+        c.spawn().unwrap()
+    };
+    // The store's host is a good node; the bad one joins it.
+    let good = agent(2, false);
+    let bad = agent(3, true);
+    testkit::wait_for(Duration::from_secs(30), "both workers", || {
+        (dir.path().join("pid.0").exists() && dir.path().join("pid.1").exists()).then_some(())
+    });
+    let mut spare = agent(4, false);
+    let _spare_err = read_until_line(spare.stderr.take().unwrap(), "waiting as a spare");
+    let (code, _, err) = finish(bad);
+    assert_eq!(code, Some(1), "{err}");
+    let why: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("excluded from the run"))
+        .collect();
+    assert_eq!(why.len(), 1, "{err}");
+    for a in [good, spare] {
+        let (code, _, err) = finish(a);
+        assert_eq!(code, Some(0), "{err}");
+    }
+    // The last round: the good node and the spare (rank 1), after the
+    // job's one restart.
+    let last: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("env.1.1.json")).unwrap())
+            .unwrap();
+    assert_eq!(last["env"]["WORLD_SIZE"], "2");
+    assert!(
+        last["env"].get("FAIL_HERE").is_none(),
+        "rank 1 is the spare"
+    );
+}
+
 /// Waits for each agent to exit 0; everything they printed.
 fn kill_finish(agents: Vec<Running>) -> String {
     let mut all = String::new();

@@ -252,6 +252,10 @@ pub struct LaunchConfig {
     /// `--fatal-exit-codes` (beyond torch): a worker exiting with one of
     /// these ends the job at once, without using a restart.
     pub fatal_exit_codes: Vec<i32>,
+    /// `--max-node-failures` (beyond torch): a host that is the root cause
+    /// of this many failed rounds is excluded for the rest of the run
+    /// (c10d, etcd-v3).
+    pub max_node_failures: Option<u32>,
     /// `--events-file` (beyond torch): every lifecycle fact as JSON Lines.
     pub events_file: Option<PathBuf>,
     /// `--numa-binding`: pin each local rank's CPUs near its GPU.
@@ -335,6 +339,7 @@ impl Default for LaunchConfig {
             on_hang: OnHang::Report,
             restart_backoff: (Duration::ZERO, Duration::ZERO),
             fatal_exit_codes: Vec::new(),
+            max_node_failures: None,
             metrics_port: None,
             metrics_addr: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             shutdown_timeout: Duration::from_secs(30),

@@ -201,6 +201,17 @@ elif mode == "rank0-fails-first":
         sys.exit(1)
     ready()
     time.sleep(120)
+elif mode == "fail-if-env":
+    # fail-if-env SECONDS: where FAIL_HERE is set (a bad node), runs
+    # SECONDS and exits 1; elsewhere waits to be re-formed on the first
+    # attempt, and exits 0 on a later one.
+    ready()
+    if os.environ.get("FAIL_HERE"):
+        time.sleep(float(args[0]))
+        sys.exit(1)
+    if restart == "0":
+        time.sleep(120)
+    sys.exit(0)
 elif mode == "sleep":
     ready()
     time.sleep(float(args[0]) if args else 60)

@@ -1406,6 +1406,7 @@ mod tests {
             last_call_timeout: 30.0,
             keep_alive_interval: 5.0,
             keep_alive_max_attempt: 3,
+            max_node_failures: None,
         };
         agent_with(port, i, cfg, 60.0).await
     }
@@ -1507,6 +1508,7 @@ mod tests {
             last_call_timeout: 1.0,
             keep_alive_interval: 1.0,
             keep_alive_max_attempt: 2,
+            max_node_failures: None,
         };
         let mut agents = Vec::new();
         for i in 0..n {
@@ -1543,6 +1545,7 @@ mod tests {
             last_call_timeout: 30.0,
             keep_alive_interval: 1.0,
             keep_alive_max_attempt: 30,
+            max_node_failures: None,
         };
         // Eight arrive together: one writes for the batch, the others wait
         // for their seats; the round waits for the ninth or the last call.
@@ -1584,6 +1587,7 @@ mod tests {
             last_call_timeout: 1.0,
             keep_alive_interval: 1.0,
             keep_alive_max_attempt: 2,
+            max_node_failures: None,
         };
         let mut agents = Vec::new();
         for i in 0..n {

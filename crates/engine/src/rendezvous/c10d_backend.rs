@@ -77,6 +77,7 @@ impl C10dBackend {
             last_call_timeout: settings.last_call_timeout.as_secs_f64(),
             keep_alive_interval: settings.keep_alive_interval.as_secs_f64(),
             keep_alive_max_attempt: settings.keep_alive_max_attempt,
+            max_node_failures: config.max_node_failures,
         };
         let node = super::this_node(settings.node_index, local_addr);
         let dynamic = c10d::DynamicRdzv::new(

@@ -61,6 +61,11 @@ pub struct State {
     pub restarts: u32,
     /// The last round whose failure was counted.
     pub failed_round: Option<u64>,
+    /// Failed rounds each host was the root cause of (the first to report
+    /// the round's failure), by address.
+    pub node_failures: BTreeMap<String, u32>,
+    /// Hosts excluded for the rest of the run (`--max-node-failures`).
+    pub excluded: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -70,6 +75,9 @@ pub struct Settings {
     pub last_call_timeout: f64,
     pub keep_alive_interval: f64,
     pub keep_alive_max_attempt: u32,
+    /// `--max-node-failures`: a host that is the root cause of this many
+    /// failed rounds is excluded for the rest of the run.
+    pub max_node_failures: Option<u32>,
 }
 
 impl Settings {
@@ -96,6 +104,8 @@ pub enum Action {
     Finish,
     ErrorClosed,
     ErrorTimeout,
+    /// This host was excluded for the rest of the run.
+    ErrorExcluded,
     /// A spare learns that the job is over: exit 0.
     GracefulExit,
 }
@@ -110,6 +120,9 @@ pub fn join_action(s: &State, node: &Node, now: f64, join_deadline: f64, cfg: &S
     let is_waiting = s.wait_list.contains(node);
     let is_spare = s.redundancy_list.contains(node);
     let n = s.participants.len() as u32;
+    if s.excluded.contains(&node.addr) {
+        return Action::ErrorExcluded;
+    }
     if s.closed {
         return if is_spare {
             Action::GracefulExit
@@ -200,6 +213,7 @@ pub fn is_mutation(a: Action) -> bool {
             | Action::GracefulExit
             | Action::ErrorClosed
             | Action::ErrorTimeout
+            | Action::ErrorExcluded
     )
 }
 
@@ -259,6 +273,7 @@ pub fn apply(s: &mut State, node: &Node, action: Action, now: f64, cfg: &Setting
         | Action::Finish
         | Action::ErrorClosed
         | Action::ErrorTimeout
+        | Action::ErrorExcluded
         | Action::GracefulExit => {}
     }
 }
@@ -365,6 +380,7 @@ pub fn drain(s: &mut State, log: &[u8], now: f64, cfg: &Settings) -> Vec<Request
 /// leaves every list.
 pub fn apply_request(s: &mut State, req: Request, now: f64, cfg: &Settings) {
     match req {
+        Request::Join(n) if s.excluded.contains(&n.addr) => {}
         Request::Join(n) => admit(s, &n, now, cfg),
         Request::Leave(n) => {
             if exit_action(s, &n, now, f64::INFINITY) == Action::RemoveFromParticipants {
@@ -378,6 +394,16 @@ pub fn apply_request(s: &mut State, req: Request, now: f64, cfg: &Settings) {
             if s.complete && s.participants.contains_key(&n) && s.failed_round != Some(s.round) {
                 s.restarts += 1;
                 s.failed_round = Some(s.round);
+                // The first to report the round's failure is its root
+                // cause: its own worker failed, the others' failed after.
+                let count = s.node_failures.entry(n.addr.clone()).or_default();
+                *count += 1;
+                if cfg.max_node_failures.is_some_and(|k| *count >= k) {
+                    s.excluded.insert(n.addr.clone());
+                    // Out for good: a spare may take its place.
+                    remove_for_good(s, &n, cfg);
+                    return;
+                }
             }
             apply_request(s, Request::Leave(n), now, cfg);
         }
@@ -516,6 +542,12 @@ impl State {
         for n in &self.redundancy_list {
             let _ = writeln!(out, "S {}", node_text(n));
         }
+        for (addr, count) in &self.node_failures {
+            let _ = writeln!(out, "X {count} {addr}");
+        }
+        for addr in &self.excluded {
+            let _ = writeln!(out, "E {addr}");
+        }
         out
     }
 
@@ -560,6 +592,14 @@ impl State {
                 "S" => {
                     s.redundancy_list.insert(node_parse(rest)?);
                 }
+                "X" => {
+                    let (count, addr) = rest.split_once(' ')?;
+                    s.node_failures
+                        .insert(addr.to_string(), count.parse().ok()?);
+                }
+                "E" => {
+                    s.excluded.insert(rest.to_string());
+                }
                 _ => return None,
             }
         }
@@ -587,6 +627,7 @@ mod tests {
             last_call_timeout: 30.0,
             keep_alive_interval: 5.0,
             keep_alive_max_attempt: 3,
+            max_node_failures: None,
         }
     }
 
@@ -863,6 +904,8 @@ mod tests {
         s.applied = 77;
         s.restarts = 4;
         s.failed_round = Some(6);
+        s.node_failures.insert("host_x".into(), 2);
+        s.excluded.insert("bad-node".into());
         let back = State::decode(&s.encode()).unwrap();
         // Heartbeats are each agent's own observation, not shared.
         s.last_heartbeats.clear();
@@ -1042,6 +1085,42 @@ mod tests {
         assert_eq!(s.restarts, 2);
         let line = Request::Fail(a.clone()).line();
         assert_eq!(Request::parse(line.trim_end()), Some(Request::Fail(a)));
+    }
+
+    #[test]
+    fn a_host_that_keeps_failing_is_excluded_and_a_spare_takes_its_place() {
+        let mut c = cfg(2, 2);
+        c.max_node_failures = Some(2);
+        let (a, b, spare) = (node("a", 1), node("b", 1), node("spare", 1));
+        let mut s = with_participants(&[&a, &b], true, NOW);
+        apply_request(&mut s, Request::Join(spare.clone()), NOW, &c);
+        assert!(s.redundancy_list.contains(&spare));
+        // a fails first twice (b's workers fail after it, as victims).
+        for _ in 0..2 {
+            apply_request(&mut s, Request::Fail(a.clone()), NOW, &c);
+            apply_request(&mut s, Request::Fail(b.clone()), NOW, &c);
+            for n in [&a, &b] {
+                apply_request(&mut s, Request::Join(n.clone()), NOW, &c);
+            }
+            settle(&mut s, NOW, &c);
+        }
+        assert_eq!(s.node_failures.get("a"), Some(&2));
+        assert_eq!(s.node_failures.get("b"), None);
+        assert!(s.excluded.contains("a") && !in_any_list(&s, &a));
+        // The spare took its place; a rejoining a is refused.
+        assert!(s.complete && s.participants.contains_key(&spare));
+        assert!(s.participants.contains_key(&b));
+        apply_request(&mut s, Request::Join(a.clone()), NOW, &c);
+        assert!(!in_any_list(&s, &a));
+        assert_eq!(
+            join_action(&s, &a, NOW, NOW + 60.0, &c),
+            Action::ErrorExcluded
+        );
+        // A restarted launcher on that host (another pid) is refused too.
+        assert_eq!(
+            join_action(&s, &node("a", 2), NOW, NOW + 60.0, &c),
+            Action::ErrorExcluded
+        );
     }
 
     #[test]

@@ -49,6 +49,7 @@ impl EtcdBackend {
             last_call_timeout: settings.last_call_timeout.as_secs_f64(),
             keep_alive_interval: settings.keep_alive_interval.as_secs_f64(),
             keep_alive_max_attempt: settings.keep_alive_max_attempt,
+            max_node_failures: config.max_node_failures,
         };
         let dynamic = EtcdRdzv::start(
             client,

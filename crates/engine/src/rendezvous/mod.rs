@@ -76,6 +76,8 @@ pub enum RendezvousError {
     JoinTimeout,
     #[error("the rendezvous store at {addr} did not answer for {timeout:?} (join_timeout): the node that hosted it is gone. A store that outlives any one node: a standalone torchrun-rs-store on a node that does not train (--rdzv-conf=is_host=false), or --rdzv-backend=etcd-v3")]
     StoreLost { addr: String, timeout: Duration },
+    #[error("this node is excluded from the run: it was the first to fail in as many rounds as --max-node-failures allows; the job goes on without it (a waiting spare takes its place)")]
+    Excluded,
     /// This node was a spare and the job ended: not an error for the user.
     #[error("the job ended while this node waited as a spare")]
     GracefulExit,
@@ -214,6 +216,7 @@ fn settled(action: dynamic::Action) -> Option<Result<dynamic::Action, Rendezvous
     match action {
         Action::ErrorClosed => Some(Err(RendezvousError::Closed)),
         Action::ErrorTimeout => Some(Err(RendezvousError::JoinTimeout)),
+        Action::ErrorExcluded => Some(Err(RendezvousError::Excluded)),
         Action::Finish | Action::GracefulExit => Some(Ok(action)),
         _ => None,
     }
