@@ -611,6 +611,52 @@ fn a_node_that_keeps_failing_is_excluded_and_a_spare_takes_its_place() {
     );
 }
 
+#[test]
+fn a_node_with_a_smaller_restart_budget_than_the_jobs_count_stops_cleanly() {
+    // Node a (--max-restarts=1) fails first: the job's count becomes 1.
+    // Node b (--max-restarts=0) then fails: none is left for it. It must
+    // stop with its failure, not wrap its budget around and restart.
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = |n: u8, max: &str, tag: &str, fail_on: &str| {
+        Command::new(BIN)
+            .args([
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                &format!("--max-restarts={max}"),
+                "--rdzv-backend=c10d",
+                &format!("--rdzv-endpoint=127.0.0.2:{port}"),
+                "--rdzv-id=budgets",
+                &format!("--local-addr=127.0.0.{n}"),
+                &format!("--rdzv-conf={FAST}"),
+            ])
+            .arg(helper("worker.py"))
+            .arg("fail-on-start")
+            .arg(dir.path())
+            .env("PYTHON_EXEC", "python3")
+            .env("NODE_TAG", tag)
+            .env("FAIL_ON_START", fail_on)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let a = agent(2, "1", "a", "1");
+    let b = agent(3, "0", "b", "2");
+    let (code_b, _, err_b) = finish(b);
+    assert_eq!(code_b, Some(1), "{err_b}");
+    assert!(!err_b.contains("internal error"), "{err_b}");
+    assert!(
+        err_b.contains("Root Cause"),
+        "b stops with its own failure: {err_b}"
+    );
+    let (code_a, _, err_a) = finish(a);
+    assert_ne!(code_a, Some(0), "{err_a}");
+    // b's second start was its last.
+    let b_starts = std::fs::read_to_string(dir.path().join("starts-b")).unwrap();
+    assert_eq!(b_starts.len(), 2, "b restarted past its budget");
+}
+
 /// Waits for each agent to exit 0; everything they printed.
 fn kill_finish(agents: Vec<Running>) -> String {
     let mut all = String::new();

@@ -1307,10 +1307,13 @@ impl<'a> Agent<'a> {
                         f.exitcode()
                     );
                 }
+                // The job's count may exceed this node's budget (another
+                // node, started with a larger --max-restarts, restarted the
+                // job): then none is left here.
                 let remaining = if self.no_more_restarts || fatal.is_some() {
                     0
                 } else {
-                    max - self.restart_count
+                    max.saturating_sub(self.restart_count)
                 };
                 if remaining > 0 {
                     self.observe(|o| *o.restarts_by_cause.entry("worker_failed").or_default() += 1);

@@ -87,12 +87,11 @@ impl Drop for HealthServer {
 /// since the launcher needs its own for pipes, log files and the store.
 const MAX_CONNECTIONS: usize = 32;
 
-/// A client must send a request's headers within this time.
+/// A client must send a request's headers within this time, the first
+/// request's and, on a kept-alive connection, the next one's (hyper starts
+/// the timer whenever the connection is idle): an idle client cannot hold
+/// a slot for ever, while a long `/stacks` is not cut short.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A connection is closed after this long, whatever it does: a scraper
-/// re-connects, an idle client cannot hold a slot for ever.
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 /// The pause after a failed accept (out of descriptors, say), doubling up
 /// to [`ACCEPT_BACKOFF_MAX`]: never a busy loop.
@@ -135,11 +134,11 @@ pub async fn start(
                     async move { Ok::<_, Infallible>(respond(req, &observed, &pings).await) }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
-                let conn = hyper::server::conn::http1::Builder::new()
+                let _ = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT)
-                    .serve_connection(io, service);
-                let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+                    .serve_connection(io, service)
+                    .await;
             });
         }
     });

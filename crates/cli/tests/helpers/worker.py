@@ -212,6 +212,18 @@ elif mode == "fail-if-env":
     if restart == "0":
         time.sleep(120)
     sys.exit(0)
+elif mode == "fail-on-start":
+    # fail-on-start: on a node whose launcher has FAIL_ON_START=N, the
+    # worker fails on that node's N-th start (counted in
+    # OUTDIR/starts-<NODE_TAG>); every other start waits to be re-formed.
+    tag = os.environ.get("NODE_TAG", "x")
+    starts = os.path.join(outdir, f"starts-{tag}")
+    with open(starts, "a") as f:
+        f.write("x")
+    ready()
+    if str(os.path.getsize(starts)) == os.environ.get("FAIL_ON_START"):
+        sys.exit(1)
+    time.sleep(120)
 elif mode == "sleep":
     ready()
     time.sleep(float(args[0]) if args else 60)

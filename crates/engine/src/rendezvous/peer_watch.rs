@@ -5,9 +5,10 @@
 //! end of the stream at once. Every launcher listens on its workers' store
 //! (its address is published at start), so a watcher holds one idle
 //! connection to each node it watches and, when that connection ends,
-//! connects again. A refused connection means the host is up and nothing
-//! listens on the port any more: the launcher is gone. That is the only
-//! verdict drawn here; anything else (a timeout, an unreachable network, a
+//! connects again. A refused connection, on a port that accepted before,
+//! means the host is up and nothing listens there any more: the launcher
+//! is gone. That is the only verdict drawn here (a port that never
+//! accepted, a firewall's reset say, proves nothing); anything else (a timeout, an unreachable network, a
 //! host that froze) is left to the heartbeat window, so a partition or a
 //! blip that drops a connection never counts as a death.
 
@@ -117,10 +118,12 @@ impl PeerWatch {
 /// to judge).
 async fn hold(addr: &str) -> bool {
     let mut refusals = 0;
+    let mut accepted_once = false;
     loop {
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(mut s)) => {
                 refusals = 0;
+                accepted_once = true;
                 // Nothing is sent: the store waits for a request, we for
                 // the end of the stream, which comes when the process dies.
                 let mut buf = [0u8; 64];
@@ -132,7 +135,7 @@ async fn hold(addr: &str) -> bool {
                 }
                 tokio::time::sleep(REFUSAL_PAUSE).await;
             }
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Ok(Err(e)) if accepted_once && e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 refusals += 1;
                 if refusals >= REFUSALS {
                     return true;
@@ -222,5 +225,22 @@ mod tests {
             "a dropped connection was taken for a death"
         );
         server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_port_that_never_accepted_is_no_death() {
+        // Bound and closed: connections to it are refused from the start
+        // (as a firewall's reset would be).
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut w = PeerWatch::default();
+        w.watch(node(1), addr.to_string());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            w.dead().is_empty(),
+            "a port that never accepted was taken for a death"
+        );
     }
 }
