@@ -67,9 +67,10 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return usage_error(&e.0),
     };
-    let worker_args = cli::raw_args::worker_args(&resolved.args, &argv_os);
+    let (worker_args, tail) = cli::raw_args::worker_args(&resolved.args, &argv_os);
+    let flags = &argv_os[..argv_os.len() - tail];
     if let Some(dir) = resolved.config.log_dir.take() {
-        resolved.config.log_dir = Some(cli::raw_args::path_value(dir, &argv_os, "PET_LOG_DIR"));
+        resolved.config.log_dir = Some(cli::raw_args::path_value(dir, flags, "PET_LOG_DIR"));
     }
     // Every value checked before anything touches the disk or the network.
     if let Err(e) = resolved.config.validate() {

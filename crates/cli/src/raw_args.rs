@@ -13,21 +13,28 @@ use std::path::PathBuf;
 /// arguments are the tail of the command line, so each argument that
 /// matches the tail (as text) is replaced by the raw argument it came from.
 /// Arguments the launcher made up itself (`-u`, say) stay as they are.
-pub fn worker_args(args: &[String], argv: &[OsString]) -> Vec<OsString> {
+///
+/// Also returns how many arguments at the end of `argv` are the script and
+/// its arguments: what comes before is the launcher's own flags.
+pub fn worker_args(args: &[String], argv: &[OsString]) -> (Vec<OsString>, usize) {
     let mut out: Vec<OsString> = args.iter().map(OsString::from).collect();
+    let mut tail = 0;
     for (slot, raw) in out.iter_mut().rev().zip(argv.iter().rev()) {
         if raw.to_string_lossy() != slot.to_string_lossy() {
             break;
         }
         *slot = raw.clone();
+        tail += 1;
     }
-    out
+    (out, tail)
 }
 
 /// The raw bytes of a path flag's value (`--log-dir`), when its text was
 /// changed by the lossy conversion: from `--flag=VALUE` or the argument
-/// after the flag, else from the `PET_*` variable.
-pub fn path_value(text: PathBuf, argv: &[OsString], pet: &str) -> PathBuf {
+/// after the flag among `flags` (the launcher's own arguments, never the
+/// script's), else from the `PET_*` variable.
+pub fn path_value(text: PathBuf, flags: &[OsString], pet: &str) -> PathBuf {
+    let argv = flags;
     let lossy = text.to_string_lossy().into_owned();
     if !lossy.contains('\u{FFFD}') {
         return text;
@@ -65,8 +72,9 @@ mod tests {
             bad.clone(),
         ];
         let text: Vec<String> = vec!["-u".into(), "t.py".into(), "caf\u{FFFD}".into()];
-        let got = worker_args(&text, &argv);
+        let (got, tail) = worker_args(&text, &argv);
         assert_eq!(got, vec![OsString::from("-u"), OsString::from("t.py"), bad]);
+        assert_eq!(tail, 2, "the script and its argument");
     }
 
     #[test]

@@ -64,6 +64,8 @@ struct Liveness {
     /// window, not one window per [`WATCHED`] nodes (each newly watched one
     /// would start a timer of its own).
     sweeping: bool,
+    /// While sweeping: every node of the state when the sweep began.
+    everyone: Vec<Node>,
 }
 
 impl Default for Liveness {
@@ -72,6 +74,7 @@ impl Default for Liveness {
             seen: HashMap::new(),
             next_check: Instant::now(),
             sweeping: false,
+            everyone: Vec::new(),
         }
     }
 }
@@ -97,8 +100,6 @@ pub struct DynamicRdzv {
     /// participants and this node's rank).
     joined: Option<Membership>,
     liveness: Liveness,
-    /// While sweeping: every node of the state when the sweep began.
-    everyone: Vec<Node>,
     /// Connections to the watched nodes' launchers: a launcher that dies
     /// is seen at once, not after the heartbeat window.
     peers: super::peer_watch::PeerWatch,
@@ -120,7 +121,7 @@ pub struct DynamicRdzv {
     published: Option<(String, u16)>,
     /// This node has joined a round: from then on it watches its peers'
     /// launchers.
-    published_ranked: bool,
+    ranked_once: bool,
     /// Tests: this agent's write that completes a round stops before the
     /// seats, as a completer killed at that moment would.
     #[cfg(test)]
@@ -300,7 +301,6 @@ impl DynamicRdzv {
             read_at: 0.0,
             joined: None,
             liveness: Liveness::default(),
-            everyone: Vec::new(),
             peers: super::peer_watch::PeerWatch::default(),
             watched: Vec::new(),
             waited: None,
@@ -310,7 +310,7 @@ impl DynamicRdzv {
             after_failure: false,
             endpoint,
             published: None,
-            published_ranked: false,
+            ranked_once: false,
             evicted: Vec::new(),
             #[cfg(test)]
             fail_before_seats: false,
@@ -367,12 +367,7 @@ impl DynamicRdzv {
     }
 
     fn ack_key(&self, r: &Request) -> String {
-        let (tag, n) = match r {
-            Request::Join(n) => ('J', n),
-            Request::Leave(n) => ('L', n),
-            Request::Quit(n) => ('Q', n),
-            Request::Fail(n) => ('F', n),
-        };
+        let (tag, n) = r.tag();
         format!("{}.ack.{}.{}.{}.{tag}", self.key, n.addr, n.pid, n.local_id)
     }
 
@@ -513,7 +508,7 @@ impl DynamicRdzv {
         // Heartbeats are read from the start: a node that died with the
         // workers that brought us here is timed from now, not from the
         // first wait's end.
-        if self.check_liveness(now()).await? {
+        if self.check_liveness().await? {
             return Ok(None);
         }
         loop {
@@ -536,7 +531,7 @@ impl DynamicRdzv {
             // what keeps the round from forming: the general loop, which
             // evicts it, takes over. Nobody else would: its other watchers
             // may be waiting here too.
-            if self.check_liveness(now()).await? {
+            if self.check_liveness().await? {
                 return Ok(None);
             }
             let raw = self.client.get_now(&self.summary_key()).await?;
@@ -713,13 +708,12 @@ impl DynamicRdzv {
 
     /// Reads the watched heartbeat counters if due (every node's while
     /// sweeping). Returns whether one of them has not moved for the
-    /// dead-node window. `_t` is the wall time of the caller's decision;
-    /// ages are measured on the monotonic clock.
-    async fn check_liveness(&mut self, _t: f64) -> Result<bool, RendezvousError> {
+    /// dead-node window, by the monotonic clock.
+    async fn check_liveness(&mut self) -> Result<bool, RendezvousError> {
         // Once this node has run in a round: a job's first rendezvous has
         // no launcher to lose yet, and thousands of arriving agents need not
         // connect to each other while they rank.
-        if self.published_ranked {
+        if self.ranked_once {
             self.hold_peers().await?;
         }
         if self.peers.dead().iter().any(|n| self.present(n)) {
@@ -740,7 +734,7 @@ impl DynamicRdzv {
                 .any(|(n, &(_, at))| now.duration_since(at) > late_after && self.present(n));
             if late != self.liveness.sweeping {
                 self.liveness.sweeping = late;
-                self.everyone = if late {
+                self.liveness.everyone = if late {
                     // Who else is there: the state as it is now (read
                     // aside: the caller's view and CAS token stay as
                     // they are).
@@ -756,7 +750,8 @@ impl DynamicRdzv {
             if late {
                 let known: BTreeSet<Node> = watched.iter().cloned().collect();
                 watched.extend(
-                    self.everyone
+                    self.liveness
+                        .everyone
                         .iter()
                         .filter(|n| **n != self.node && !known.contains(*n))
                         .cloned(),
@@ -890,7 +885,7 @@ impl DynamicRdzv {
             let t = now();
             // Judge the watched nodes on fresh counters, not on what was
             // seen before a long pause (stopping workers, say).
-            let dead = self.check_liveness(t).await?;
+            let dead = self.check_liveness().await?;
             // Most wake-ups change nothing for this node (another joined,
             // say): decide on the state as read, without copying it.
             let action = op(&self.state, &self.node, t);
@@ -1032,7 +1027,7 @@ impl DynamicRdzv {
                 Err(e) => return Err(e.into()),
             }
             let t = now();
-            if self.check_liveness(t).await?
+            if self.check_liveness().await?
                 || deadline.is_some_and(|d| t >= d)
                 || t >= self.op_deadline
                 || t - self.read_at >= self.cfg.keep_alive_interval
@@ -1082,7 +1077,7 @@ impl DynamicRdzv {
                     self.state = State::default();
                     self.version = 0;
                     self.waited = None;
-                    self.everyone.clear();
+                    self.liveness.everyone.clear();
                     if let Some((addr, port)) = self.published.clone() {
                         let _ = self.publish_master(&addr, port).await;
                     }
@@ -1163,7 +1158,7 @@ impl DynamicRdzv {
         let seat = self.seat_key(self.state.round, &self.node);
         self.client.delete_key(&seat).await?;
         let (master_addr, master_port) = self.master_of(&rank0).await?;
-        self.published_ranked = true;
+        self.ranked_once = true;
         Ok(Joined {
             round: self.state.round,
             rank,
@@ -1186,7 +1181,7 @@ impl DynamicRdzv {
         self.version = seat.version;
         self.watched = seat.watched;
         let (master_addr, master_port) = self.master_of(&seat.rank0).await?;
-        self.published_ranked = true;
+        self.ranked_once = true;
         Ok(Joined {
             round,
             rank: seat.rank,
@@ -1202,7 +1197,7 @@ impl DynamicRdzv {
     /// round gone). Reads the whole state only when its version moved.
     pub async fn membership_changed(&mut self) -> Result<bool, RendezvousError> {
         let t = now();
-        let dead = self.check_liveness(t).await?;
+        let dead = self.check_liveness().await?;
         if !dead && self.read_version().await? == self.version {
             return Ok(false);
         }

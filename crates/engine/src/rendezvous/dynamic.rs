@@ -314,14 +314,20 @@ pub enum Request {
 }
 
 impl Request {
-    /// One line of the log: `J|L|Q <order> <pid> <local_id> <addr>`.
-    pub fn line(&self) -> String {
-        let (tag, n) = match self {
+    /// The request's one-letter tag (in the log, ack keys and etcd keys)
+    /// and its node.
+    pub fn tag(&self) -> (char, &Node) {
+        match self {
             Request::Join(n) => ('J', n),
             Request::Leave(n) => ('L', n),
             Request::Quit(n) => ('Q', n),
             Request::Fail(n) => ('F', n),
-        };
+        }
+    }
+
+    /// One line of the log: `J|L|Q|F <order> <pid> <local_id> <addr>`.
+    pub fn line(&self) -> String {
+        let (tag, n) = self.tag();
         format!("{tag} {}\n", node_text(n))
     }
 

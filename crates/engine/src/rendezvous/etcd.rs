@@ -75,12 +75,7 @@ impl Keys {
         format!("{}state\0", self.root).into_bytes()
     }
     fn req(&self, r: &Request) -> Vec<u8> {
-        let (tag, n) = match r {
-            Request::Join(n) => ('J', n),
-            Request::Leave(n) => ('L', n),
-            Request::Quit(n) => ('Q', n),
-            Request::Fail(n) => ('F', n),
-        };
+        let (tag, n) = r.tag();
         format!("{}~req/{}/{tag}", self.root, node_id(n)).into_bytes()
     }
 }
