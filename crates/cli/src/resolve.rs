@@ -408,6 +408,9 @@ pub fn resolve(
             },
         )?);
     }
+    if let Some(v) = raw.get("node_check").filter(|v| !v.trim().is_empty()) {
+        c.node_check = Some(v.to_string());
+    }
     if let Some(v) = raw.get("fatal_exit_codes").filter(|v| !v.trim().is_empty()) {
         c.fatal_exit_codes = v
             .split(',')

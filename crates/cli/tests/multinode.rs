@@ -1557,3 +1557,175 @@ fn the_events_file_names_the_node_that_was_evicted() {
         "{evicted:?}"
     );
 }
+
+/// An agent of a 2:3-node gloo job (`allreduce_loop.py DIR WANT`) with
+/// `--node-check` and an events file; `extra` flags before the script.
+fn checked_agent(
+    n: u8,
+    port: u16,
+    conf: &str,
+    dir: &std::path::Path,
+    want: &str,
+    extra: &[String],
+) -> Child {
+    Command::new(BIN)
+        .args([
+            "--nnodes=2:3",
+            "--nproc-per-node=1",
+            "--max-restarts=3",
+            "--rdzv-backend=c10d",
+            &format!("--rdzv-endpoint=127.0.0.2:{port}"),
+            "--rdzv-id=node-check",
+            &format!("--local-addr=127.0.0.{n}"),
+            &format!("--rdzv-conf={conf}"),
+            &format!(
+                "--events-file={}",
+                dir.join(format!("events.{n}")).display()
+            ),
+        ])
+        .args(extra)
+        .arg(helper("allreduce_loop.py"))
+        .arg(dir)
+        .arg(want)
+        .env("PYTHON_EXEC", testkit::torch_python())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn events_of(dir: &std::path::Path, n: u8) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join(format!("events.{n}")))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[test]
+fn a_node_whose_check_fails_stays_out_until_it_passes_then_joins_the_job() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let healthy = dir.path().join("healthy");
+    let check = vec![format!("--node-check=test -e {}", healthy.display())];
+    let a = checked_agent(2, port, FAST, dir.path(), "3", &[]);
+    let b = checked_agent(3, port, FAST, dir.path(), "3", &[]);
+    let c = checked_agent(4, port, FAST, dir.path(), "3", &check);
+    // The two healthy nodes run without the third (a world of 2 loops).
+    wait_for_new_workers_once(dir.path());
+    let failed = |e: &serde_json::Value| e["event"] == "node_check_failed";
+    testkit::wait_for(Duration::from_secs(30), "a failed check", || {
+        events_of(dir.path(), 4).iter().any(failed).then_some(())
+    });
+    std::fs::write(&healthy, "").unwrap();
+    // Once its check passes it joins: the group re-forms as 3 and ends.
+    for (n, agent) in [(2, a), (3, b), (4, c)] {
+        let (code, out, err) = finish(agent);
+        assert_eq!(code, Some(0), "node {n}: {err}");
+        assert!(out.contains("world 3"), "node {n}: {out}");
+    }
+    let events = events_of(dir.path(), 4);
+    let f = events.iter().find(|e| failed(e)).unwrap();
+    assert_eq!(f["exit_code"], 1, "{f}");
+    assert!(events.iter().any(|e| e["event"] == "node_check_passed"));
+    // No worker of the unhealthy node ran before its check passed.
+    let first_pass = events
+        .iter()
+        .position(|e| e["event"] == "node_check_passed");
+    let first_worker = events.iter().position(|e| e["event"] == "worker_started");
+    assert!(first_pass < first_worker, "{events:?}");
+}
+
+/// Until the workers of group ranks 0 and 1 have started once.
+fn wait_for_new_workers_once(dir: &std::path::Path) {
+    testkit::wait_for(Duration::from_secs(60), "the first workers", || {
+        (starts(dir, 0) >= 1 && starts(dir, 1) >= 1).then_some(())
+    });
+}
+
+#[test]
+fn a_node_whose_check_keeps_failing_is_excluded_and_every_node_says_so() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    // The round waits 5 s for a third node: time for two failed checks.
+    let conf = "last_call_timeout=5,keep_alive_interval=1,keep_alive_max_attempt=2";
+    let limit = "--max-node-failures=2".to_string();
+    // The healthy two run on in a world of 2 (they want 3).
+    let metrics = "--metrics-port=0".to_string();
+    let mut a = checked_agent(2, port, conf, dir.path(), "3", &[limit.clone(), metrics]);
+    let b = checked_agent(3, port, conf, dir.path(), "3", std::slice::from_ref(&limit));
+    let check = "--node-check=echo 'GPU 3: uncorrectable ECC error' >&2; exit 3".to_string();
+    let c = checked_agent(4, port, conf, dir.path(), "3", &[limit, check]);
+    let (code, _, err) = finish(c);
+    assert_eq!(code, Some(1), "{err}");
+    let said = |needle: &str| err.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(said("excluded from the run"), 1, "{err}");
+    assert_eq!(said("GPU 3: uncorrectable ECC error"), 2, "{err}");
+    let mine = events_of(dir.path(), 4);
+    let checks: Vec<_> = mine
+        .iter()
+        .filter(|e| e["event"] == "node_check_failed")
+        .collect();
+    assert_eq!(checks.len(), 2, "{mine:?}");
+    assert_eq!(checks[0]["exit_code"], 3);
+    assert!(checks[0]["output"].as_str().unwrap().contains("ECC"));
+    assert!(mine
+        .iter()
+        .any(|e| e["event"] == "node_excluded" && e["this_node"] == true));
+    assert!(!mine.iter().any(|e| e["event"] == "worker_started"));
+    // The others learn it with their round: events file, /status, /metrics.
+    wait_for_new_workers_once(dir.path());
+    let (_err_a, port_a) = health_port(a.stderr.take().unwrap());
+    let scrape = Command::new(testkit::torch_python())
+        .arg(testkit::cli_helper("scrape.py"))
+        .arg(port_a.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        scrape.status.success(),
+        "{}",
+        String::from_utf8_lossy(&scrape.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&scrape.stdout).unwrap();
+    assert_eq!(
+        v["status"]["excluded_nodes"],
+        serde_json::json!(["127.0.0.4"]),
+        "{v}"
+    );
+    assert_eq!(v["status"]["node_failures"]["127.0.0.4"], 2, "{v}");
+    assert_eq!(
+        v["metrics"]["torchrun_rs_node_excluded,node=127.0.0.4"], 1.0,
+        "{v}"
+    );
+    assert_eq!(
+        v["metrics"]["torchrun_rs_node_failures,node=127.0.0.4"], 2.0,
+        "{v}"
+    );
+    for mut agent in [a, b] {
+        // SAFETY: our own child.
+        unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+        let _ = agent.wait();
+    }
+    for n in [2, 3] {
+        let theirs = events_of(dir.path(), n);
+        let ex = theirs
+            .iter()
+            .find(|e| e["event"] == "node_excluded")
+            .unwrap_or_else(|| panic!("node {n}: {theirs:?}"));
+        assert_eq!(ex["node"], "127.0.0.4");
+        assert_eq!(ex["failures"], 2);
+    }
+}
+
+/// Reads an agent's stderr up to its health port line.
+fn health_port(
+    err: std::process::ChildStderr,
+) -> (std::io::BufReader<std::process::ChildStderr>, u16) {
+    let (r, seen) = read_until_line(err, "health and metrics on http://");
+    let line = seen
+        .lines()
+        .find(|l| l.contains("health and metrics on http://"))
+        .unwrap();
+    let port = line.trim().rsplit(':').next().unwrap().parse().unwrap();
+    (r, port)
+}

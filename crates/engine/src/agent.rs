@@ -100,6 +100,8 @@ enum Event {
     /// The processes the last attempt left behind are gone (how many were
     /// stopped): the next round may start.
     Swept(usize),
+    /// `--node-check` ran before a round.
+    NodeChecked(crate::node_check::Outcome),
 }
 
 /// A watchdog expiry awaiting its stack: the failure, the signal asked
@@ -237,6 +239,15 @@ pub struct Agent<'a> {
     backoff_until: Option<Instant>,
     /// The next round is joined after this node's workers failed.
     after_failure: bool,
+    /// `--node-check`: the check under way, its results, and how many
+    /// failed on this node.
+    node_check: Option<tokio::task::JoinHandle<()>>,
+    node_check_tx: mpsc::UnboundedSender<crate::node_check::Outcome>,
+    node_check_rx: mpsc::UnboundedReceiver<crate::node_check::Outcome>,
+    node_check_failures: u32,
+    /// Hosts the rendezvous has excluded, as last told (for the events
+    /// file: each exclusion once).
+    excluded_seen: std::collections::BTreeSet<String>,
 }
 
 impl<'a> Agent<'a> {
@@ -266,6 +277,7 @@ impl<'a> Agent<'a> {
         let (stubborn_tx, stubborn_rx) = mpsc::unbounded_channel();
         let (expiry_tx, expiry_rx) = mpsc::unbounded_channel();
         let (swept_tx, swept_rx) = mpsc::unbounded_channel();
+        let (node_check_tx, node_check_rx) = mpsc::unbounded_channel();
         let mut base_env = base_env;
         if config.hang_timeout.is_some()
             && crate::process::find_program("py-spy").is_none()
@@ -374,6 +386,11 @@ impl<'a> Agent<'a> {
             finish_by: None,
             backoff_until: None,
             after_failure: false,
+            node_check: None,
+            node_check_tx,
+            node_check_rx,
+            node_check_failures: 0,
+            excluded_seen: Default::default(),
         }
     }
 
@@ -469,6 +486,7 @@ impl<'a> Agent<'a> {
             Some(d) = self.stubborn_rx.recv() => Event::Stubborn(d),
             Some(d) = self.expiry_rx.recv() => Event::ExpiredDumped(Box::new(d)),
             Some(n) = self.swept_rx.recv() => Event::Swept(n),
+            Some(c) = self.node_check_rx.recv() => Event::NodeChecked(c),
             _ = sleep_until(timer) => Event::Timer,
         }
     }
@@ -487,6 +505,7 @@ impl<'a> Agent<'a> {
             Event::Hung(h) => self.on_hung(h),
             Event::Stubborn(d) => self.on_stubborn(d),
             Event::ExpiredDumped(d) => self.on_expired_dumped(*d),
+            Event::NodeChecked(c) => self.on_node_checked(c),
             Event::Swept(n) => {
                 if matches!(self.phase, Phase::Joining) {
                     if n > 0 {
@@ -760,6 +779,7 @@ impl<'a> Agent<'a> {
                 if let Some(r) = a.restarts {
                     self.restart_count = r;
                 }
+                self.note_node_failures(&a.node_failures);
                 // Ranks are assigned within the round here: its time is the
                 // rendezvous's, the assignment's is not told apart.
                 let took = self.round_asked.elapsed().as_secs_f64() * 1000.0;
@@ -868,10 +888,10 @@ impl<'a> Agent<'a> {
                 Some(Ok(RunResult::Succeeded))
             }
             (RdzvEvent::Round(Err(e)), Phase::Joining) => {
-                self.journal
-                    .record("rendezvous_failed", &[("error", V::S(e.to_string()))]);
+                self.note_rendezvous_error(&e);
                 Some(Err(e.into()))
             }
+            (RdzvEvent::CheckCounted(c), Phase::Joining) => self.on_check_counted(c),
             (RdzvEvent::Membership(changed, evicted), Phase::Running(_)) => {
                 for node in evicted {
                     self.journal.record("node_evicted", &[("node", V::S(node))]);
@@ -1400,7 +1420,136 @@ impl<'a> Agent<'a> {
         });
     }
 
+    /// Joins the next round, after `--node-check` passes where one is set.
     fn join_next(&mut self) {
+        let Some(cmd) = self.launch.config.node_check.clone() else {
+            return self.join_round();
+        };
+        self.observe(|o| o.phase = "node_check");
+        self.phase = Phase::Joining;
+        let tx = self.node_check_tx.clone();
+        self.node_check = Some(crate::background::spawn(async move {
+            let _ = tx.send(crate::node_check::run(&cmd, crate::node_check::TIMEOUT).await);
+        }));
+    }
+
+    fn on_node_checked(&mut self, c: crate::node_check::Outcome) -> Done {
+        self.node_check = None;
+        if !matches!(self.phase, Phase::Joining) {
+            return None;
+        }
+        let took = (c.took.as_secs_f64() * 1000.0).round() / 1000.0;
+        if c.passed() {
+            self.journal
+                .record("node_check_passed", &[("took_s", V::F(took))]);
+            self.join_round();
+            return None;
+        }
+        let why = c.why.unwrap_or_default();
+        self.node_check_failures += 1;
+        let output = if c.output.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", c.output)
+        };
+        tracing::error!(
+            "[{}] --node-check {why} after {took:.1} s{output}; this node stays out of the next round",
+            self.launch.config.role
+        );
+        self.journal.record(
+            "node_check_failed",
+            &[
+                ("exit_code", c.code.map_or(V::Null, |v| V::I(v.into()))),
+                ("signal", c.signal.map_or(V::Null, |v| V::I(v.into()))),
+                ("reason", V::S(why)),
+                ("took_s", V::F(took)),
+                ("output", V::S(c.output)),
+            ],
+        );
+        let n = self.node_check_failures;
+        self.observe(|o| o.node_check_failures = n);
+        self.rdzv.check_failed();
+        None
+    }
+
+    /// A failed check was counted where the job keeps node failures:
+    /// excluded, or another check after a pause.
+    fn on_check_counted(&mut self, counted: Result<Option<u32>, RendezvousError>) -> Done {
+        let limit = self.launch.config.max_node_failures;
+        let failures = match counted {
+            // The rendezvous keeps no count (one node): this agent's own.
+            Ok(None) if limit.is_some_and(|k| self.node_check_failures >= k) => {
+                Err(RendezvousError::Excluded)
+            }
+            Ok(n) => Ok(n.unwrap_or(self.node_check_failures)),
+            Err(e) => Err(e),
+        };
+        match failures {
+            Ok(n) => {
+                let wait = restart_backoff(
+                    self.launch.config.restart_backoff,
+                    self.node_check_failures - 1,
+                )
+                .max(NODE_CHECK_RETRY);
+                tracing::warn!(
+                    "[{}] this host has {n} failure(s) in this run{}; checking again in {:.1} s",
+                    self.launch.config.role,
+                    limit.map_or(String::new(), |k| format!(" (excluded at {k})")),
+                    wait.as_secs_f64()
+                );
+                self.observe(|o| o.phase = "backoff");
+                self.backoff_until = Some(Instant::now() + wait);
+                None
+            }
+            Err(e) => {
+                self.note_rendezvous_error(&e);
+                Some(Err(e.into()))
+            }
+        }
+    }
+
+    /// The events file's record of a rendezvous that ended this node.
+    fn note_rendezvous_error(&mut self, e: &RendezvousError) {
+        if matches!(e, RendezvousError::Excluded) {
+            let node = self
+                .launch
+                .config
+                .local_addr
+                .clone()
+                .unwrap_or_else(crate::host::fqdn);
+            self.journal.record(
+                "node_excluded",
+                &[("node", V::S(node)), ("this_node", V::Bool(true))],
+            );
+        }
+        self.journal
+            .record("rendezvous_failed", &[("error", V::S(e.to_string()))]);
+    }
+
+    /// What the round says of failing hosts: in `/status`, `/metrics` and,
+    /// each exclusion once, in the events file.
+    fn note_node_failures(&mut self, f: &crate::rendezvous::dynamic::NodeFailures) {
+        for addr in f.excluded.difference(&self.excluded_seen) {
+            let count = f.counts.get(addr).copied().unwrap_or(0);
+            tracing::warn!(
+                "[{}] host {addr} is excluded from the run after {count} failure(s) (--max-node-failures)",
+                self.launch.config.role
+            );
+            self.journal.record(
+                "node_excluded",
+                &[
+                    ("node", V::S(addr.clone())),
+                    ("failures", V::U(count.into())),
+                    ("this_node", V::Bool(false)),
+                ],
+            );
+        }
+        self.excluded_seen.clone_from(&f.excluded);
+        let f = f.clone();
+        self.observe(|o| o.node_failures = f);
+    }
+
+    fn join_round(&mut self) {
         self.journal.record(
             "rendezvous_joining",
             &[("attempt", V::U(self.restart_count.into()))],
@@ -1432,6 +1581,11 @@ impl<'a> Agent<'a> {
     /// failing that, by this run's marker. Reads `/proc` and waits between
     /// rounds, so it runs off the runtime's threads.
     async fn cleanup(&mut self) {
+        if let Some(check) = self.node_check.take() {
+            // Its process group is killed as the check is dropped.
+            check.abort();
+            let _ = check.await;
+        }
         let started_any = self.started_any;
         let supervisor = self.launch.supervisor.clone();
         let sweep = move || supervisor.sweep_leftovers(started_any);
@@ -1462,6 +1616,9 @@ fn record_exit(
     }
     Some(f)
 }
+
+/// The least pause between a failed `--node-check` and the next.
+const NODE_CHECK_RETRY: Duration = Duration::from_secs(2);
 
 /// The wait before restart `n` (0 for the first): `min(max, min·2^n)` plus
 /// up to 25 % of it at random, so that nodes do not restart in lockstep.

@@ -256,6 +256,10 @@ pub struct LaunchConfig {
     /// of this many failed rounds is excluded for the rest of the run
     /// (c10d, etcd-v3).
     pub max_node_failures: Option<u32>,
+    /// `--node-check` (beyond torch): a shell command run before each
+    /// round; a failure keeps the node out of it and counts as one of its
+    /// failures.
+    pub node_check: Option<String>,
     /// `--events-file` (beyond torch): every lifecycle fact as JSON Lines.
     pub events_file: Option<PathBuf>,
     /// `--numa-binding`: pin each local rank's CPUs near its GPU.
@@ -340,6 +344,7 @@ impl Default for LaunchConfig {
             restart_backoff: (Duration::ZERO, Duration::ZERO),
             fatal_exit_codes: Vec::new(),
             max_node_failures: None,
+            node_check: None,
             metrics_port: None,
             metrics_addr: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             shutdown_timeout: Duration::from_secs(30),

@@ -63,6 +63,10 @@ pub struct Observed {
     /// The workers' store, when this agent hosts it.
     pub store: Option<std::sync::Arc<tcpstore::ServerStats>>,
     pub exits_by_reason: BTreeMap<&'static str, u64>,
+    /// `--node-check` runs that failed on this node.
+    pub node_check_failures: u32,
+    /// Failing and excluded hosts, as the last round told.
+    pub node_failures: crate::rendezvous::dynamic::NodeFailures,
 }
 
 pub type SharedObserved = Arc<Mutex<Observed>>;
@@ -274,6 +278,30 @@ fn status_json(o: &Observed) -> String {
         ("world_size".into(), num(o.world_size)),
         ("workers".into(), Json::Array(workers)),
         (
+            "node_check_failures".into(),
+            Json::Num(o.node_check_failures.into()),
+        ),
+        (
+            "node_failures".into(),
+            Json::Object(
+                o.node_failures
+                    .counts
+                    .iter()
+                    .map(|(a, n)| (a.clone(), Json::Num((*n).into())))
+                    .collect(),
+            ),
+        ),
+        (
+            "excluded_nodes".into(),
+            Json::Array(
+                o.node_failures
+                    .excluded
+                    .iter()
+                    .map(|a| Json::Str(a.clone()))
+                    .collect(),
+            ),
+        ),
+        (
             "seconds_since_watchdog_request".into(),
             o.watchdog_beat
                 .as_ref()
@@ -357,6 +385,35 @@ fn metrics_text(o: &Observed) -> String {
         "torchrun_rs_seconds_since_output",
         "Seconds since each local rank last wrote to stderr (when the launcher carries it)",
         quiet,
+    );
+    let checks = Gauge::<i64>::default();
+    checks.set(o.node_check_failures.into());
+    reg.register(
+        "torchrun_rs_node_check_failures",
+        "--node-check runs that failed on this node",
+        checks,
+    );
+    let failures = Family::<Vec<(String, String)>, Gauge>::default();
+    let excluded = Family::<Vec<(String, String)>, Gauge>::default();
+    for (addr, n) in &o.node_failures.counts {
+        failures
+            .get_or_create(&vec![("node".into(), addr.clone())])
+            .set(i64::from(*n));
+    }
+    for addr in &o.node_failures.excluded {
+        excluded
+            .get_or_create(&vec![("node".into(), addr.clone())])
+            .set(1);
+    }
+    reg.register(
+        "torchrun_rs_node_failures",
+        "Failures the job counts against each host (rounds it failed first, failed node checks)",
+        failures,
+    );
+    reg.register(
+        "torchrun_rs_node_excluded",
+        "Hosts excluded for the rest of the run (--max-node-failures)",
+        excluded,
     );
     if let Some(st) = &o.store {
         use std::sync::atomic::Ordering::Relaxed;

@@ -18,6 +18,7 @@ pub enum V {
     I(i64),
     F(f64),
     S(String),
+    Bool(bool),
     Null,
 }
 
@@ -28,6 +29,7 @@ impl From<&V> for Json {
             V::I(n) => Json::Num(*n as f64),
             V::F(n) => Json::Float(*n),
             V::S(s) => Json::Str(s.clone()),
+            V::Bool(b) => Json::Bool(*b),
             V::Null => Json::Null,
         }
     }

@@ -39,6 +39,7 @@ mod launch;
 mod lifeline;
 mod log_dir;
 mod log_stream;
+mod node_check;
 pub mod numa;
 mod oom;
 pub mod preview;

@@ -173,6 +173,7 @@ impl RoundStore {
             master_addr: self.master_addr.clone(),
             master_port: self.master_port,
             restarts: None,
+            node_failures: Default::default(),
         })
     }
 

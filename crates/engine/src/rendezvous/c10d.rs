@@ -115,6 +115,8 @@ pub struct DynamicRdzv {
     spare_noted: bool,
     /// The next leave is because this node's workers failed.
     after_failure: bool,
+    /// The host's failures when this node posted its last failed check.
+    check_before: u32,
     /// The store's address, for messages.
     endpoint: String,
     /// This node's workers' store as published (again after a store loss).
@@ -150,6 +152,7 @@ struct Seat {
     rank0: Node,
     /// The nodes this participant watches for missing heartbeats.
     watched: Vec<Node>,
+    failures: dynamic::NodeFailures,
 }
 
 impl Seat {
@@ -169,6 +172,7 @@ impl Seat {
             out.push('\n');
             out.push_str(&dynamic::node_text(n));
         }
+        self.failures.encode(&mut out);
         out
     }
 
@@ -183,7 +187,16 @@ impl Seat {
             digest: f.next()?.parse().ok()?,
             restarts: f.next()?.parse().ok()?,
             rank0: dynamic::node_parse(lines.next()?)?,
-            watched: lines.map(dynamic::node_parse).collect::<Option<_>>()?,
+            watched: Vec::new(),
+            failures: Default::default(),
+        })
+        .and_then(|mut seat: Seat| {
+            for line in lines {
+                if !seat.failures.parse_line(line) {
+                    seat.watched.push(dynamic::node_parse(line)?);
+                }
+            }
+            Some(seat)
         })
     }
 }
@@ -250,6 +263,8 @@ pub struct Joined {
     pub world_size: u32,
     /// The job's restarts after failures, as of this round.
     pub restarts: u32,
+    /// Failing and excluded hosts, as of this round.
+    pub failures: dynamic::NodeFailures,
     /// Where the round's workers meet: the rank-0 agent's worker store.
     pub master_addr: String,
     pub master_port: u16,
@@ -308,6 +323,7 @@ impl DynamicRdzv {
             op_deadline: f64::INFINITY,
             spare_noted: false,
             after_failure: false,
+            check_before: 0,
             endpoint,
             published: None,
             ranked_once: false,
@@ -692,6 +708,7 @@ impl DynamicRdzv {
                     digest,
                     rank0: rank0.clone(),
                     watched: watched_by(&all, n),
+                    failures: dynamic::NodeFailures::of(s),
                 };
                 (self.seat_key(s.round, n), seat.encode().into_bytes())
             })
@@ -837,7 +854,41 @@ impl DynamicRdzv {
             }
             Request::Leave(n) | Request::Fail(n) => !s.participants.contains_key(n),
             Request::Quit(n) => !in_any_list(s, n),
+            Request::CheckFailed(n) => dynamic::check_failure_counted(s, n, self.check_before),
         }
+    }
+
+    /// This node's `--node-check` failed: it leaves the round it was in
+    /// and the failure counts towards its exclusion. Returns the host's
+    /// failures in this run; `Excluded` once they reach the limit.
+    pub async fn report_check_failure(&mut self) -> Result<u32, RendezvousError> {
+        self.op_deadline = now() + self.join_timeout;
+        self.read().await?;
+        self.joined = None;
+        let before = self
+            .state
+            .node_failures
+            .get(&self.node.addr)
+            .copied()
+            .unwrap_or(0);
+        self.check_before = before;
+        let request = Request::CheckFailed(self.node.clone());
+        self.run_op(Some(request), move |s, n, _| {
+            if s.excluded.contains(&n.addr) {
+                Action::ErrorExcluded
+            } else if dynamic::check_failure_counted(s, n, before) {
+                Action::Finish
+            } else {
+                Action::Sync
+            }
+        })
+        .await?;
+        Ok(self
+            .state
+            .node_failures
+            .get(&self.node.addr)
+            .copied()
+            .unwrap_or(0))
     }
 
     async fn append_to(&mut self, epoch: u64, r: &Request) -> Result<(), RendezvousError> {
@@ -889,13 +940,13 @@ impl DynamicRdzv {
             // Most wake-ups change nothing for this node (another joined,
             // say): decide on the state as read, without copying it.
             let action = op(&self.state, &self.node, t);
-            if !dead && !is_mutation(action) {
+            let own_pending = posted.as_ref().is_some_and(|(r, _)| !self.reflected(r));
+            if !dead && !own_pending && !is_mutation(action) {
                 if let Some(done) = self.conclude(action, t).await? {
                     return done;
                 }
                 continue;
             }
-            let own_pending = posted.as_ref().is_some_and(|(r, _)| !self.reflected(r));
             if own_pending && !dead && !jittered {
                 // Only our own request needs writing: give the agents that
                 // arrived with us a moment to write it for us (one write
@@ -1089,8 +1140,11 @@ impl DynamicRdzv {
 
     async fn join_once(&mut self, deadline: f64) -> Result<Joined, RendezvousError> {
         self.op_deadline = deadline;
+        // Spent here whether or not there is a round to leave (a failed
+        // node check already left it): it never marks a later leave.
+        let after_failure = std::mem::take(&mut self.after_failure);
         if self.joined.take().is_some() || self.state.participants.contains_key(&self.node) {
-            let leave = if std::mem::take(&mut self.after_failure) {
+            let leave = if after_failure {
                 Request::Fail(self.node.clone())
             } else {
                 Request::Leave(self.node.clone())
@@ -1164,6 +1218,7 @@ impl DynamicRdzv {
             rank,
             world_size: self.state.participants.len() as u32,
             restarts: self.state.restarts,
+            failures: dynamic::NodeFailures::of(&self.state),
             master_addr,
             master_port,
         })
@@ -1187,6 +1242,7 @@ impl DynamicRdzv {
             rank: seat.rank,
             world_size: seat.world,
             restarts: seat.restarts,
+            failures: seat.failures,
             master_addr,
             master_port,
         })

@@ -113,7 +113,9 @@ impl C10dBackend {
     /// c10d across nodes: joins the next round, whose workers use the store
     /// of the round's rank-0 agent (every agent published its own when it
     /// started). Returns the round's key prefix and the job's restarts.
-    async fn join_dynamic(&mut self) -> Result<(String, u32), RendezvousError> {
+    async fn join_dynamic(
+        &mut self,
+    ) -> Result<(String, u32, super::dynamic::NodeFailures), RendezvousError> {
         let joined = self.dynamic.next_rendezvous().await?;
         self.store.group_rank = joined.rank;
         self.store.group_world_size = joined.world_size;
@@ -133,7 +135,7 @@ impl C10dBackend {
         }
         self.store.master_addr = joined.master_addr;
         self.store.master_port = joined.master_port;
-        Ok((prefix, joined.restarts))
+        Ok((prefix, joined.restarts, joined.failures))
     }
 }
 
@@ -148,14 +150,19 @@ impl RendezvousBackend for C10dBackend {
     }
 
     async fn next_round(&mut self, config: &LaunchConfig) -> Result<Assignment, RendezvousError> {
-        let (prefix, restarts) = self.join_dynamic().await?;
+        let (prefix, restarts, failures) = self.join_dynamic().await?;
         let mut a = self.store.assign(config, prefix).await?;
         a.restarts = Some(restarts);
+        a.node_failures = failures;
         Ok(a)
     }
 
     fn note_failure(&mut self) {
         self.dynamic.note_failure();
+    }
+
+    async fn report_check_failure(&mut self) -> Result<Option<u32>, RendezvousError> {
+        self.dynamic.report_check_failure().await.map(Some)
     }
 
     fn take_evicted(&mut self) -> Vec<String> {

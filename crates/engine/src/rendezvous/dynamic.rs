@@ -311,6 +311,9 @@ pub enum Request {
     /// job's restart count moves, once per failed round whoever says so
     /// first.
     Fail(Node),
+    /// The node's `--node-check` failed: it stays out of this round and
+    /// the failure counts towards `--max-node-failures`.
+    CheckFailed(Node),
 }
 
 impl Request {
@@ -322,10 +325,11 @@ impl Request {
             Request::Leave(n) => ('L', n),
             Request::Quit(n) => ('Q', n),
             Request::Fail(n) => ('F', n),
+            Request::CheckFailed(n) => ('C', n),
         }
     }
 
-    /// One line of the log: `J|L|Q|F <order> <pid> <local_id> <addr>`.
+    /// One line of the log: `J|L|Q|F|C <order> <pid> <local_id> <addr>`.
     pub fn line(&self) -> String {
         let (tag, n) = self.tag();
         format!("{tag} {}\n", node_text(n))
@@ -339,6 +343,7 @@ impl Request {
             "L" => Some(Request::Leave(node)),
             "Q" => Some(Request::Quit(node)),
             "F" => Some(Request::Fail(node)),
+            "C" => Some(Request::CheckFailed(node)),
             _ => None,
         }
     }
@@ -413,7 +418,70 @@ pub fn apply_request(s: &mut State, req: Request, now: f64, cfg: &Settings) {
             }
             apply_request(s, Request::Leave(n), now, cfg);
         }
+        Request::CheckFailed(n) => {
+            let count = s.node_failures.entry(n.addr.clone()).or_default();
+            *count += 1;
+            if cfg.max_node_failures.is_some_and(|k| *count >= k) {
+                s.excluded.insert(n.addr.clone());
+                remove_for_good(s, &n, cfg);
+                return;
+            }
+            // Out of the round it was in (the check runs between rounds).
+            apply_request(s, Request::Leave(n), now, cfg);
+        }
     }
+}
+
+/// The rendezvous's record of failing hosts, as a round's nodes learn it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeFailures {
+    /// Failures (rounds it failed first, failed checks) by host.
+    pub counts: BTreeMap<String, u32>,
+    /// Hosts excluded for the rest of the run.
+    pub excluded: BTreeSet<String>,
+}
+
+impl NodeFailures {
+    pub fn of(s: &State) -> NodeFailures {
+        NodeFailures {
+            counts: s.node_failures.clone(),
+            excluded: s.excluded.clone(),
+        }
+    }
+
+    /// Lines `X <count> <addr>` and `E <addr>` (a seat's tail).
+    pub fn encode(&self, out: &mut String) {
+        for (addr, count) in &self.counts {
+            out.push_str(&format!("\nX {count} {addr}"));
+        }
+        for addr in &self.excluded {
+            out.push_str(&format!("\nE {addr}"));
+        }
+    }
+
+    /// Takes one line of [`encode`](Self::encode); false if it is not one.
+    pub fn parse_line(&mut self, line: &str) -> bool {
+        if let Some(rest) = line.strip_prefix("X ") {
+            if let Some((count, addr)) = rest.split_once(' ') {
+                if let Ok(c) = count.parse() {
+                    self.counts.insert(addr.to_string(), c);
+                    return true;
+                }
+            }
+            false
+        } else if let Some(addr) = line.strip_prefix("E ") {
+            self.excluded.insert(addr.to_string());
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Whether `n`'s check failure, posted when its host had `before`
+/// failures, is in the state.
+pub fn check_failure_counted(s: &State, n: &Node, before: u32) -> bool {
+    s.excluded.contains(&n.addr) || s.node_failures.get(&n.addr).copied().unwrap_or(0) > before
 }
 
 /// Takes `n` as far into the rendezvous as the join table allows without
@@ -1126,6 +1194,33 @@ mod tests {
         assert_eq!(
             join_action(&s, &node("a", 2), NOW, NOW + 60.0, &c),
             Action::ErrorExcluded
+        );
+    }
+
+    #[test]
+    fn failed_node_checks_keep_a_node_out_and_count_towards_its_exclusion() {
+        let mut c = cfg(2, 3);
+        c.max_node_failures = Some(2);
+        let (a, b, x) = (node("a", 1), node("b", 1), node("x", 1));
+        let mut s = with_participants(&[&a, &b, &x], true, NOW);
+        // x's check fails between rounds: it leaves the round it was in.
+        apply_request(&mut s, Request::CheckFailed(x.clone()), NOW, &c);
+        assert!(check_failure_counted(&s, &x, 0));
+        assert!(!check_failure_counted(&s, &x, 1));
+        assert!(!s.participants.contains_key(&x) && !s.excluded.contains("x"));
+        // A worker failure it causes later is its second: out for the run.
+        apply_request(&mut s, Request::Join(x.clone()), NOW, &c);
+        settle(&mut s, NOW, &c);
+        assert!(in_any_list(&s, &x));
+        apply_request(&mut s, Request::CheckFailed(x.clone()), NOW, &c);
+        assert_eq!(s.node_failures.get("x"), Some(&2));
+        assert!(s.excluded.contains("x") && !in_any_list(&s, &x));
+        assert!(check_failure_counted(&s, &x, 7));
+        // The line round-trips through the log.
+        let line = Request::CheckFailed(x.clone()).line();
+        assert_eq!(
+            Request::parse(line.trim_end()),
+            Some(Request::CheckFailed(x))
         );
     }
 

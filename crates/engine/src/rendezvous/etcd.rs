@@ -140,6 +140,8 @@ pub struct EtcdRdzv {
     spare_noted: bool,
     /// The next leave is because this node's workers failed.
     after_failure: bool,
+    /// The host's failures when this node posted its last failed check.
+    check_before: u32,
     leases: Arc<Leases>,
     /// This node's worker store, `addr:port`.
     master: String,
@@ -244,6 +246,7 @@ impl EtcdRdzv {
             op_deadline: f64::INFINITY,
             spare_noted: false,
             after_failure: false,
+            check_before: 0,
             leases,
             master: p.master,
             signals: Signals {
@@ -264,6 +267,44 @@ impl EtcdRdzv {
     /// job's restart count moves (once per failed round).
     pub fn note_failure(&mut self) {
         self.after_failure = true;
+    }
+
+    /// This node's `--node-check` failed: it leaves the round it was in
+    /// and the failure counts towards its exclusion. Returns the host's
+    /// failures in this run; `Excluded` once they reach the limit.
+    pub async fn report_check_failure(&mut self) -> Result<u32, RendezvousError> {
+        self.op_deadline = now() + self.join_timeout;
+        self.read().await?;
+        self.joined = None;
+        let before = self
+            .state
+            .node_failures
+            .get(&self.node.addr)
+            .copied()
+            .unwrap_or(0);
+        self.check_before = before;
+        // Whoever applies the request must see us alive.
+        let lease = self.leases.node.load(Ordering::Relaxed);
+        self.etcd
+            .put(&self.keys.alive(&self.node), self.master.as_bytes(), lease)
+            .await?;
+        let request = Request::CheckFailed(self.node.clone());
+        self.run_op(Some(request), move |s, n, _| {
+            if s.excluded.contains(&n.addr) {
+                Action::ErrorExcluded
+            } else if dynamic::check_failure_counted(s, n, before) {
+                Action::Finish
+            } else {
+                Action::Sync
+            }
+        })
+        .await?;
+        Ok(self
+            .state
+            .node_failures
+            .get(&self.node.addr)
+            .copied()
+            .unwrap_or(0))
     }
 
     /// Says once per loss that the state is gone.
@@ -481,6 +522,7 @@ impl EtcdRdzv {
             Request::Join(n) => in_any_list(s, n),
             Request::Leave(n) | Request::Fail(n) => !s.participants.contains_key(n),
             Request::Quit(n) => !in_any_list(s, n),
+            Request::CheckFailed(n) => dynamic::check_failure_counted(s, n, self.check_before),
         }
     }
 
@@ -659,8 +701,9 @@ impl EtcdRdzv {
         let deadline = now() + self.join_timeout;
         self.op_deadline = deadline;
         self.read().await?;
+        let after_failure = std::mem::take(&mut self.after_failure);
         if self.state.participants.contains_key(&self.node) {
-            let leave = if std::mem::take(&mut self.after_failure) {
+            let leave = if after_failure {
                 Request::Fail(self.node.clone())
             } else {
                 Request::Leave(self.node.clone())
@@ -707,6 +750,7 @@ impl EtcdRdzv {
             rank,
             world_size: self.state.participants.len() as u32,
             restarts: self.state.restarts,
+            failures: dynamic::NodeFailures::of(&self.state),
             master_addr,
             master_port,
         })

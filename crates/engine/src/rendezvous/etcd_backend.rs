@@ -116,11 +116,16 @@ impl RendezvousBackend for EtcdBackend {
         let store = self.store.insert(store);
         let mut a = store.assign(config, prefix).await?;
         a.restarts = Some(joined.restarts);
+        a.node_failures = joined.failures;
         Ok(a)
     }
 
     fn note_failure(&mut self) {
         self.dynamic.note_failure();
+    }
+
+    async fn report_check_failure(&mut self) -> Result<Option<u32>, RendezvousError> {
+        self.dynamic.report_check_failure().await.map(Some)
     }
 
     fn take_evicted(&mut self) -> Vec<String> {

@@ -101,6 +101,8 @@ pub struct Assignment {
     /// The job's restarts after failures, when the rendezvous keeps them
     /// (c10d, etcd-v3); else each node counts its own, as torch does.
     pub restarts: Option<u32>,
+    /// Failing and excluded hosts, where the rendezvous keeps them.
+    pub node_failures: dynamic::NodeFailures,
 }
 
 /// What the agent needs of a rendezvous backend. Each call runs in the
@@ -125,6 +127,16 @@ pub trait RendezvousBackend: Send + 'static {
     /// The next round is joined because this node's workers failed (the
     /// job's restart count, where the backend keeps one, moves).
     fn note_failure(&mut self) {}
+
+    /// This node's `--node-check` failed: it stays out of the round and the
+    /// failure counts towards `--max-node-failures`. Returns the host's
+    /// failures in this run where the rendezvous keeps them (`None`: the
+    /// agent counts them itself).
+    fn report_check_failure(
+        &mut self,
+    ) -> impl Future<Output = Result<Option<u32>, RendezvousError>> + Send {
+        async { Ok(None) }
+    }
 
     /// While workers run: whether the group must re-form.
     fn membership_changed(&mut self) -> impl Future<Output = Result<bool, RendezvousError>> + Send {

@@ -24,6 +24,8 @@ enum Command {
     /// Join the next round and assign ranks (after this node's workers
     /// failed, or not): answered by [`RdzvEvent::Round`].
     NextRound { after_failure: bool },
+    /// This node's `--node-check` failed.
+    CheckFailed,
     /// Whether the group must re-form: answered by [`RdzvEvent::Membership`].
     CheckMembership,
     /// The job ended here (exit barrier on success, then close): answered
@@ -45,6 +47,9 @@ pub enum RdzvEvent {
     Finished,
     /// Every node's hang report (on group rank 0), else `None`.
     HangShared(Option<Vec<String>>),
+    /// A failed node check was counted: the host's failures in this run,
+    /// where the rendezvous keeps them.
+    CheckCounted(Result<Option<u32>, RendezvousError>),
 }
 
 /// The agent's side of the rendezvous task.
@@ -90,6 +95,9 @@ impl RendezvousTask {
     }
     pub fn next_round(&self, after_failure: bool) {
         self.send(Command::NextRound { after_failure });
+    }
+    pub fn check_failed(&self) {
+        self.send(Command::CheckFailed);
     }
     pub fn check_membership(&self) {
         self.send(Command::CheckMembership);
@@ -172,6 +180,7 @@ async fn run<B: RendezvousBackend>(
             }
             Some(RdzvEvent::Round(rdzv.next_round(config).await))
         }
+        Command::CheckFailed => Some(RdzvEvent::CheckCounted(rdzv.report_check_failure().await)),
         Command::CheckMembership => {
             let changed = rdzv.membership_changed().await;
             Some(RdzvEvent::Membership(changed, rdzv.take_evicted()))
