@@ -248,6 +248,9 @@ pub struct Agent<'a> {
     /// Hosts the rendezvous has excluded, as last told (for the events
     /// file: each exclusion once).
     excluded_seen: std::collections::BTreeSet<String>,
+    /// The job's root cause as the rendezvous shared it when this node
+    /// finished after a failure.
+    job_root_cause: Option<String>,
 }
 
 impl<'a> Agent<'a> {
@@ -391,6 +394,7 @@ impl<'a> Agent<'a> {
             node_check_rx,
             node_check_failures: 0,
             excluded_seen: Default::default(),
+            job_root_cause: None,
         }
     }
 
@@ -632,7 +636,7 @@ impl<'a> Agent<'a> {
                         unreachable!("matched above")
                     };
                     group.release(std::time::Instant::now() + PIPE_DRAIN);
-                    self.rdzv.finish(true);
+                    self.rdzv.finish(true, None);
                     // The exit barrier (multi-node): this node waits for the
                     // others before closing the rendezvous.
                     if self.events.group_world_size.unwrap_or(1) > 1 {
@@ -927,7 +931,8 @@ impl<'a> Agent<'a> {
                 eprint!("{out}");
                 None
             }
-            (RdzvEvent::Finished, Phase::Finishing(_)) => {
+            (RdzvEvent::Finished(job), Phase::Finishing(_)) => {
+                self.job_root_cause = job;
                 let Phase::Finishing(result) = self.take_phase() else {
                     unreachable!("matched above")
                 };
@@ -1373,7 +1378,15 @@ impl<'a> Agent<'a> {
                         self.backoff_until = Some(Instant::now() + wait);
                     }
                 } else {
-                    self.rdzv.finish(false);
+                    let line = crate::failure::root_cause(&failures).map(|i| {
+                        let f = &failures[i];
+                        crate::rendezvous::dynamic::failure_line(
+                            f.timestamp,
+                            f.seq,
+                            &crate::failure::job_line(f, &self.node_name()),
+                        )
+                    });
+                    self.rdzv.finish(false, line);
                     self.observe(|o| o.phase = "finishing");
                     self.enter_finishing(RunResult::Failed { failures });
                 }
@@ -1508,15 +1521,26 @@ impl<'a> Agent<'a> {
         }
     }
 
+    /// This node as the other nodes know it: `--local-addr`, else the
+    /// fully qualified host name.
+    fn node_name(&self) -> String {
+        self.launch
+            .config
+            .local_addr
+            .clone()
+            .unwrap_or_else(crate::host::fqdn)
+    }
+
+    /// The job's root cause (the first failure on any node), where the
+    /// rendezvous shares one: the same line on every node.
+    pub fn job_root_cause(&self) -> Option<&str> {
+        self.job_root_cause.as_deref()
+    }
+
     /// The events file's record of a rendezvous that ended this node.
     fn note_rendezvous_error(&mut self, e: &RendezvousError) {
         if matches!(e, RendezvousError::Excluded) {
-            let node = self
-                .launch
-                .config
-                .local_addr
-                .clone()
-                .unwrap_or_else(crate::host::fqdn);
+            let node = self.node_name();
             self.journal.record(
                 "node_excluded",
                 &[("node", V::S(node)), ("this_node", V::Bool(true))],

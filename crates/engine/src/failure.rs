@@ -222,6 +222,17 @@ pub fn summary(name: &str, failures: &[ProcessFailure], host: &str) -> String {
     )
 }
 
+/// A failure in one line, naming its node, for the other nodes' reports.
+pub fn job_line(f: &ProcessFailure, node: &str) -> String {
+    format!(
+        "rank {} (local_rank {}) on {node} {} at {}",
+        f.global_rank,
+        f.local_rank,
+        reason(f),
+        local_time(f.timestamp)
+    )
+}
+
 /// The cause in words, where it is knowable.
 pub fn reason(f: &ProcessFailure) -> String {
     if let Some(scope) = &f.watchdog_scope {

@@ -47,6 +47,9 @@ pub struct LaunchOutcome {
     pub host: String,
     /// The run's log directory, if any.
     pub run_dir: Option<PathBuf>,
+    /// The job's root cause when it failed, the same line on every node
+    /// (c10d, etcd-v3: the first failure any node reported).
+    pub job_root_cause: Option<String>,
 }
 
 impl LaunchOutcome {
@@ -79,6 +82,11 @@ impl LaunchOutcome {
                 }
                 if let Some(dir) = &self.run_dir {
                     out.push_str(&format!("Worker logs: {}\n", dir.display()));
+                }
+                if let Some(line) = &self.job_root_cause {
+                    out.push_str(&format!(
+                        "The job's root cause (the first failure on any node): {line}\n"
+                    ));
                 }
                 Some(out)
             }
@@ -306,6 +314,7 @@ async fn run(
                 entrypoint_name: entrypoint_name(entrypoint, args),
                 host,
                 run_dir,
+                job_root_cause: None,
             });
         }
     };
@@ -330,6 +339,7 @@ async fn run(
         (observed, pings),
     );
     let result = agent.run().await;
+    let job_root_cause = agent.job_root_cause().map(str::to_string);
     agent.shutdown().await;
     let result = result?;
     if let (RunResult::Failed { failures }, Some(dest)) = (&result, &launcher_error_file) {
@@ -347,5 +357,6 @@ async fn run(
         entrypoint_name: entrypoint_name(entrypoint, args),
         host,
         run_dir,
+        job_root_cause,
     })
 }

@@ -117,6 +117,8 @@ pub struct DynamicRdzv {
     after_failure: bool,
     /// The host's failures when this node posted its last failed check.
     check_before: u32,
+    /// The job's root cause, once read (the store may go with its host).
+    job_failed: Option<String>,
     /// The store's address, for messages.
     endpoint: String,
     /// This node's workers' store as published (again after a store loss).
@@ -324,6 +326,7 @@ impl DynamicRdzv {
             spare_noted: false,
             after_failure: false,
             check_before: 0,
+            job_failed: None,
             endpoint,
             published: None,
             ranked_once: false,
@@ -1105,6 +1108,12 @@ impl DynamicRdzv {
     /// restarted behind its service name) lets the job re-form; then this
     /// node's view starts afresh and its store address is published again.
     pub async fn next_rendezvous(&mut self) -> Result<Joined, RendezvousError> {
+        if self.job_failed.is_some() {
+            // The job failed and its restarts are spent (read while the
+            // workers ran): there is no next round, and the store may
+            // already be gone with its host.
+            return Err(RendezvousError::Closed);
+        }
         let deadline = now() + self.join_timeout;
         let mut waiting = false;
         loop {
@@ -1275,6 +1284,13 @@ impl DynamicRdzv {
         let Some(m) = self.joined else {
             return Ok(false);
         };
+        if self.state.closed {
+            // Closed while this node's workers run: after a failure whose
+            // restarts are spent, the job is over on every node (the next
+            // round tells why). A success closes only after the exit
+            // barrier, when every node's workers are done.
+            return Ok(self.job_failure().await?.is_some());
+        }
         let s = &self.state;
         self.evicted.extend(evicted.iter().cloned());
         if !evicted.is_empty() {
@@ -1355,6 +1371,52 @@ impl DynamicRdzv {
     }
 
     /// Marks the rendezvous closed: later joiners fail, spares exit 0.
+    /// Shares this node's root cause with the job (before it closes).
+    pub async fn publish_failure(&mut self, line: &str) -> Result<(), RendezvousError> {
+        let k = format!("{}.failures", self.key);
+        self.client.append(&k, line.as_bytes()).await?;
+        Ok(())
+    }
+
+    /// The job's root cause, as the nodes that ended in failure shared it.
+    /// Reading it is acknowledged, for a store host waiting to go.
+    pub async fn job_failure(&mut self) -> Result<Option<String>, RendezvousError> {
+        if let Some(line) = &self.job_failed {
+            return Ok(Some(line.clone()));
+        }
+        let raw = self
+            .client
+            .get_now(&format!("{}.failures", self.key))
+            .await?;
+        let line = dynamic::first_failure(String::from_utf8_lossy(&raw).lines());
+        if line.is_some() {
+            self.client
+                .add(&format!("{}.failures_seen", self.key), 1)
+                .await?;
+            self.job_failed.clone_from(&line);
+        }
+        Ok(line)
+    }
+
+    /// The store's host, ending after a failure: waits (at most `within`)
+    /// until every node of the last round has read the job's root cause,
+    /// so that none is left to find the store gone instead.
+    pub async fn wait_failure_seen(&mut self, within: Duration) {
+        let everyone = self.state.participants.len().max(1) as i64;
+        let key = format!("{}.failures_seen", self.key);
+        let until = std::time::Instant::now() + within;
+        while std::time::Instant::now() < until {
+            match self.client.add(&key, 0).await {
+                Ok(n) if n < everyone => {}
+                _ => return,
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::warn!(
+            "not every node learned the job's root cause within {within:?}; the store goes now"
+        );
+    }
+
     pub async fn close(&mut self) -> Result<(), RendezvousError> {
         // Every node closes at the end: most find it done.
         let raw = self.client.get_now(&self.summary_key()).await?;

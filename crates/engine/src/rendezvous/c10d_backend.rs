@@ -13,6 +13,10 @@ use super::{c10d, connect_store, dynamic, hosts, Assignment, RendezvousBackend, 
 use crate::config::LaunchConfig;
 use crate::rdzv_settings::RdzvSettings;
 
+/// How long a store host that ends after a failure waits for every node to
+/// read the job's root cause (they do at their next membership check).
+const FAILURE_SEEN_WITHIN: Duration = Duration::from_secs(10);
+
 pub struct C10dBackend {
     store: RoundStore,
     /// The rendezvous store, if this agent hosts it.
@@ -161,6 +165,16 @@ impl RendezvousBackend for C10dBackend {
         self.dynamic.note_failure();
     }
 
+    async fn publish_failure(&mut self, line: String) {
+        if let Err(e) = self.dynamic.publish_failure(&line).await {
+            tracing::warn!("could not share this node's root cause with the job: {e}");
+        }
+    }
+
+    async fn job_failure(&mut self) -> Option<String> {
+        self.dynamic.job_failure().await.ok().flatten()
+    }
+
     async fn report_check_failure(&mut self) -> Result<Option<u32>, RendezvousError> {
         self.dynamic.report_check_failure().await.map(Some)
     }
@@ -183,6 +197,11 @@ impl RendezvousBackend for C10dBackend {
         self.store.finish(success).await;
         if let Err(e) = self.dynamic.close().await {
             tracing::warn!("could not close the rendezvous: {e}");
+        }
+        if !success && self.server.is_some() {
+            // The others learn of the failure from this node's store.
+            let _ = self.dynamic.job_failure().await;
+            self.dynamic.wait_failure_seen(FAILURE_SEEN_WITHIN).await;
         }
     }
 

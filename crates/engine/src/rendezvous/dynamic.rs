@@ -478,6 +478,24 @@ impl NodeFailures {
     }
 }
 
+/// A node's root cause as the job shares it: `<timestamp> <seq>\t<text>`,
+/// one line.
+pub fn failure_line(timestamp: u64, seq: u64, text: &str) -> String {
+    format!("{timestamp} {seq}\t{}\n", text.replace('\n', " "))
+}
+
+/// The job's root cause among the nodes' shared lines: the earliest.
+pub fn first_failure<'a>(lines: impl Iterator<Item = &'a str>) -> Option<String> {
+    lines
+        .filter_map(|l| {
+            let (key, text) = l.split_once('\t')?;
+            let (ts, seq) = key.split_once(' ')?;
+            Some(((ts.parse::<u64>().ok()?, seq.parse::<u64>().ok()?), text))
+        })
+        .min_by_key(|(k, _)| *k)
+        .map(|(_, text)| text.trim_end().to_string())
+}
+
 /// Whether `n`'s check failure, posted when its host had `before`
 /// failures, is in the state.
 pub fn check_failure_counted(s: &State, n: &Node, before: u32) -> bool {

@@ -74,6 +74,9 @@ impl Keys {
     fn deaths_end(&self) -> Vec<u8> {
         format!("{}state\0", self.root).into_bytes()
     }
+    fn failures_prefix(&self) -> Vec<u8> {
+        format!("{}failures/", self.root).into_bytes()
+    }
     fn req(&self, r: &Request) -> Vec<u8> {
         let (tag, n) = r.tag();
         format!("{}~req/{}/{tag}", self.root, node_id(n)).into_bytes()
@@ -801,6 +804,16 @@ impl EtcdRdzv {
         } else {
             self.read().await?;
         }
+        if self.joined.is_none() {
+            return Ok(false);
+        }
+        if self.state.closed {
+            // Closed while this node's workers run: after a failure whose
+            // restarts are spent, the job is over on every node (the next
+            // round tells why). A success closes only after the exit
+            // barrier, when every node's workers are done.
+            return Ok(self.job_failure().await?.is_some());
+        }
         let Some((round, members)) = &self.joined else {
             return Ok(false);
         };
@@ -836,6 +849,26 @@ impl EtcdRdzv {
     }
 
     /// Marks the rendezvous closed: later joiners fail, spares exit 0.
+    /// Shares this node's root cause with the job (before it closes); the
+    /// key lives as long as the run's lease.
+    pub async fn publish_failure(&mut self, line: &str) -> Result<(), RendezvousError> {
+        let mut k = self.keys.failures_prefix();
+        k.extend_from_slice(node_id(&self.node).as_bytes());
+        let lease = self.leases.run.load(Ordering::Relaxed);
+        self.etcd.put(&k, line.as_bytes(), lease).await?;
+        Ok(())
+    }
+
+    /// The job's root cause, as the nodes that ended in failure shared it.
+    pub async fn job_failure(&mut self) -> Result<Option<String>, RendezvousError> {
+        let (kvs, _) = self.etcd.range(&self.keys.failures_prefix(), true).await?;
+        let lines: Vec<String> = kvs
+            .iter()
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+            .collect();
+        Ok(dynamic::first_failure(lines.iter().map(String::as_str)))
+    }
+
     pub async fn close(&mut self) -> Result<(), RendezvousError> {
         let deadline = now() + self.close_timeout;
         self.op_deadline = deadline;

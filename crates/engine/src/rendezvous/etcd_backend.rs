@@ -124,6 +124,16 @@ impl RendezvousBackend for EtcdBackend {
         self.dynamic.note_failure();
     }
 
+    async fn publish_failure(&mut self, line: String) {
+        if let Err(e) = self.dynamic.publish_failure(&line).await {
+            tracing::warn!("could not share this node's root cause with the job: {e}");
+        }
+    }
+
+    async fn job_failure(&mut self) -> Option<String> {
+        self.dynamic.job_failure().await.ok().flatten()
+    }
+
     async fn report_check_failure(&mut self) -> Result<Option<u32>, RendezvousError> {
         self.dynamic.report_check_failure().await.map(Some)
     }

@@ -72,6 +72,8 @@ pub enum RendezvousError {
     BadState { key: String, start: String },
     #[error("the rendezvous is closed: the job has ended or is ending")]
     Closed,
+    #[error("the job failed and its restarts are spent; its root cause (the first failure on any node): {0}")]
+    JobFailed(String),
     #[error("timed out joining the rendezvous (join_timeout in --rdzv-conf)")]
     JoinTimeout,
     #[error("the rendezvous store at {addr} did not answer for {timeout:?} (join_timeout): the node that hosted it is gone. A store that outlives any one node: a standalone torchrun-rs-store on a node that does not train (--rdzv-conf=is_host=false), or --rdzv-backend=etcd-v3")]
@@ -127,6 +129,17 @@ pub trait RendezvousBackend: Send + 'static {
     /// The next round is joined because this node's workers failed (the
     /// job's restart count, where the backend keeps one, moves).
     fn note_failure(&mut self) {}
+
+    /// Shares this node's root cause with the job, before it closes.
+    fn publish_failure(&mut self, _line: String) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
+    /// The job's root cause, where the backend shares one (the first
+    /// failure any node reported).
+    fn job_failure(&mut self) -> impl Future<Output = Option<String>> + Send {
+        async { None }
+    }
 
     /// This node's `--node-check` failed: it stays out of the round and the
     /// failure counts towards `--max-node-failures`. Returns the host's

@@ -30,7 +30,10 @@ enum Command {
     CheckMembership,
     /// The job ended here (exit barrier on success, then close): answered
     /// by [`RdzvEvent::Finished`].
-    Finish { success: bool },
+    Finish {
+        success: bool,
+        failure: Option<String>,
+    },
     /// Stopped by a signal: take this node out without closing.
     Leave,
     /// A hang report for the cluster-wide one: answered by
@@ -44,7 +47,8 @@ pub enum RdzvEvent {
     Round(Result<Assignment, RendezvousError>),
     /// Whether the group must re-form, and the nodes evicted meanwhile.
     Membership(Result<bool, RendezvousError>, Vec<String>),
-    Finished,
+    /// With the job's root cause, where the backend shares one.
+    Finished(Option<String>),
     /// Every node's hang report (on group rank 0), else `None`.
     HangShared(Option<Vec<String>>),
     /// A failed node check was counted: the host's failures in this run,
@@ -102,8 +106,10 @@ impl RendezvousTask {
     pub fn check_membership(&self) {
         self.send(Command::CheckMembership);
     }
-    pub fn finish(&self, success: bool) {
-        self.send(Command::Finish { success });
+    /// Ends the job on this node; `failure`: this node's root cause, shared
+    /// with the others (the job's first is then told back).
+    pub fn finish(&self, success: bool, failure: Option<String>) {
+        self.send(Command::Finish { success, failure });
     }
     pub fn leave(&self) {
         self.send(Command::Leave);
@@ -178,16 +184,33 @@ async fn run<B: RendezvousBackend>(
             if after_failure {
                 rdzv.note_failure();
             }
-            Some(RdzvEvent::Round(rdzv.next_round(config).await))
+            let round = match rdzv.next_round(config).await {
+                // Closed after a failure: the job's root cause, the same
+                // on every node.
+                Err(RendezvousError::Closed) => match bounded(rdzv.job_failure()).await {
+                    Some(line) => Err(RendezvousError::JobFailed(line)),
+                    None => Err(RendezvousError::Closed),
+                },
+                other => other,
+            };
+            Some(RdzvEvent::Round(round))
         }
         Command::CheckFailed => Some(RdzvEvent::CheckCounted(rdzv.report_check_failure().await)),
         Command::CheckMembership => {
             let changed = rdzv.membership_changed().await;
             Some(RdzvEvent::Membership(changed, rdzv.take_evicted()))
         }
-        Command::Finish { success } => {
+        Command::Finish { success, failure } => {
+            if let Some(line) = failure {
+                rdzv.publish_failure(line).await;
+            }
             rdzv.finish(success).await;
-            Some(RdzvEvent::Finished)
+            let job = if success {
+                None
+            } else {
+                bounded(rdzv.job_failure()).await
+            };
+            Some(RdzvEvent::Finished(job))
         }
         Command::Leave => {
             rdzv.leave().await;
@@ -195,6 +218,15 @@ async fn run<B: RendezvousBackend>(
         }
         Command::ShareHang(report) => Some(RdzvEvent::HangShared(rdzv.share_hang(report).await)),
     }
+}
+
+/// Asks for the job's root cause for a few seconds at most: a store that
+/// went with its host does not hold up the end.
+async fn bounded(f: impl std::future::Future<Output = Option<String>>) -> Option<String> {
+    tokio::time::timeout(std::time::Duration::from_secs(5), f)
+        .await
+        .ok()
+        .flatten()
 }
 
 #[cfg(test)]
