@@ -1729,3 +1729,66 @@ fn health_port(
     let port = line.trim().rsplit(':').next().unwrap().parse().unwrap();
     (r, port)
 }
+
+/// Two nodes, `--max-restarts=0`: node `bad`'s worker fails after 2 s, the
+/// other's waits. Both stop; what each printed.
+fn spent_budget(bad: u8) -> [(Option<i32>, String); 2] {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = |n: u8| {
+        let mut c = Command::new(BIN);
+        c.args([
+            "--nnodes=2",
+            "--nproc-per-node=1",
+            "--max-restarts=0",
+            "--rdzv-backend=c10d",
+            &format!("--rdzv-endpoint=127.0.0.2:{port}"),
+            "--rdzv-id=spent",
+            &format!("--local-addr=127.0.0.{n}"),
+            &format!("--rdzv-conf={FAST}"),
+        ])
+        .arg(helper("worker.py"))
+        .arg("fail-if-env")
+        .arg(dir.path())
+        .arg("2")
+        .env("PYTHON_EXEC", "python3")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        if n == bad {
+            c.env("FAIL_HERE", "1");
+        }
+        c.spawn().unwrap()
+    };
+    let (a, b) = (agent(2), agent(3));
+    let t0 = std::time::Instant::now();
+    let out = [a, b].map(|c| {
+        let (code, _, err) = finish(c);
+        (code, err)
+    });
+    assert!(t0.elapsed() < Duration::from_secs(40), "{:?}", t0.elapsed());
+    out
+}
+
+/// The job's root cause as a launcher's last words name it.
+fn job_root_cause(err: &str) -> &str {
+    let at = err
+        .find("(the first failure on any node): ")
+        .unwrap_or_else(|| panic!("no job root cause: {err}"));
+    err[at..].lines().next().unwrap()
+}
+
+#[test]
+fn when_the_budget_is_spent_every_node_names_the_same_root_cause() {
+    for bad in [3, 2] {
+        let [(code_a, err_a), (code_b, err_b)] = spent_budget(bad);
+        assert_eq!(code_a, Some(1), "{err_a}");
+        assert_eq!(code_b, Some(1), "{err_b}");
+        let (ra, rb) = (job_root_cause(&err_a), job_root_cause(&err_b));
+        assert_eq!(ra, rb, "node 2: {err_a}\nnode 3: {err_b}");
+        assert!(
+            ra.contains(&format!("on 127.0.0.{bad} exited with code 1")),
+            "{ra}"
+        );
+        assert!(!err_a.contains("rendezvous is closed") && !err_b.contains("rendezvous is closed"));
+    }
+}

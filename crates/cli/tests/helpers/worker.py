@@ -181,8 +181,10 @@ elif mode == "daemon-fail-once":
         while not os.path.exists(path):
             time.sleep(0.01)
         sys.exit(1)
-    pid = int(open(path).read())
+    # (A rank stopped early, as its sibling failed, may have been swept
+    # before its daemon was born: then there is no pid file.)
     try:
+        pid = int(open(path).read())
         state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
     except OSError:
         state = "gone"
