@@ -982,3 +982,32 @@ fn a_worker_that_ignores_the_stop_signal_has_its_stack_taken_before_the_sigkill(
         done.stderr
     );
 }
+
+#[test]
+fn torchs_own_test_launch_elastic_argument_list_runs() {
+    // PyTorch's test_launch_elastic, argument for argument (a list, no
+    // shell: the quotes are part of the --rdzv-conf value, so its keys are
+    // `'join_timeout` and `timeout` with the value `5'`, which c10d never
+    // reads; torch runs it).
+    let port = testkit::free_port().to_string();
+    let flags = [
+        "--nnodes=1:2".to_string(),
+        "--nproc-per-node=4".to_string(),
+        "--rdzv-backend=c10d".to_string(),
+        format!("--rdzv-endpoint=localhost:{port}"),
+        "--rdzv-conf='join_timeout=5,last_call_timeout=1,timeout=5'".to_string(),
+        "--rdzv-id=test_launch_elastic".to_string(),
+        "--monitor-interval=1".to_string(),
+        "--start-method=spawn".to_string(),
+        "--max-restarts=0".to_string(),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (done, out) = start(&flags, "env", &[]).finish();
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    for r in 0..4 {
+        assert!(
+            out.path().join(format!("env.{r}.0.json")).exists(),
+            "rank {r}"
+        );
+    }
+}

@@ -287,18 +287,6 @@ pub enum OnHang {
     Restart,
 }
 
-/// `--rdzv-conf` keys that hold a number of seconds.
-pub const DURATION_KEYS: &[&str] = &[
-    "timeout",
-    "join_timeout",
-    "last_call_timeout",
-    "close_timeout",
-    "keep_alive_interval",
-    "heartbeat_timeout",
-    "read_timeout",
-    "exit_barrier_timeout",
-];
-
 /// The longest duration a user may give, in seconds (about 31 years): longer
 /// ones would overflow the clocks that deadlines are computed on.
 pub const MAX_SECONDS: f64 = 1e9;
@@ -387,9 +375,7 @@ impl LaunchConfig {
                 format!("must be at most {MAX_SECONDS:e} seconds"),
             ));
         }
-        for key in DURATION_KEYS {
-            self.rdzv_secs(key, 1)?;
-        }
+        // The rendezvous settings check the keys the backend reads.
         crate::rdzv_settings::RdzvSettings::from_config(self)?;
         crate::events::check_handler(&self.event_log_handler)?;
         if self.virtual_local_rank {

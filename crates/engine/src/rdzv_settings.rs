@@ -162,7 +162,29 @@ impl RdzvSettings {
                 ))
             }
         };
-        let keep_alive_max_attempt = match conf.get("keep_alive_max_attempt") {
+        // Only the keys the chosen backend reads are checked, as torch
+        // converts a value only when it reads it: any other key, whatever
+        // its value, is accepted (torch's own tests pass
+        // `'join_timeout=5,...,timeout=5'` with the quotes inside).
+        let dynamic = !matches!(backend, Backend::Static { .. });
+        let reads = |key: &str| match key {
+            "timeout" => !matches!(backend, Backend::C10d { .. } | Backend::Local { .. }),
+            "read_timeout"
+            | "join_timeout"
+            | "last_call_timeout"
+            | "close_timeout"
+            | "keep_alive_interval"
+            | "keep_alive_max_attempt" => dynamic,
+            _ => true,
+        };
+        let secs = |key: &str, default: u64| {
+            if reads(key) {
+                c.rdzv_secs(key, default)
+            } else {
+                Ok(Duration::from_secs(default))
+            }
+        };
+        let keep_alive_max_attempt = match conf.get("keep_alive_max_attempt").filter(|_| dynamic) {
             None => 3,
             Some(v) => v
                 .trim()
@@ -181,19 +203,19 @@ impl RdzvSettings {
         };
         Ok(RdzvSettings {
             node_index,
-            backend,
-            timeout: c.rdzv_secs("timeout", 900)?,
-            read_timeout: c.rdzv_secs("read_timeout", 60)?,
+            timeout: secs("timeout", 900)?,
+            read_timeout: secs("read_timeout", 60)?,
             join_timeout: match (c.rdzv_backend.as_str(), c.rdzv_configs.get("join_timeout")) {
                 // torch's legacy etcd backend bounds the whole rendezvous
                 // with `timeout` instead.
-                ("etcd", None) => c.rdzv_secs("timeout", 600)?,
-                _ => c.rdzv_secs("join_timeout", 600)?,
+                ("etcd", None) => secs("timeout", 600)?,
+                _ => secs("join_timeout", 600)?,
             },
-            last_call_timeout: c.rdzv_secs("last_call_timeout", 30)?,
-            close_timeout: c.rdzv_secs("close_timeout", 30)?,
-            keep_alive_interval: c.rdzv_secs("keep_alive_interval", 5)?,
+            last_call_timeout: secs("last_call_timeout", 30)?,
+            close_timeout: secs("close_timeout", 30)?,
+            keep_alive_interval: secs("keep_alive_interval", 5)?,
             keep_alive_max_attempt,
+            backend,
             exit_barrier_timeout: c.rdzv_secs("exit_barrier_timeout", 300)?,
         })
     }
@@ -348,6 +370,28 @@ mod tests {
             c.rdzv_configs.insert(k.to_string(), v.to_string());
         }
         c
+    }
+
+    #[test]
+    fn keys_a_backend_does_not_read_are_accepted_whatever_their_value() {
+        // torch's test_launch_elastic: the quotes end up inside the keys
+        // and values; c10d reads neither `'join_timeout` nor `timeout`.
+        let conf = [
+            ("'join_timeout", "5"),
+            ("last_call_timeout", "1"),
+            ("timeout", "5'"),
+        ];
+        let s = RdzvSettings::from_config(&cfg("c10d", "localhost:0", 2, &conf)).unwrap();
+        assert_eq!(s.last_call_timeout, Duration::from_secs(1));
+        assert_eq!(s.join_timeout, Duration::from_secs(600));
+        // The static backend reads none of the dynamic rendezvous's keys.
+        let conf = [("join_timeout", "soon"), ("keep_alive_max_attempt", "-1")];
+        assert!(RdzvSettings::from_config(&cfg("static", "h:1", 2, &conf)).is_ok());
+        // A key the backend reads is still checked.
+        let bad = RdzvSettings::from_config(&cfg("c10d", "h:1", 2, &[("join_timeout", "soon")]));
+        assert!(bad.unwrap_err().to_string().contains("join_timeout=soon"));
+        let bad = RdzvSettings::from_config(&cfg("static", "h:1", 2, &[("timeout", "5'")]));
+        assert!(bad.is_err());
     }
 
     #[test]
