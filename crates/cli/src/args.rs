@@ -120,6 +120,87 @@ pub fn flag_table() -> impl Iterator<Item = FlagInfo> {
     })
 }
 
+/// How torch 2.15's own parser declares one of its options: the default
+/// (JSON, before `PET_*`), argparse's `type` (`str`, `int`, `float`,
+/// `comma_separated_list`; `null` for switches) and its choices. `None`:
+/// not one of torch's options (torchrun-rs's own, reached from Python
+/// through their `PET_*` variables).
+pub struct TorchContract {
+    pub default: &'static str,
+    pub py_type: Option<&'static str>,
+    pub choices: &'static [&'static str],
+}
+
+pub fn torch_contract(dest: &str) -> Option<TorchContract> {
+    let c = |default, py_type, choices| {
+        Some(TorchContract {
+            default,
+            py_type,
+            choices,
+        })
+    };
+    let s = Some("str");
+    match dest {
+        "help" => c("null", None, &[]),
+        "nnodes" => c("\"1:1\"", s, &[]),
+        "nproc_per_node" => c("\"1\"", s, &[]),
+        "rdzv_backend" => c("\"static\"", s, &[]),
+        "rdzv_endpoint" | "rdzv_conf" | "log_line_prefix_template" | "local_ranks_filter" => {
+            c("\"\"", s, &[])
+        }
+        "rdzv_id" => c("\"none\"", s, &[]),
+        "standalone" | "module" | "no_python" | "run_path" | "virtual_local_rank" => {
+            c("false", None, &[])
+        }
+        "max_restarts" | "node_rank" => c("0", Some("int"), &[]),
+        "monitor_interval" => c("0.1", Some("float"), &[]),
+        "start_method" => c("\"spawn\"", s, &["spawn", "fork", "forkserver"]),
+        "event_log_handler" => c("\"null\"", s, &[]),
+        "role" => c("\"default\"", s, &[]),
+        "log_dir" | "local_addr" | "logs_specs" => c("null", s, &[]),
+        "redirects" | "tee" => c("\"0\"", s, &[]),
+        "duplicate_stdout_filters" | "duplicate_stderr_filters" => {
+            c("[]", Some("comma_separated_list"), &[])
+        }
+        "master_addr" => c("\"127.0.0.1\"", s, &[]),
+        "master_port" | "shutdown_timeout" => c("null", Some("int"), &[]),
+        "numa_binding" => c("null", s, &["node", "socket", "exclusive", "core-complex"]),
+        "signals_to_handle" => c("\"SIGTERM,SIGINT,SIGHUP,SIGQUIT\"", s, &[]),
+        "print_completion" => c("null", None, &["bash", "zsh", "tcsh"]),
+        _ => None,
+    }
+}
+
+/// The flag table as JSON, for the Python package (`torchrun_rs.run`
+/// builds torch's `argparse` parser from it: one source of truth).
+pub fn flag_table_json() -> String {
+    let flags: Vec<serde_json::Value> = SPECS
+        .iter()
+        .map(|s| {
+            let torch = torch_contract(s.dest);
+            serde_json::json!({
+                "dest": s.dest,
+                "names": s.names,
+                "kind": match s.kind {
+                    Kind::Value => "value",
+                    Kind::Flag => "flag",
+                    Kind::Help => "help",
+                    Kind::Version => "version",
+                },
+                "pet": s.pet,
+                "help": s.help,
+                "torch": torch.as_ref().map(|t| serde_json::json!({
+                    "default": serde_json::from_str::<serde_json::Value>(t.default)
+                        .unwrap_or(serde_json::Value::Null),
+                    "type": t.py_type,
+                    "choices": t.choices,
+                })),
+            })
+        })
+        .collect();
+    serde_json::Value::Array(flags).to_string()
+}
+
 /// Parsed command line: option values by dest, the script and its arguments.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RawArgs {
@@ -175,6 +256,17 @@ fn lookup_long(name: &str) -> Result<&'static Spec, UsageError> {
     // Prefixes of both spellings of one flag are not ambiguous.
     let mut dests: Vec<&str> = matches.iter().map(|(s, _)| s.dest).collect();
     dests.dedup();
+    // A prefix that is unique among torch's own options means what it
+    // means in torch (`--h`: help, `--no-`: --no-python), whatever flags
+    // torchrun-rs adds.
+    let mut torch: Vec<&(&'static Spec, &'static str)> = matches
+        .iter()
+        .filter(|(s, _)| torch_contract(s.dest).is_some())
+        .collect();
+    torch.dedup_by_key(|(s, _)| s.dest);
+    if dests.len() > 1 && torch.len() == 1 {
+        return Ok(torch[0].0);
+    }
     match dests.len() {
         0 => Err(UsageError(format!("unrecognized arguments: {name}"))),
         1 => Ok(matches[0].0),

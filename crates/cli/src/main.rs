@@ -37,6 +37,11 @@ fn main() -> ExitCode {
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
+    if argv.len() == 1 && argv[0] == "--torchrun-rs-flag-table" {
+        // For the Python package (torchrun_rs.run): not a user flag.
+        println!("{}", cli::args::flag_table_json());
+        return ExitCode::SUCCESS;
+    }
     let env = |k: &str| std::env::var(k).ok();
     let raw = match cli::args::parse(&argv, &env) {
         Ok(r) => r,

@@ -151,6 +151,17 @@ fn the_wheel_installs_beside_torch_and_runs_a_gloo_job() {
             );
         }
     }
+    // torchrun's Python API from the installed package (PyTorch's
+    // test_run.py cases and the API beside torch's own).
+    let api = Command::new(&python)
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/test_run.py"))
+        .env_remove("TORCHRUN_RS_BIN")
+        .env_remove("PYTHONPATH")
+        .env_remove("OMP_NUM_THREADS")
+        .env("TMPDIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(api.status.success(), "{}", text(&api.stderr));
     let v = ok(
         "store --help",
         Command::new(venv.join("bin/torchrun-rs-store"))
