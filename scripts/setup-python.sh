@@ -19,4 +19,8 @@ fi
 if ! "$VENV/bin/python" -c "import prometheus_client" 2>/dev/null || [ ! -x "$VENV/bin/py-spy" ]; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check prometheus_client py-spy >&2
 fi
+# The in-process tests run the real tools that call torchrun's Python API.
+if ! "$VENV/bin/python" -c "import lightning, accelerate" 2>/dev/null; then
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "lightning==2.5.6" "accelerate==1.16.0" >&2
+fi
 echo "$VENV"

@@ -10,7 +10,6 @@ hook for the tools that call torchrun's Python API). ``torchrun_rs.run`` and
 
 import os
 import sys
-import sysconfig
 
 __all__ = ["find_bin"]
 
@@ -21,6 +20,8 @@ def find_bin(name="torchrun-rs"):
     override = os.environ.get("TORCHRUN_RS_BIN")
     if override and name == "torchrun-rs":
         return override
+    import sysconfig  # here, not at import: the in-process hook imports this package at every start
+
     exe = name + (".exe" if sys.platform == "win32" else "")
     candidates = [sysconfig.get_path("scripts")]
     user_scheme = sysconfig.get_preferred_scheme("user") if hasattr(sysconfig, "get_preferred_scheme") else None

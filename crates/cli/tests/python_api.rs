@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_torchrun-rs");
 
@@ -43,4 +44,179 @@ fn unittest(name: &str) {
 #[test]
 fn torchs_test_run_cases_and_the_api_beside_torchs() {
     unittest("test_run.py");
+}
+
+/// A fresh venv that sees the torch venv (torch, accelerate, lightning)
+/// and this source tree's torchrun_rs package: the in-process hook goes
+/// into its site-packages, never into the shared torch venv.
+struct Venv {
+    _dir: tempfile::TempDir,
+    python: PathBuf,
+    tmp: PathBuf,
+}
+
+fn fresh_venv() -> Venv {
+    let dir = tempfile::tempdir().unwrap();
+    let venv = dir.path().join("venv");
+    let st = Command::new(testkit::torch_python())
+        .args(["-m", "venv", "--without-pip"])
+        .arg(&venv)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let python = venv.join("bin/python");
+    let purelib = |py: &std::path::Path| {
+        let out = Command::new(py)
+            .args([
+                "-c",
+                "import sysconfig; print(sysconfig.get_path('purelib'))",
+            ])
+            .output()
+            .unwrap();
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    };
+    let site = purelib(&python);
+    let torch_site = purelib(&testkit::torch_python());
+    std::fs::write(
+        site.join("beside.pth"),
+        format!("{}\n{}\n", torch_site.display(), package_dir().display()),
+    )
+    .unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    Venv {
+        _dir: dir,
+        python,
+        tmp,
+    }
+}
+
+impl Venv {
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(&self.python);
+        c.env("TORCHRUN_RS_BIN", BIN)
+            .env("TMPDIR", &self.tmp)
+            .env_remove("PYTHONPATH")
+            .env_remove("OMP_NUM_THREADS");
+        c
+    }
+
+    fn ok(&self, c: &mut Command) -> String {
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        err
+    }
+}
+
+/// What each rank of tool_job.py wrote: (sum, world, under torchrun-rs).
+fn ranks(dir: &std::path::Path) -> Vec<(f64, u64, bool)> {
+    (0..2)
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(dir.join(format!("rank.{r}"))).unwrap(),
+            )
+            .unwrap();
+            (
+                v["sum"].as_f64().unwrap(),
+                v["world"].as_u64().unwrap(),
+                v["torchrun_rs"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Runs a tool's launch command (`python -c "<entry>" ARGS... tool_job.py
+/// OUT`) and returns what the two ranks wrote.
+fn tool_run(v: &Venv, entry: &str, args: &[&str], off: bool) -> Vec<(f64, u64, bool)> {
+    let out = tempfile::tempdir().unwrap();
+    let mut c = v.cmd();
+    c.args(["-c", entry])
+        .args(args)
+        .arg(testkit::cli_helper("tool_job.py"))
+        .arg(out.path());
+    if off {
+        c.env("TORCHRUN_RS_IN_PROCESS", "0");
+    }
+    v.ok(&mut c);
+    ranks(out.path())
+}
+
+const FABRIC: &str =
+    "import sys; from lightning.fabric.cli import _main; sys.argv[0] = 'fabric'; sys.exit(_main())";
+const ACCELERATE: &str = "import sys; from accelerate.commands.accelerate_cli import main; sys.argv[0] = 'accelerate'; sys.exit(main())";
+
+#[test]
+fn lightning_fabric_and_accelerate_run_under_torchrun_rs_with_the_in_process_hook() {
+    let v = fresh_venv();
+    let fabric = ["run", "--accelerator=cpu", "--devices=2"];
+    let accelerate = ["launch", "--multi_gpu", "--num_processes", "2"];
+    // Under torch first (no hook yet): the reference result.
+    let want = vec![(3.0, 2, false), (3.0, 2, false)];
+    assert_eq!(tool_run(&v, FABRIC, &fabric, false), want);
+    v.ok(v.cmd().args(["-m", "torchrun_rs.shim", "--in-process"]));
+    let under_us = vec![(3.0, 2, true), (3.0, 2, true)];
+    assert_eq!(tool_run(&v, FABRIC, &fabric, false), under_us);
+    assert_eq!(tool_run(&v, ACCELERATE, &accelerate, false), under_us);
+    // Off for one run: torch's launcher again.
+    assert_eq!(tool_run(&v, ACCELERATE, &accelerate, true), want);
+    // A callable entrypoint falls back to torch's launcher, with a notice.
+    let out = tempfile::tempdir().unwrap();
+    let script = out.path().join("callable.py");
+    std::fs::write(
+        &script,
+        "import os, sys\n\
+         from torch.distributed.launcher.api import LaunchConfig, elastic_launch\n\
+         def f(d):\n\
+         \x20   open(os.path.join(d, os.environ['RANK']), 'w').write(str('TORCHRUN_RS_JOB' in os.environ))\n\
+         if __name__ == '__main__':\n\
+         \x20   c = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=1, rdzv_backend='c10d', rdzv_endpoint='localhost:0')\n\
+         \x20   elastic_launch(c, f)(sys.argv[1])\n",
+    )
+    .unwrap();
+    let err = v.ok(v.cmd().arg(&script).arg(out.path()));
+    assert!(
+        err.contains(
+            "torchrun-rs: a Python callable as entrypoint runs under torch's own launcher"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("0")).unwrap(),
+        "False"
+    );
+    // Removed: torch's launcher again.
+    v.ok(v.cmd().args(["-m", "torchrun_rs.shim", "--remove"]));
+    assert_eq!(tool_run(&v, FABRIC, &fabric, false), want);
+}
+
+#[test]
+fn the_hook_costs_an_unrelated_python_start_under_5_ms() {
+    // Two venvs alike but for the hook, timed in turns (the best of 20
+    // each), so that a busy machine slows both alike.
+    let plain = fresh_venv();
+    let hooked = fresh_venv();
+    hooked.ok(hooked
+        .cmd()
+        .args(["-m", "torchrun_rs.shim", "--in-process"]));
+    let (mut without, mut with) = (Duration::MAX, Duration::MAX);
+    for _ in 0..20 {
+        for (v, best) in [(&plain, &mut without), (&hooked, &mut with)] {
+            let t = std::time::Instant::now();
+            v.ok(v.cmd().args(["-c", "pass"]));
+            *best = (*best).min(t.elapsed());
+        }
+    }
+    eprintln!("python -c pass: {without:?} without the hook, {with:?} with it");
+    assert!(
+        with < without + Duration::from_millis(5),
+        "{without:?} -> {with:?}"
+    );
+    // --help answers, exit 0.
+    let out = hooked
+        .cmd()
+        .args(["-m", "torchrun_rs.shim", "--help"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
 }
