@@ -313,9 +313,17 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Ra
         }
     }
     let mut i = 0;
-    while i < args.len() {
-        let a = &args[i];
-        i += 1;
+    // Combined short options (`-mr3`): what follows a switch, read next.
+    let mut pending: Option<String> = None;
+    while i < args.len() || pending.is_some() {
+        let a = match pending.take() {
+            Some(p) => p,
+            None => {
+                i += 1;
+                args[i - 1].clone()
+            }
+        };
+        let a = &a;
         if a == "--" {
             if raw.script.is_none() && i < args.len() {
                 raw.script = Some(args[i].clone());
@@ -325,7 +333,10 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Ra
         }
         if !a.starts_with('-') || a == "-" {
             raw.script = Some(a.clone());
-            raw.script_args = args[i..].to_vec();
+            // argparse drops one `--` right after the script (when none
+            // came before it): `x.py -- --lr 1` gives the script `--lr 1`.
+            let skip = usize::from(args.get(i).is_some_and(|n| n == "--"));
+            raw.script_args = args[i + skip..].to_vec();
             break;
         }
         let (spec, inline): (&Spec, Option<String>) = if a.starts_with("--") {
@@ -348,6 +359,10 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Ra
                 None
             } else if spec.kind == Kind::Value {
                 Some(rest.strip_prefix('=').unwrap_or(rest).to_string())
+            } else if !rest.starts_with('=') && spec.kind == Kind::Flag {
+                // `-mr3`: the switch, then `-r3`.
+                pending = Some(format!("-{rest}"));
+                None
             } else {
                 return Err(UsageError(format!(
                     "argument {}: ignored explicit argument '{rest}'",
@@ -372,7 +387,8 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Ra
             Kind::Value => {
                 let value = match inline {
                     Some(v) => v,
-                    None if i < args.len() => {
+                    // A value never swallows the next option (argparse).
+                    None if i < args.len() && !looks_like_option(&args[i]) => {
                         i += 1;
                         args[i - 1].clone()
                     }
@@ -383,12 +399,57 @@ pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Ra
                         )))
                     }
                 };
+                // Every occurrence is checked, as argparse converts each.
+                check_torch_value(spec, &value)?;
                 raw.values.insert(spec.dest, value);
                 raw.explicit.insert(spec.dest);
             }
         }
     }
     Ok(raw)
+}
+
+/// Whether argparse takes `a` for an option rather than a value: it
+/// starts with `-` and is not `-` alone, a negative number, or words with
+/// a space.
+fn looks_like_option(a: &str) -> bool {
+    let negative_number = a.strip_prefix('-').is_some_and(|n| {
+        let (int, frac) = n.split_once('.').unwrap_or((n, ""));
+        let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+        (!int.is_empty() && digits(int) && !n.contains('.'))
+            || (n.contains('.') && digits(int) && !frac.is_empty() && digits(frac))
+    });
+    a.starts_with('-') && a != "-" && !negative_number && !a.contains(' ')
+}
+
+/// argparse's `type` and `choices` for torch's options, at each occurrence.
+fn check_torch_value(spec: &Spec, v: &str) -> Result<(), UsageError> {
+    let Some(t) = torch_contract(spec.dest) else {
+        return Ok(());
+    };
+    let bad = |what: String| {
+        Err(UsageError(format!(
+            "argument {}: {what}",
+            display_names(spec)
+        )))
+    };
+    match t.py_type {
+        Some("int") if v.trim().parse::<i128>().is_err() => {
+            return bad(format!("invalid int value: '{v}'"))
+        }
+        Some("float") if v.trim().parse::<f64>().is_err() => {
+            return bad(format!("invalid float value: '{v}'"))
+        }
+        _ => {}
+    }
+    if !t.choices.is_empty() && !t.choices.contains(&v) {
+        let choices: Vec<String> = t.choices.iter().map(|c| format!("'{c}'")).collect();
+        return bad(format!(
+            "invalid choice: '{v}' (choose from {})",
+            choices.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 /// `-h` text.
@@ -417,6 +478,60 @@ mod tests {
     fn p(args: &[&str]) -> Result<RawArgs, UsageError> {
         let a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         parse(&a, &|_| None)
+    }
+
+    #[test]
+    fn argparse_details_torch_users_can_hit() {
+        // One `--` right after the script is dropped (none before it).
+        let r = p(&["x.py", "--", "--lr", "1"]).unwrap();
+        assert_eq!(r.script_args, ["--lr", "1"]);
+        let r = p(&["--", "x.py", "--", "a"]).unwrap();
+        assert_eq!(r.script_args, ["--", "a"]);
+        let r = p(&["x.py", "a", "--", "b"]).unwrap();
+        assert_eq!(r.script_args, ["a", "--", "b"]);
+        // A missing value never swallows the next option...
+        for v in [
+            &["--log-dir", "--tee", "3", "t.py"][..],
+            &["--role", "-x", "t.py"],
+        ] {
+            assert!(
+                p(v).unwrap_err().0.contains("expected one argument"),
+                "{v:?}"
+            );
+        }
+        // ...but a negative number, `-` and words with a space are values.
+        assert_eq!(
+            p(&["--local-ranks-filter", "-1", "x"])
+                .unwrap()
+                .get("local_ranks_filter"),
+            Some("-1")
+        );
+        assert_eq!(
+            p(&["--role", "-1.5", "x"]).unwrap().get("role"),
+            Some("-1.5")
+        );
+        assert_eq!(
+            p(&["--log-dir", "-", "x"]).unwrap().get("log_dir"),
+            Some("-")
+        );
+        assert_eq!(
+            p(&["--role", "-a b", "x"]).unwrap().get("role"),
+            Some("-a b")
+        );
+        // Prefixes unique among torch's options mean what they mean there.
+        assert!(p(&["--h"]).unwrap().help);
+        assert!(p(&["--no-", "x"]).unwrap().flag("no_python"));
+        assert!(p(&["--v", "x"]).unwrap().flag("virtual_local_rank"));
+        // Every occurrence is checked.
+        let e = p(&["--max-restarts", "1.0", "--max-restarts", "2", "x"]).unwrap_err();
+        assert!(e.0.contains("invalid int value: '1.0'"), "{}", e.0);
+        let e = p(&["--start-method=SPAWN", "--start-method=fork", "x"]).unwrap_err();
+        assert!(e.0.contains("invalid choice: 'SPAWN'"), "{}", e.0);
+        // Combined short options.
+        let r = p(&["-mr3", "x"]).unwrap();
+        assert!(r.flag("module"));
+        assert_eq!(r.get("redirects"), Some("3"));
+        assert_eq!(p(&["-rm", "x"]).unwrap().get("redirects"), Some("m"));
     }
 
     #[test]

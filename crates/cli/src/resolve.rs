@@ -177,7 +177,14 @@ pub fn parse_gpus(v: &str) -> Result<Vec<u32>, UsageError> {
 
 fn determine_nproc(v: &str, cuda_visible: Option<&str>) -> Result<u32, UsageError> {
     let gpus = || visible_gpus(physical_gpus(), cuda_visible);
-    match v.trim() {
+    // torch: int(v) (which allows surrounding spaces), else the names
+    // exactly: ' cpu' is an error there.
+    let name = if v.trim().parse::<i64>().is_ok() {
+        v.trim()
+    } else {
+        v
+    };
+    match name {
         "cpu" => Ok(cpu_count()),
         "gpu" => match gpus() {
             0 => Err(usage(
@@ -292,7 +299,10 @@ pub fn resolve(
             )
         })?,
     };
-    c.max_restarts = parse_int(raw, "max_restarts", "--max-restarts", 0u32)?;
+    // torch takes any integer; a budget beyond 32 bits is as good as none.
+    c.max_restarts = parse_int(raw, "max_restarts", "--max-restarts", 0u64)?
+        .try_into()
+        .unwrap_or(u32::MAX);
     let mi = raw.get("monitor_interval").unwrap_or("0.1");
     c.monitor_interval = engine::config::parse_seconds(mi).ok_or_else(|| {
         usage(
@@ -471,7 +481,13 @@ pub fn resolve(
         .map(str::to_string)
         .or_else(|| env("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE").filter(|t| !t.is_empty()));
     if let Some(f) = raw.get("local_ranks_filter").filter(|f| !f.is_empty()) {
-        let set: Result<BTreeSet<u32>, _> = f.split(',').map(|r| r.trim().parse::<u32>()).collect();
+        // Any integer, as torch: a negative one names no rank.
+        let set: Result<BTreeSet<i64>, _> = f.split(',').map(|r| r.trim().parse::<i64>()).collect();
+        let set = set.map(|s| {
+            s.into_iter()
+                .filter_map(|r| u32::try_from(r).ok())
+                .collect::<BTreeSet<u32>>()
+        });
         c.local_ranks_filter = Some(set.map_err(|_| {
             usage(
                 "--local-ranks-filter",

@@ -220,3 +220,18 @@ fn the_hook_costs_an_unrelated_python_start_under_5_ms() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0));
 }
+
+#[test]
+fn the_command_line_agrees_with_torchs_parser_argument_for_argument() {
+    // 2,000 generated argument vectors and every unique prefix of torch's
+    // long options, through torch's parser and through --dry-run.
+    let out = Command::new(testkit::torch_python())
+        .arg(python_test("differential_cli.py"))
+        .arg(BIN)
+        .arg("2000")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{}", err.lines().next().unwrap_or(""));
+    assert!(out.status.success(), "{err}");
+}
