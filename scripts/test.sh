@@ -16,6 +16,11 @@ command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+# A real one-node Slurm (slurm-wlm, munge; the daemons started here, no
+# systemd). Where it cannot start, the Slurm tests say so and skip.
+if ! bash scripts/slurm-up.sh >/dev/null; then
+  echo "test.sh: no Slurm daemons here; the Slurm tests will be skipped" >&2
+fi
 # Store tests hold thousands of connections.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 VENV="$(bash scripts/setup-python.sh)"
