@@ -72,6 +72,9 @@ impl StdSpec {
                 format!("invalid value '{v}': expected 0, 1, 2 or 3 (none, stdout, stderr, both), or per local rank like 0:1,1:2"),
             )
         };
+        // Python's `$` also matches before a final line break: torch takes
+        // "1\n" as 1.
+        let v = v.strip_suffix('\n').unwrap_or(v);
         let b = v.as_bytes();
         if b.len() == 1 && (b'0'..=b'3').contains(&b[0]) {
             return Ok(StdSpec::All(Std::from_digit(b[0] - b'0')));

@@ -199,5 +199,26 @@ class Speed(unittest.TestCase):
         self.assertLess(best, 0.050)
 
 
+class RunOverhead(unittest.TestCase):
+    def test_run_adds_under_20_ms_to_the_launchers_own_start(self):
+        from torchrun_rs import find_bin
+
+        argv = ["--nproc-per-node=1", "--no-python", "true"]
+        run.get_args_parser()  # the flag table, once per process
+
+        def best(f):
+            times = []
+            for _ in range(7):
+                t = time.perf_counter()
+                f()
+                times.append(time.perf_counter() - t)
+            return min(times)
+
+        direct = best(lambda: subprocess.run([find_bin(), *argv], check=True))
+        api = best(lambda: run.main(argv))
+        print(f"a trivial job: launcher {direct * 1000:.1f} ms, run.main {api * 1000:.1f} ms", file=sys.stderr)
+        self.assertLess(api - direct, 0.020)
+
+
 if __name__ == "__main__":
     unittest.main()
