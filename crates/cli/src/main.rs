@@ -59,6 +59,10 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    if let Some(addr) = raw.get("status") {
+        let code = engine::status_view::show(addr, raw.flag("watch"));
+        return ExitCode::from(code as u8);
+    }
     if let Some(shell) = raw.get("print_completion") {
         return match cli::completions::script(shell) {
             Ok(s) => {

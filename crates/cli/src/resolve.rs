@@ -460,6 +460,7 @@ pub fn resolve(
             )
         })?);
     }
+    c.open_stacks = raw.flag("open_stacks");
     if let Some(a) = raw.get("metrics_addr") {
         c.metrics_addr = a
             .trim()
@@ -474,7 +475,11 @@ pub fn resolve(
             })?;
     }
     c.redirects = StdSpec::parse("--redirects", raw.get("redirects").unwrap_or("0"))?;
-    c.tee = StdSpec::parse("--tee", raw.get("tee").unwrap_or("0"))?;
+    c.dedup_output =
+        raw.flag("dedup_output") || env("TORCHRUN_RS_DEDUP_OUTPUT").is_some_and(|v| v == "1");
+    // Deduplicating needs the lines to pass through the launcher: tee'd.
+    let tee_default = if c.dedup_output { "3" } else { "0" };
+    c.tee = StdSpec::parse("--tee", raw.get("tee").unwrap_or(tee_default))?;
     c.log_line_prefix_template = raw
         .get("log_line_prefix_template")
         .filter(|t| !t.is_empty())

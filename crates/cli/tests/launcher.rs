@@ -1011,3 +1011,202 @@ fn torchs_own_test_launch_elastic_argument_list_runs() {
         );
     }
 }
+
+/// A job of two `say-until-file` workers with a metrics port; its port.
+fn observed_job(extra: &[&str]) -> (std::process::Child, tempfile::TempDir, u16) {
+    let out = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--nproc-per-node=2", "--metrics-port=0"])
+        .args(extra)
+        .arg(helper())
+        .args(["say-until-file"])
+        .arg(out.path())
+        .env("PYTHON_EXEC", "python3")
+        .env("TMPDIR", out.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let port = health_port(&mut err);
+    // Keep draining the launcher's stderr.
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    wait_for(Duration::from_secs(30), "both workers", || {
+        (out.path().join("pid.0").exists() && out.path().join("pid.1").exists()).then_some(())
+    });
+    (child, out, port)
+}
+
+/// `GET path` from `ip` to the port; the status code and the body.
+fn http_get(ip: std::net::IpAddr, port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect((ip, port)).unwrap();
+    c.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut text = String::new();
+    c.read_to_string(&mut text).unwrap();
+    let code = text.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (code, body)
+}
+
+/// An address of this machine that is not loopback (the one its default
+/// route leaves from), if it has one.
+fn outside_address() -> Option<std::net::IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    Some(s.local_addr().ok()?.ip()).filter(|ip| !ip.is_loopback())
+}
+
+#[test]
+fn stacks_answer_this_machine_only_and_at_most_once_a_second() {
+    let (mut child, out, port) = observed_job(&[]);
+    let lo: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let (code, first) = http_get(lo, port, "/stacks");
+    assert_eq!(code, 200, "{first}");
+    assert!(first.contains("== local rank 1 (pid "), "{first}");
+    // A second request within the second gets the same capture.
+    let t = std::time::Instant::now();
+    let (_, second) = http_get(lo, port, "/stacks");
+    if t.elapsed() < Duration::from_millis(900) {
+        assert_eq!(first, second);
+    }
+    match outside_address() {
+        Some(ip) => {
+            let (code, body) = http_get(ip, port, "/stacks");
+            assert_eq!(code, 403, "{body}");
+            assert!(body.contains("--open-stacks"), "{body}");
+            // What Kubernetes probes and Prometheus read stays open.
+            for path in ["/healthz", "/readyz", "/metrics", "/status"] {
+                assert_eq!(http_get(ip, port, path).0, 200, "{path}");
+            }
+        }
+        None => eprintln!("no address but loopback here: the refusal is not checked"),
+    }
+    std::fs::write(out.path().join("go"), "").unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    // Opened by the flag: served to the network too.
+    if let Some(ip) = outside_address() {
+        let (mut child, out, port) = observed_job(&["--open-stacks"]);
+        assert_eq!(http_get(ip, port, "/stacks").0, 200);
+        std::fs::write(out.path().join("go"), "").unwrap();
+        assert_eq!(child.wait().unwrap().code(), Some(0));
+    }
+}
+
+#[test]
+fn status_prints_a_table_of_the_running_job_and_watch_keeps_it_live() {
+    let (mut child, out, port) = observed_job(&[]);
+    let lo: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    // /status and /metrics carry each worker's memory, CPU and last line.
+    let (_, status) = http_get(lo, port, "/status");
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    for w in v["workers"].as_array().unwrap() {
+        assert!(w["rss_bytes"].as_f64().unwrap() > 1e6, "{w}");
+        assert!(w["cpu_seconds"].as_f64().is_some(), "{w}");
+        assert_eq!(w["last_line"], format!("hello from rank {}", w["rank"]));
+    }
+    let (_, metrics) = http_get(lo, port, "/metrics");
+    assert!(
+        metrics.contains("torchrun_rs_worker_resident_bytes{local_rank=\"1\"}"),
+        "{metrics}"
+    );
+    let t = std::time::Instant::now();
+    let o = Command::new(BIN)
+        .args(["--status", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    eprintln!("--status answered in {took:?}");
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    assert!(table.contains(": running, role default"), "{table}");
+    for r in 0..2 {
+        let pid = std::fs::read_to_string(out.path().join(format!("pid.{r}"))).unwrap();
+        let row = table
+            .lines()
+            .find(|l| l.contains(pid.trim()))
+            .unwrap_or_else(|| panic!("{table}"));
+        assert!(
+            row.contains("running") && row.contains(&format!("hello from rank {r}")),
+            "{row}"
+        );
+    }
+    // --watch in a real terminal (tmux): the table, redrawn in place.
+    let session = format!("trrs-status-{}", std::process::id());
+    let st = Command::new("tmux")
+        .args(["new-session", "-d", "-s", &session, "-x", "160", "-y", "20"])
+        .arg(format!("{BIN} --status 127.0.0.1:{port} --watch"))
+        .status();
+    if st.is_ok_and(|s| s.success()) {
+        let screen = wait_for(Duration::from_secs(10), "the table in tmux", || {
+            let o = Command::new("tmux")
+                .args(["capture-pane", "-p", "-t", &session])
+                .output()
+                .ok()?;
+            let s = String::from_utf8_lossy(&o.stdout).into_owned();
+            s.contains("hello from rank 1").then_some(s)
+        });
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &session])
+            .status();
+        assert!(screen.starts_with("torchrun-rs at 127.0.0.1:"), "{screen}");
+        assert_eq!(
+            screen.matches("torchrun-rs at").count(),
+            1,
+            "redrawn in place: {screen}"
+        );
+    } else {
+        eprintln!("tmux cannot start here: --watch is not checked in a terminal");
+    }
+    std::fs::write(out.path().join("go"), "").unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    // Nobody there: one line, exit 1.
+    let o = Command::new(BIN)
+        .args(["--status", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no launcher answers at"));
+}
+
+#[test]
+fn the_grafana_dashboards_queries_use_metrics_the_launcher_exports() {
+    let (mut child, out, port) = observed_job(&[]);
+    let (_, metrics) = http_get("127.0.0.1".parse().unwrap(), port, "/metrics");
+    let exported: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    std::fs::write(out.path().join("go"), "").unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../dashboards/torchrun-rs.json");
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut used = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            let names: Vec<&str> = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("torchrun_rs_") || w.starts_with("torchelastic_"))
+                .collect();
+            assert!(!names.is_empty(), "{expr}");
+            for n in names {
+                assert!(
+                    exported.contains(n),
+                    "panel {}: {n} is not exported ({exported:?})",
+                    panel["title"]
+                );
+                used += 1;
+            }
+        }
+    }
+    assert!(used >= 10);
+}

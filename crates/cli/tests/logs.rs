@@ -525,3 +525,91 @@ fn redirected_output_counts_as_activity_for_the_hang_timeout() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_prefix_template_names_the_host_and_the_group_rank() {
+    let out = tempfile::tempdir().unwrap();
+    let o = launch(
+        &["--nproc-per-node=2", "-t", "1"],
+        "lines",
+        &["1"],
+        out.path(),
+        &[(
+            "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE",
+            "${hostname}|${group_rank}|${rank}|${local_rank}: ",
+        )],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let host = {
+        let mut buf = [0u8; 256];
+        // SAFETY: gethostname writes at most buf.len() bytes.
+        let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+        assert_eq!(rc, 0);
+        let end = buf.iter().position(|&b| b == 0).unwrap();
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    };
+    let stdout = text(&o.stdout);
+    for r in 0..2 {
+        let prefix = format!("{host}|0|{r}|{r}: ");
+        assert!(
+            stdout.lines().any(|l| l.starts_with(&prefix)),
+            "{prefix}: {stdout}"
+        );
+    }
+}
+
+#[test]
+fn dedup_output_prints_a_line_of_several_ranks_once_and_the_files_keep_every_line() {
+    for n in [2u32, 4] {
+        let out = tempfile::tempdir().unwrap();
+        let logs = out.path().join("logs");
+        let o = launch(
+            &[
+                &format!("--nproc-per-node={n}"),
+                "--dedup-output",
+                "--log-dir",
+                logs.to_str().unwrap(),
+            ],
+            "chorus",
+            &[],
+            out.path(),
+            // A loaded machine may start the ranks further apart than the
+            // default window (40 ms).
+            &[("TORCHRUN_RS_DEDUP_WINDOW_MS", "1000")],
+        );
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        let stdout = text(&o.stdout);
+        let lines: Vec<&str> = stdout.lines().collect();
+        let all = if n == 2 {
+            "0,1".to_string()
+        } else {
+            format!("0-{}", n - 1)
+        };
+        let at = |want: &str| {
+            let found: Vec<usize> = lines
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| **l == want)
+                .map(|(i, _)| i)
+                .collect();
+            assert_eq!(found.len(), 1, "{want:?} in {stdout}");
+            found[0]
+        };
+        let hello = at(&format!("[default{all}]:all say hello"));
+        let bye = at(&format!("[default{all}]:all say bye"));
+        for r in 0..n {
+            let own = at(&format!("[default{r}]:only rank {r}"));
+            assert!(hello < own && own < bye, "rank {r}'s order: {stdout}");
+            let file = run_dir(&logs).join(format!("attempt_0/{r}/stdout.log"));
+            assert_eq!(
+                std::fs::read_to_string(file).unwrap(),
+                format!("all say hello\nonly rank {r}\nall say bye\n")
+            );
+        }
+        assert_eq!(
+            lines.iter().filter(|l| l.contains("say")).count(),
+            2,
+            "{stdout}"
+        );
+    }
+}

@@ -245,6 +245,12 @@ pub struct LaunchConfig {
     pub metrics_port: Option<u16>,
     /// `--metrics-addr`: where that server listens (all interfaces).
     pub metrics_addr: std::net::IpAddr,
+    /// `--dedup-output` (beyond torch): identical console lines of several
+    /// local ranks are printed once, naming the ranks.
+    pub dedup_output: bool,
+    /// `--open-stacks`: serve `/stacks` (stacks, command lines) to any
+    /// client, not only to loopback ones.
+    pub open_stacks: bool,
     /// `--hang-timeout` (beyond torch): no output from any rank for this
     /// long is a hang: every rank's stack is dumped and `on_hang` applies.
     pub hang_timeout: Option<Duration>,
@@ -338,6 +344,8 @@ impl Default for LaunchConfig {
             node_check: None,
             metrics_port: None,
             metrics_addr: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            open_stacks: false,
+            dedup_output: false,
             shutdown_timeout: Duration::from_secs(30),
             master_addr: None,
             master_port: None,

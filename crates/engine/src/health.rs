@@ -102,25 +102,36 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// Binds `addr` and serves; `pings` reach the agent's loop.
+/// `/stacks` runs py-spy on every worker (pausing it): at most one capture
+/// per this interval; later requests get the last one.
+const STACKS_EVERY: Duration = Duration::from_secs(1);
+
+/// The last `/stacks` capture and when it began.
+type StacksCache = Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, String)>>>;
+
+/// Binds `addr` and serves; `pings` reach the agent's loop. `/stacks`
+/// (workers' stacks and command lines) answers loopback clients only
+/// unless `open_stacks`.
 pub async fn start(
     addr: SocketAddr,
     observed: SharedObserved,
     pings: mpsc::UnboundedSender<Ping>,
+    open_stacks: bool,
 ) -> std::io::Result<HealthServer> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let stacks: StacksCache = Arc::default();
     let task = tokio::spawn(async move {
         let mut backoff = ACCEPT_BACKOFF;
         loop {
             let Ok(slot) = slots.clone().acquire_owned().await else {
                 return;
             };
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => {
                     backoff = ACCEPT_BACKOFF;
-                    stream
+                    accepted
                 }
                 Err(e) => {
                     tracing::debug!("health server: accept failed: {e}; retrying in {backoff:?}");
@@ -129,13 +140,20 @@ pub async fn start(
                     continue;
                 }
             };
-            let (observed, pings) = (observed.clone(), pings.clone());
+            let (observed, pings, stacks) = (observed.clone(), pings.clone(), stacks.clone());
+            // Stacks and command lines are for this machine's users only,
+            // unless the operator opened them.
+            let may_see_stacks = open_stacks || peer.ip().to_canonical().is_loopback();
             // A connection's panic ends that connection, not the job.
             crate::background::spawn(async move {
                 let _slot = slot;
                 let service = hyper::service::service_fn(move |req| {
-                    let (observed, pings) = (observed.clone(), pings.clone());
-                    async move { Ok::<_, Infallible>(respond(req, &observed, &pings).await) }
+                    let (observed, pings, stacks) =
+                        (observed.clone(), pings.clone(), stacks.clone());
+                    async move {
+                        let stacks = may_see_stacks.then_some(&stacks);
+                        Ok::<_, Infallible>(respond(req, &observed, &pings, stacks).await)
+                    }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -162,6 +180,7 @@ async fn respond(
     req: Request<hyper::body::Incoming>,
     observed: &SharedObserved,
     pings: &mpsc::UnboundedSender<Ping>,
+    stacks: Option<&StacksCache>,
 ) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
     match req.uri().path() {
@@ -199,6 +218,22 @@ async fn respond(
             status_json(&lock(observed)),
         ),
         "/stacks" => {
+            let Some(cache) = stacks else {
+                return reply(
+                    StatusCode::FORBIDDEN,
+                    TEXT,
+                    "/stacks shows the workers' stacks and command lines: it answers clients on this machine (loopback) only; --open-stacks serves it to the network\n".into(),
+                );
+            };
+            // One capture at a time, at most one a second: a request
+            // during or just after a capture gets that capture.
+            let mut last = cache.lock().await;
+            if let Some((at, text)) = last.as_ref() {
+                if at.elapsed() < STACKS_EVERY {
+                    return reply(StatusCode::OK, TEXT, text.clone());
+                }
+            }
+            let started = tokio::time::Instant::now();
             let running: Vec<(u32, i32)> = lock(observed)
                 .workers
                 .iter()
@@ -213,6 +248,7 @@ async fn respond(
                     Err(e) => out.push_str(&format!("no stack: {e}\n")),
                 }
             }
+            *last = Some((started, out.clone()));
             reply(StatusCode::OK, TEXT, out)
         }
         "/metrics" => reply(
@@ -245,6 +281,21 @@ fn seconds_since_output(w: &WorkerStatus) -> Option<f64> {
     Some(at.elapsed().as_secs_f64())
 }
 
+/// A running worker's resident memory and CPU seconds (an exited one's
+/// pid is not read: it may belong to another process by now).
+fn usage(w: &WorkerStatus) -> Option<(u64, f64)> {
+    (w.state == "running")
+        .then(|| crate::proc_stats::of(w.pid))
+        .flatten()
+}
+
+/// The last line a worker wrote to stderr, when the launcher carries it.
+fn last_line(w: &WorkerStatus) -> Option<String> {
+    let tail = w.tail.as_ref()?;
+    let lines = tail.lock().unwrap_or_else(|p| p.into_inner()).last_lines(1);
+    lines.into_iter().next()
+}
+
 fn status_json(o: &Observed) -> String {
     let workers = o
         .workers
@@ -260,6 +311,15 @@ fn status_json(o: &Observed) -> String {
                 (
                     "seconds_since_output".into(),
                     seconds_since_output(w).map_or(Json::Null, Json::Float),
+                ),
+                ("rss_bytes".into(), num(usage(w).map(|u| u.0 as f64))),
+                (
+                    "cpu_seconds".into(),
+                    usage(w).map_or(Json::Null, |u| Json::Float(u.1)),
+                ),
+                (
+                    "last_line".into(),
+                    last_line(w).map_or(Json::Null, Json::Str),
                 ),
             ])
         })
@@ -381,6 +441,25 @@ fn metrics_text(o: &Observed) -> String {
                 .set(s);
         }
     }
+    let rss = Family::<Vec<(String, String)>, Gauge>::default();
+    let cpu = Family::<Vec<(String, String)>, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    for w in &o.workers {
+        if let Some((bytes, secs)) = usage(w) {
+            let labels = vec![("local_rank".into(), w.local_rank.to_string())];
+            rss.get_or_create(&labels).set(bytes as i64);
+            cpu.get_or_create(&labels).set(secs);
+        }
+    }
+    reg.register(
+        "torchrun_rs_worker_resident_bytes",
+        "Resident memory of each running local rank's process",
+        rss,
+    );
+    reg.register(
+        "torchrun_rs_worker_cpu_seconds",
+        "CPU time (user and system) of each running local rank's process",
+        cpu,
+    );
     reg.register(
         "torchrun_rs_seconds_since_output",
         "Seconds since each local rank last wrote to stderr (when the launcher carries it)",

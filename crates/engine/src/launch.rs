@@ -286,7 +286,7 @@ async fn run(
         None => None,
         Some(port) => {
             let addr = std::net::SocketAddr::new(config.metrics_addr, port);
-            match crate::health::start(addr, observed.clone(), ping_tx).await {
+            match crate::health::start(addr, observed.clone(), ping_tx, config.open_stacks).await {
                 Ok(server) => {
                     if port == 0 {
                         eprintln!("torchrun-rs: health and metrics on http://{}", server.addr);
@@ -352,6 +352,8 @@ async fn run(
             }
         }
     }
+    // Lines still waiting for their copies are written before the report.
+    crate::dedup::flush();
     Ok(LaunchOutcome {
         result,
         entrypoint_name: entrypoint_name(entrypoint, args),

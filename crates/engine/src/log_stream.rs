@@ -52,6 +52,9 @@ pub struct TeeTargets {
     pub console: Option<Console>,
     pub prefix: String,
     pub filter: Option<LineFilter>,
+    /// `--dedup-output`: console lines go through the deduplicator, as
+    /// this local rank of this role.
+    pub dedup: Option<(u32, String)>,
 }
 
 /// A pipe: the read end for the launcher, the write end for the worker.
@@ -186,7 +189,7 @@ fn lines(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// The launcher's stdout and stderr, written with one `write` per batch of
 /// whole lines (no line buffering to scan the bytes again). The lock keeps
 /// batches of different ranks from interleaving.
-fn console_write(fd: i32, buf: &[u8]) {
+pub(crate) fn console_write(fd: i32, buf: &[u8]) {
     static LOCK: Mutex<()> = Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     // Flush what Rust's own stdout may hold, so order is kept.
@@ -219,7 +222,11 @@ fn emit<'a>(
 ) {
     out.clear();
     let mut filtered: Vec<u8> = Vec::new();
+    let mut plain: Vec<&'a [u8]> = Vec::new();
     for line in lines {
+        if t.dedup.is_some() {
+            plain.push(line);
+        }
         let start = out.len();
         out.extend_from_slice(prefix);
         out.extend_from_slice(line);
@@ -230,10 +237,17 @@ fn emit<'a>(
             }
         }
     }
-    match t.console {
-        Some(Console::Stdout) => console_write(1, out),
-        Some(Console::Stderr) => console_write(2, out),
-        None => {}
+    let fd = match t.console {
+        Some(Console::Stdout) => Some(1),
+        Some(Console::Stderr) => Some(2),
+        None => None,
+    };
+    match (fd, &t.dedup) {
+        (Some(fd), Some((rank, role))) => {
+            crate::dedup::get().push(fd, *rank, role, prefix, plain.into_iter())
+        }
+        (Some(fd), None) => console_write(fd, out),
+        (None, _) => {}
     }
     if !filtered.is_empty() {
         if let Some(f) = &t.filter {

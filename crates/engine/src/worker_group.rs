@@ -208,13 +208,17 @@ fn streams_err(source: std::io::Error) -> AgentError {
 }
 
 impl Launch<'_> {
-    fn prefix_for(&self, w: &WorkerRanks) -> String {
+    /// The tee prefix: torch's macros (`${role_name}`, `${rank}`,
+    /// `${local_rank}`, `${hostname}`: `socket.gethostname()`), and
+    /// torchrun-rs's `${group_rank}` (the node's rank in the round).
+    fn prefix_for(&self, w: &WorkerRanks, group_rank: u32) -> String {
         match &self.config.log_line_prefix_template {
             Some(t) if !t.is_empty() => worker_env::template_substitute(t, |name| match name {
                 "role_name" => Some(self.config.role.clone()),
                 "rank" => Some(w.global_rank.to_string()),
                 "local_rank" => Some(w.local_rank.to_string()),
                 "hostname" => Some(self.hostname.clone()),
+                "group_rank" => Some(group_rank.to_string()),
                 _ => None,
             }),
             _ => format!("[{}{}]:", self.config.role, w.local_rank),
@@ -224,10 +228,12 @@ impl Launch<'_> {
     /// Wires one stream of a worker: tee'd through a pipe (file and
     /// prefixed console), redirected to its file, passed through a pipe that
     /// keeps its tail, discarded, or the launcher's own.
+    #[allow(clippy::too_many_arguments)]
     fn stream(
         &self,
         is_out: bool,
         ranks: &WorkerRanks,
+        group_rank: u32,
         rank_dir: Option<&Path>,
         filter: Option<LineFilter>,
         activity: &Activity,
@@ -259,8 +265,9 @@ impl Launch<'_> {
                 activity: Some(activity.clone()),
                 file,
                 console: shown.then_some(console),
-                prefix: self.prefix_for(ranks),
+                prefix: self.prefix_for(ranks, group_rank),
                 filter,
+                dedup: cfg.dedup_output.then(|| (local_rank, cfg.role.clone())),
             };
             let handle = log_stream::start(r, targets).map_err(streams_err)?;
             return Ok(Stream {
@@ -406,6 +413,7 @@ impl Launch<'_> {
         let out = self.stream(
             true,
             &ranks,
+            group_info.group_rank,
             rank_dir.as_deref(),
             filters.stdout.clone(),
             &activity,
@@ -414,6 +422,7 @@ impl Launch<'_> {
         let err = self.stream(
             false,
             &ranks,
+            group_info.group_rank,
             rank_dir.as_deref(),
             filters.stderr.clone(),
             &activity,

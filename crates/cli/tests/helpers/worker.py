@@ -123,6 +123,25 @@ elif mode == "until-file":
     while not os.path.exists(os.path.join(outdir, "go")):
         time.sleep(0.01)
     sys.exit(0)
+elif mode == "say-until-file":
+    # Writes one line to stderr, then runs until OUTDIR/go exists.
+    sys.stderr.write(f"hello from rank {rank}\n")
+    sys.stderr.flush()
+    ready()
+    while not os.path.exists(os.path.join(outdir, "go")):
+        time.sleep(0.01)
+    sys.exit(0)
+elif mode == "chorus":
+    # chorus: once every local rank is here (files in OUTDIR), each prints
+    # "all say hello", "only rank R", "all say bye" on stdout.
+    ready()
+    n = int(os.environ["LOCAL_WORLD_SIZE"])
+    while not all(os.path.exists(os.path.join(outdir, f"pid.{r}")) for r in range(n)):
+        time.sleep(0.001)
+    for line in ("all say hello", f"only rank {rank}", "all say bye"):
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    sys.exit(0)
 elif mode == "until-world":
     # Exits 0 in a world of the given size; otherwise waits to be re-formed.
     ready()
