@@ -90,6 +90,7 @@ static SPECS: &[Spec] = &[
     v("events_file", &["--events-file", "--events_file"], "torchrun-rs: append every lifecycle fact (rendezvous, workers, restarts, signals, the end) to this file as JSON Lines"),
     v("metrics_port", &["--metrics-port", "--metrics_port"], "torchrun-rs: serve /healthz, /readyz, /status and /metrics on this port (0: any; also TORCHELASTIC_HEALTH_CHECK_PORT)"),
     v("metrics_addr", &["--metrics-addr", "--metrics_addr"], "torchrun-rs: the address the metrics port listens on (default: all interfaces)"),
+    f("require_same_nodes", &["--require-same-nodes", "--require_same_nodes"], "torchrun-rs: stop every node before its workers start when the nodes of a round differ in script, torchrun-rs, Python or torch version, or NCCL_/TORCH_/CUDA_/OMP_... variables (without it, node 0 prints what differs)"),
     f("dedup_output", &["--dedup-output", "--dedup_output"], "torchrun-rs: print a line that several local ranks print alike once, as [default0-7]:line (implies --tee 3 unless -t is given; log files keep every line; also TORCHRUN_RS_DEDUP_OUTPUT=1)"),
     f("open_stacks", &["--open-stacks", "--open_stacks"], "torchrun-rs: serve /stacks (every worker's stack and command line) to any client of the metrics port, not only to this machine's"),
     v("status", &["--status"], "torchrun-rs: print the state of the launcher whose metrics port is ADDR:PORT (phase, restarts, each rank's pid, memory, CPU, last line) and exit"),

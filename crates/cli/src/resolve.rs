@@ -461,6 +461,7 @@ pub fn resolve(
         })?);
     }
     c.open_stacks = raw.flag("open_stacks");
+    c.require_same_nodes = raw.flag("require_same_nodes");
     if let Some(a) = raw.get("metrics_addr") {
         c.metrics_addr = a
             .trim()

@@ -1792,3 +1792,84 @@ fn when_the_budget_is_spent_every_node_names_the_same_root_cause() {
         assert!(!err_a.contains("rendezvous is closed") && !err_b.contains("rendezvous is closed"));
     }
 }
+
+/// Two static nodes, each with its own script and NCCL_ALGO; what each
+/// printed and how it exited.
+fn fingerprinted_pair(
+    scripts: [&str; 2],
+    algos: [&str; 2],
+    extra: &[&str],
+) -> Vec<(Option<i32>, String, String)> {
+    let port = free_port().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let children: Vec<Child> = (0..2)
+        .map(|n| {
+            // The same command on both (train.py in each node's working
+            // directory); only the contents may differ, as with two commits.
+            let cwd = dir.path().join(format!("node{n}"));
+            std::fs::create_dir(&cwd).unwrap();
+            std::fs::write(cwd.join("train.py"), scripts[n]).unwrap();
+            Command::new(BIN)
+                .current_dir(&cwd)
+                .args([
+                    "--nnodes=2",
+                    &format!("--node-rank={n}"),
+                    "--master-addr=127.0.0.1",
+                    &format!("--master-port={port}"),
+                ])
+                .args(extra)
+                .arg("train.py")
+                .env("PYTHON_EXEC", "python3")
+                .env("NCCL_ALGO", algos[n])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children.into_iter().map(finish).collect()
+}
+
+#[test]
+fn nodes_that_differ_are_named_at_the_rendezvous_and_refused_with_require_same_nodes() {
+    let same = "print('ran')\n";
+    // Alike: nothing said.
+    let runs = fingerprinted_pair([same, same], ["Ring", "Ring"], &[]);
+    for (code, out, err) in &runs {
+        assert_eq!(*code, Some(0), "{err}");
+        assert!(out.contains("ran"));
+        assert!(!err.contains("differ"), "{err}");
+    }
+    // Another script and NCCL_ALGO on node 1: node 0 prints what differs.
+    let other = "print('ran')  # another commit\n";
+    let runs = fingerprinted_pair([same, other], ["Ring", "Tree"], &[]);
+    for (code, _, err) in &runs {
+        assert_eq!(*code, Some(0), "{err}");
+    }
+    let err0 = &runs[0].2;
+    assert!(err0.contains("the nodes of this round differ"), "{err0}");
+    let line = |err: &str, key: &str| {
+        err.lines()
+            .find(|l| l.trim_start().starts_with(key))
+            .map(str::to_string)
+    };
+    let algo = line(err0, "NCCL_ALGO:").unwrap_or_else(|| panic!("{err0}"));
+    assert!(
+        algo.contains("Ring on node 0") && algo.contains("Tree on node 1"),
+        "{algo}"
+    );
+    assert!(line(err0, "script digest:").is_some(), "{err0}");
+    assert!(
+        !runs[1].2.contains("differ"),
+        "only node 0 prints it: {}",
+        runs[1].2
+    );
+    // Fatal on every node with --require-same-nodes, before any worker.
+    let runs = fingerprinted_pair([same, other], ["Ring", "Tree"], &["--require-same-nodes"]);
+    for (code, out, err) in &runs {
+        assert_eq!(*code, Some(1), "{err}");
+        assert!(!out.contains("ran"), "a worker started: {out}");
+        assert!(line(err, "NCCL_ALGO:").is_some(), "{err}");
+        assert!(err.contains("--require-same-nodes"), "{err}");
+    }
+}

@@ -245,6 +245,10 @@ pub struct LaunchConfig {
     pub metrics_port: Option<u16>,
     /// `--metrics-addr`: where that server listens (all interfaces).
     pub metrics_addr: std::net::IpAddr,
+    /// `--require-same-nodes` (beyond torch): nodes whose fingerprints
+    /// differ (script, versions, numerics variables) stop before starting
+    /// workers.
+    pub require_same_nodes: bool,
     /// `--dedup-output` (beyond torch): identical console lines of several
     /// local ranks are printed once, naming the ranks.
     pub dedup_output: bool,
@@ -346,6 +350,7 @@ impl Default for LaunchConfig {
             metrics_addr: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             open_stacks: false,
             dedup_output: false,
+            require_same_nodes: false,
             shutdown_timeout: Duration::from_secs(30),
             master_addr: None,
             master_port: None,

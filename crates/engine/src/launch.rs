@@ -264,6 +264,15 @@ async fn run(
 
     let cpus = numa_bindings(&config)?;
     let host = crate::host::fqdn();
+    if config.max_nodes > 1 {
+        // What this node would run, for the others to compare at the
+        // rendezvous (computed off this thread while it joins).
+        let env = base_env
+            .iter()
+            .filter_map(|(k, v)| Some((k.to_str()?.to_string(), v.to_str()?.to_string())))
+            .collect();
+        crate::fingerprint::start(program.clone(), args.to_vec(), env, host.clone());
+    }
     let journal =
         crate::journal::Journal::open(config.events_file.as_deref(), &config.run_id, &host)
             .map_err(|source| LaunchError::EventsFile {

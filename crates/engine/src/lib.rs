@@ -33,6 +33,7 @@ pub mod config;
 mod dedup;
 mod events;
 pub mod failure;
+mod fingerprint;
 mod health;
 mod host;
 mod journal;

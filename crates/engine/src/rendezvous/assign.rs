@@ -84,6 +84,10 @@ pub(crate) struct RoundStore {
     recent: std::collections::VecDeque<(String, u32)>,
 }
 
+/// How long a round waits for this launcher's fingerprint (computed from
+/// its start; a Python probe takes tens of milliseconds).
+const FINGERPRINT_WAIT: Duration = Duration::from_secs(5);
+
 /// How many rounds' keys a node keeps (its current round and the one
 /// before, which a slow node may still be reading).
 const ROUNDS_KEPT: usize = 2;
@@ -111,6 +115,14 @@ impl RoundStore {
         self.round_prefix = prefix.clone();
         self.forget_old_rounds(&prefix).await?;
         let c = &mut self.client;
+        // Published before the role info: when rank 0 has every node's role
+        // info, it has every fingerprint too.
+        let fp_key = |g: u32| format!("{prefix}/torchrun_rs/fingerprint/{g}");
+        let compare = self.group_world_size > 1;
+        if compare {
+            let fp = crate::fingerprint::this_node(FINGERPRINT_WAIT);
+            c.set(&fp_key(self.group_rank), fp.as_bytes()).await?;
+        }
         let me = RoleInfo {
             role: config.role.clone(),
             rank: self.group_rank,
@@ -163,6 +175,27 @@ impl RoundStore {
         let [base_global_rank, world_size, base_role_rank, role_world_size] = nums[..] else {
             return Err(RendezvousError::BadAssignment(text));
         };
+        if compare && (self.group_rank == 0 || config.require_same_nodes) {
+            let keys: Vec<String> = (0..self.group_world_size).map(fp_key).collect();
+            let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let nodes: Vec<(u32, String)> = c
+                .multi_get(&refs)
+                .await?
+                .iter()
+                .enumerate()
+                .map(|(g, v)| (g as u32, String::from_utf8_lossy(v).into_owned()))
+                .collect();
+            let diffs = crate::fingerprint::differences(&nodes);
+            if !diffs.is_empty() {
+                if config.require_same_nodes {
+                    return Err(RendezvousError::NodesDiffer(diffs.join("\n  ")));
+                }
+                eprint!(
+                    "torchrun-rs: the nodes of this round differ (--require-same-nodes makes this fatal):\n  {}\n",
+                    diffs.join("\n  ")
+                );
+            }
+        }
         Ok(Assignment {
             group_rank: self.group_rank,
             group_world_size: self.group_world_size,
@@ -191,6 +224,7 @@ impl RoundStore {
                 format!("{old}/torchelastic/role_info/{g}"),
                 format!("{old}/torchelastic/assigned_ranks/{g}"),
                 format!("{old}/torchrun_rs/hang/{g}"),
+                format!("{old}/torchrun_rs/fingerprint/{g}"),
             ] {
                 self.client.delete_key(&k).await?;
             }

@@ -72,6 +72,8 @@ pub enum RendezvousError {
     BadState { key: String, start: String },
     #[error("the rendezvous is closed: the job has ended or is ending")]
     Closed,
+    #[error("the nodes of this round differ (--require-same-nodes):\n  {0}")]
+    NodesDiffer(String),
     #[error("the job failed and its restarts are spent; its root cause (the first failure on any node): {0}")]
     JobFailed(String),
     #[error("timed out joining the rendezvous (join_timeout in --rdzv-conf)")]
