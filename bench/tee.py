@@ -34,11 +34,11 @@ def floor(tmp):
     return time.perf_counter() - t0
 
 
-def launched(launcher, tmp, name):
+def launched(launcher, tmp, name, extra=()):
     out_path = os.path.join(tmp, f"{name}.out")
     with open(out_path, "wb") as out:
         t0 = time.perf_counter()
-        p = subprocess.run([launcher, "--standalone", f"--nproc-per-node={ranks}", "-t", "3",
+        p = subprocess.run([launcher, *extra, "--standalone", f"--nproc-per-node={ranks}", "-t", "3",
                             "--log-dir", os.path.join(tmp, f"{name}-logs"), "--no-python", spew, size],
                            stdout=out, stderr=subprocess.DEVNULL, env=env)
         wall = time.perf_counter() - t0
@@ -72,6 +72,9 @@ with tempfile.TemporaryDirectory() as tmp:
     mb = ranks * float(size)
     f = floor(tmp)
     o, (o_bad, o_lost) = launched(ours, tmp, "ours")
+    # Every line distinct: the worst case for --dedup-output (each line
+    # waits for copies that never come).
+    d, (d_bad, d_lost) = launched(ours, tmp, "dedup", ["--dedup-output"])
     t, (t_bad, t_lost) = launched(torchrun, tmp, "torchrun")
 print(f"machine: {os.cpu_count()} cores; {ranks} ranks x {size} MB of 64-byte lines, -t 3, console to a file")
 print()
@@ -79,6 +82,7 @@ print("| run | wall | throughput | vs floor | torn or out-of-order lines | lost 
 print("| --- | --- | --- | --- | --- | --- |")
 print(f"| floor: workers piped through cat | {f:.2f} s | {mb / f:.0f} MB/s | 1.0x | – | – |")
 print(f"| torchrun-rs | {o:.2f} s | {mb / o:.0f} MB/s | {o / f:.2f}x | {o_bad} | {o_lost} |")
+print(f"| torchrun-rs --dedup-output | {d:.2f} s | {mb / d:.0f} MB/s | {d / f:.2f}x | {d_bad} | {d_lost} |")
 print(f"| torchrun | {t:.2f} s | {mb / t:.0f} MB/s | {t / f:.2f}x | {t_bad} | {t_lost} |")
 print()
-print(f"torchrun-rs throughput is {t / o:.1f}x torchrun's")
+print(f"torchrun-rs throughput is {t / o:.1f}x torchrun's; --dedup-output takes {d / o:.2f}x the time of plain -t 3")

@@ -9,7 +9,7 @@
 //! has a line in between: each rank's lines keep their order. The log files are written by the tee before this, every
 //! rank's every line.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -32,20 +32,224 @@ struct Entry {
     seq: u64,
     fd: i32,
     text: Vec<u8>,
-    ranks: BTreeSet<u32>,
-    /// The first rank's own prefix (printed when no other rank joins).
-    prefix: Vec<u8>,
-    role: String,
+    hash: u64,
+    /// The local ranks that printed it (bit r: rank r; ranks from 128 on
+    /// are not deduplicated).
+    ranks: u128,
+    /// Who printed it first: its prefix and role ([`State::writers`]).
+    writer: u32,
     at: Instant,
 }
 
+/// Lines wait at most this many at once: under a flood of distinct lines
+/// the oldest leave early (nothing to merge there), which keeps every
+/// lookup in cache.
+const MAX_WAITING: usize = 2048;
+
+/// The waiting lines in print order, indexed so that finding a line's
+/// copies costs a hash lookup, not a scan (a chatty job sends every line
+/// through here).
 #[derive(Default)]
 struct State {
     entries: VecDeque<Entry>,
     next_seq: u64,
+    /// The print position of the front entry; an entry's position is
+    /// `pos[seq] - front`.
+    front: u64,
+    pos: FxMap<u64, u64>,
+    /// The newest waiting line by (stream, text hash).
+    by_text: FxMap<(i32, u64), u64>,
     /// Per (fd, rank): the sequence number of its latest waiting line.
-    last: std::collections::HashMap<(i32, u32), u64>,
+    last: FxMap<(i32, u32), u64>,
+    /// Each (fd, rank)'s prefix and role, and its index.
+    writers: Vec<(Vec<u8>, String)>,
+    writer_ids: FxMap<(i32, u32), u32>,
+    /// Text buffers of lines already written, for reuse (no allocation
+    /// per line).
+    spare: Vec<Vec<u8>>,
 }
+
+fn bit(rank: u32) -> u128 {
+    1u128 << rank
+}
+
+impl State {
+    fn index_of(&self, seq: u64) -> Option<usize> {
+        self.pos.get(&seq).map(|p| (p - self.front) as usize)
+    }
+
+    fn writer(&mut self, fd: i32, rank: u32, role: &str, prefix: &[u8]) -> u32 {
+        if let Some(&id) = self.writer_ids.get(&(fd, rank)) {
+            if self.writers[id as usize].0 == prefix {
+                return id;
+            }
+        }
+        // New, or a new round's prefix (another group rank).
+        let id = self.writers.len() as u32;
+        self.writers.push((prefix.to_vec(), role.to_string()));
+        self.writer_ids.insert((fd, rank), id);
+        id
+    }
+
+    fn push_line(&mut self, fd: i32, rank: u32, writer: u32, line: &[u8], now: Instant) {
+        let hash = fnv(line);
+        let last = self
+            .last
+            .get(&(fd, rank))
+            .and_then(|seq| self.index_of(*seq));
+        let from = last.map_or(0, |p| p + 1);
+        // The newest waiting copy of this line, if it lacks this rank.
+        let candidate = self
+            .by_text
+            .get(&(fd, hash))
+            .and_then(|seq| self.index_of(*seq))
+            .filter(|&i| {
+                let e = &self.entries[i];
+                e.text == line && e.ranks & bit(rank) == 0
+            });
+        let joined = match candidate {
+            Some(i) if i >= from => Some(i),
+            // A copy waiting before this rank's previous line moves after
+            // it, if none of its ranks has a line in between.
+            Some(i) => last.and_then(|lp| {
+                let theirs = self.entries[i].ranks;
+                if !self
+                    .entries
+                    .range(i + 1..=lp)
+                    .all(|e| e.ranks & theirs == 0)
+                {
+                    return None;
+                }
+                let e = self.entries.remove(i).expect("a candidate");
+                self.entries.insert(lp, e);
+                for j in i..=lp {
+                    let seq = self.entries[j].seq;
+                    self.pos.insert(seq, self.front + j as u64);
+                }
+                Some(lp)
+            }),
+            None => None,
+        };
+        let seq = match joined {
+            Some(i) => {
+                let e = &mut self.entries[i];
+                e.ranks |= bit(rank);
+                e.seq
+            }
+            None => {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                self.pos.insert(seq, self.front + self.entries.len() as u64);
+                self.by_text.insert((fd, hash), seq);
+                let mut text = self.spare.pop().unwrap_or_default();
+                text.clear();
+                text.extend_from_slice(line);
+                self.entries.push_back(Entry {
+                    seq,
+                    fd,
+                    text,
+                    hash,
+                    ranks: bit(rank),
+                    writer,
+                    at: now,
+                });
+                seq
+            }
+        };
+        self.last.insert((fd, rank), seq);
+    }
+
+    fn pop(&mut self) -> Option<Entry> {
+        let e = self.entries.pop_front()?;
+        self.front += 1;
+        self.pos.remove(&e.seq);
+        if self.by_text.get(&(e.fd, e.hash)) == Some(&e.seq) {
+            self.by_text.remove(&(e.fd, e.hash));
+        }
+        let mut ranks = e.ranks;
+        while ranks != 0 {
+            let r = ranks.trailing_zeros();
+            ranks &= ranks - 1;
+            if self.last.get(&(e.fd, r)) == Some(&e.seq) {
+                self.last.remove(&(e.fd, r));
+            }
+        }
+        Some(e)
+    }
+
+    /// Pops the lines due by `now` (all with `None`) into `out` (stdout,
+    /// stderr), formatted.
+    fn take_due(&mut self, now: Option<Instant>, limit: usize, out: &mut [Vec<u8>; 2]) {
+        while let Some(e) = self.entries.front() {
+            if self.entries.len() <= limit && now.is_some_and(|n| e.at + window() > n) {
+                break;
+            }
+            let e = self.pop().expect("looked at above");
+            let (prefix, role) = &self.writers[e.writer as usize];
+            let buf = &mut out[usize::from(e.fd == 2)];
+            if e.ranks.count_ones() == 1 {
+                buf.extend_from_slice(prefix);
+            } else {
+                buf.extend_from_slice(format!("[{role}{}]:", ranges(e.ranks)).as_bytes());
+            }
+            buf.extend_from_slice(&e.text);
+            buf.push(b'\n');
+            if self.spare.len() < MAX_WAITING {
+                self.spare.push(e.text);
+            }
+        }
+    }
+}
+
+fn write_out(out: &[Vec<u8>; 2]) {
+    for (i, buf) in out.iter().enumerate() {
+        if !buf.is_empty() {
+            crate::log_stream::console_write(if i == 0 { 1 } else { 2 }, buf);
+        }
+    }
+}
+
+/// A line's hash, eight bytes at a time (not for adversaries: a
+/// collision only costs a comparison of the texts).
+fn fnv(b: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ b.len() as u64;
+    let mut chunks = b.chunks_exact(8);
+    for c in &mut chunks {
+        let w = u64::from_le_bytes(c.try_into().expect("eight bytes"));
+        h = (h ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+    }
+    for x in chunks.remainder() {
+        h = (h ^ u64::from(*x)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Fx-style hashing for the small integer keys of the indexes (the
+/// default SipHash costs more than the rest of a line's way).
+#[derive(Default, Clone, Copy)]
+struct Fx(u64);
+
+impl std::hash::Hasher for Fx {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(u64::from(v));
+    }
+    fn write_i32(&mut self, v: i32) {
+        self.write_u64(v as u64);
+    }
+}
+
+type FxMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fx>>;
 
 pub struct Dedup {
     state: Mutex<State>,
@@ -89,68 +293,50 @@ impl Dedup {
         lines: impl Iterator<Item = &'a [u8]>,
     ) {
         let now = Instant::now();
+        let mut out: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if rank >= 128 {
+            // Beyond the rank mask: printed as is, after what waits.
+            s.take_due(None, 0, &mut out);
+            let buf = &mut out[usize::from(fd == 2)];
+            for line in lines {
+                buf.extend_from_slice(prefix);
+                buf.extend_from_slice(line);
+                buf.push(b'\n');
+            }
+            write_out(&out);
+            return;
+        }
+        let was_empty = s.entries.is_empty();
+        let writer = s.writer(fd, rank, role, prefix);
         for line in lines {
-            let s = &mut *s;
-            let same = |e: &Entry| e.fd == fd && e.text == line && !e.ranks.contains(&rank);
-            // Where this rank's previous waiting line is: its next line
-            // must be printed after it.
-            let last = s
-                .last
-                .get(&(fd, rank))
-                .and_then(|seq| s.entries.iter().position(|e| e.seq == *seq));
-            let from = last.map_or(0, |p| p + 1);
-            let joined = match (from..s.entries.len()).find(|&i| same(&s.entries[i])) {
-                Some(i) => Some(i),
-                // A copy waiting before this rank's previous line can move
-                // after it, if none of its ranks has a line in between.
-                None => last.and_then(|lp| {
-                    let i = (0..lp).rev().find(|&i| {
-                        same(&s.entries[i])
-                            && s.entries
-                                .range(i + 1..=lp)
-                                .all(|e| e.ranks.is_disjoint(&s.entries[i].ranks))
-                    })?;
-                    let e = s.entries.remove(i).expect("found above");
-                    s.entries.insert(lp, e);
-                    Some(lp)
-                }),
-            };
-            let seq = match joined {
-                Some(i) => {
-                    let e = &mut s.entries[i];
-                    e.ranks.insert(rank);
-                    e.seq
-                }
-                None => {
-                    let seq = s.next_seq;
-                    s.next_seq += 1;
-                    s.entries.push_back(Entry {
-                        seq,
-                        fd,
-                        text: line.to_vec(),
-                        ranks: BTreeSet::from([rank]),
-                        prefix: prefix.to_vec(),
-                        role: role.to_string(),
-                        at: now,
-                    });
-                    seq
-                }
-            };
-            s.last.insert((fd, rank), seq);
+            s.push_line(fd, rank, writer, line, now);
+        }
+        if s.entries.len() > MAX_WAITING {
+            s.take_due(Some(now), MAX_WAITING / 2, &mut out);
+            write_out(&out);
         }
         drop(s);
-        self.wake.notify_one();
+        if was_empty {
+            // The flusher sleeps until the oldest line is due; only a new
+            // oldest line changes that.
+            self.wake.notify_one();
+        }
     }
 
     fn run(&self) {
         loop {
             let next = self.write_due(Some(Instant::now()));
             let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            let wait = next.map_or(Duration::from_secs(3600), |t| {
+            if s.entries.is_empty() || next.is_none() {
+                drop(self.wake.wait_while(s, |s| s.entries.is_empty()));
+                continue;
+            }
+            let wait = next.map_or(Duration::ZERO, |t| {
                 t.saturating_duration_since(Instant::now())
             });
-            let _ = self.wake.wait_timeout(s, wait);
+            drop(s);
+            std::thread::sleep(wait);
         }
     }
 
@@ -159,41 +345,20 @@ impl Dedup {
     fn write_due(&self, now: Option<Instant>) -> Option<Instant> {
         let mut out: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(e) = s.entries.front() {
-            if now.is_some_and(|n| e.at + window() > n) {
-                break;
-            }
-            let e = s.entries.pop_front().expect("looked at above");
-            for r in &e.ranks {
-                if s.last.get(&(e.fd, *r)) == Some(&e.seq) {
-                    s.last.remove(&(e.fd, *r));
-                }
-            }
-            let buf = &mut out[usize::from(e.fd == 2)];
-            if e.ranks.len() == 1 {
-                buf.extend_from_slice(&e.prefix);
-            } else {
-                buf.extend_from_slice(format!("[{}{}]:", e.role, ranges(&e.ranks)).as_bytes());
-            }
-            buf.extend_from_slice(&e.text);
-            buf.push(b'\n');
-        }
+        s.take_due(now, usize::MAX, &mut out);
+        // The front decides: a line moved behind it waits for it.
         let next = s.entries.front().map(|e| e.at + window());
         // Written under the lock: a later batch cannot overtake this one.
-        for i in [0, 1] {
-            if !out[i].is_empty() {
-                crate::log_stream::console_write(if i == 0 { 1 } else { 2 }, &out[i]);
-            }
-        }
+        write_out(&out);
         drop(s);
         next
     }
 }
 
 /// `0-7`, `0,2,5`, `0-3,6`.
-pub fn ranges(ranks: &BTreeSet<u32>) -> String {
+pub fn ranges(ranks: u128) -> String {
     let mut parts: Vec<String> = Vec::new();
-    let mut it = ranks.iter().copied().peekable();
+    let mut it = (0..128u32).filter(|r| ranks & bit(*r) != 0).peekable();
     while let Some(start) = it.next() {
         let mut end = start;
         while it.peek() == Some(&(end + 1)) {
@@ -214,13 +379,10 @@ mod tests {
 
     fn drain(d: &Dedup) -> Vec<(String, Vec<u32>)> {
         let mut s = d.state.lock().unwrap();
-        s.entries
-            .drain(..)
+        std::iter::from_fn(|| s.pop())
             .map(|e| {
-                (
-                    String::from_utf8(e.text).unwrap(),
-                    e.ranks.into_iter().collect(),
-                )
+                let ranks = (0..128).filter(|r| e.ranks & bit(*r) != 0).collect();
+                (String::from_utf8(e.text).unwrap(), ranks)
             })
             .collect()
     }
@@ -273,7 +435,7 @@ mod tests {
 
     #[test]
     fn rank_sets_read_as_ranges() {
-        let s = |v: &[u32]| ranges(&v.iter().copied().collect());
+        let s = |v: &[u32]| ranges(v.iter().fold(0, |m, r| m | bit(*r)));
         assert_eq!(s(&[0, 1, 2, 3, 4, 5, 6, 7]), "0-7");
         assert_eq!(s(&[0, 2, 5]), "0,2,5");
         assert_eq!(s(&[0, 1, 2, 3, 6]), "0-3,6");
