@@ -50,15 +50,25 @@ const PER_NODE: &[&str] = &[
     "PATH",
 ];
 
+const PENDING: &str = "pending";
+
 /// How much of a script is digested (with its size): enough to tell two
 /// versions apart without reading a large binary whole.
 const DIGEST_BYTES: usize = 16 << 20;
 
-type Slot = (Mutex<Option<String>>, Condvar);
+/// The fingerprint: its quick part at once, then the whole (with the
+/// Python probe's answers).
+#[derive(Default)]
+struct Parts {
+    quick: Option<String>,
+    whole: Option<String>,
+}
+
+type Slot = (Mutex<Parts>, Condvar);
 
 fn slot() -> &'static Slot {
     static S: OnceLock<Slot> = OnceLock::new();
-    S.get_or_init(|| (Mutex::new(None), Condvar::new()))
+    S.get_or_init(|| (Mutex::new(Parts::default()), Condvar::new()))
 }
 
 /// Starts computing this launcher's fingerprint.
@@ -67,25 +77,40 @@ pub fn start(program: PathBuf, args: Vec<OsString>, env: Vec<(String, String)>, 
         .name("fingerprint".into())
         .spawn(move || {
             // The host names the node in messages; it is not compared.
-            let fp = format!("@host={host}\n{}", compute(&program, &args, &env));
             let (m, cv) = slot();
-            *m.lock().unwrap_or_else(|p| p.into_inner()) = Some(fp);
+            let quick = format!("@host={host}\n{}", compute(&program, &args, &env, false));
+            m.lock().unwrap_or_else(|p| p.into_inner()).quick = Some(quick);
+            cv.notify_all();
+            let whole = format!("@host={host}\n{}", compute(&program, &args, &env, true));
+            m.lock().unwrap_or_else(|p| p.into_inner()).whole = Some(whole);
             cv.notify_all();
         });
 }
 
-/// This launcher's fingerprint, waiting at most `within` for it.
+/// This launcher's fingerprint, waiting at most `within` for the whole
+/// of it; what is ready then (the Python and torch versions say `pending`
+/// until the probe answers, and are then not compared).
 pub fn this_node(within: Duration) -> String {
     let (m, cv) = slot();
     let g = m.lock().unwrap_or_else(|p| p.into_inner());
     let (g, _) = cv
-        .wait_timeout_while(g, within, |v| v.is_none())
+        .wait_timeout_while(g, within, |p| p.whole.is_none())
         .unwrap_or_else(|p| p.into_inner());
-    g.clone()
+    if let Some(w) = &g.whole {
+        return w.clone();
+    }
+    // The quick part takes microseconds: wait for it.
+    let (g, _) = cv
+        .wait_timeout_while(g, Duration::from_secs(1), |p| p.quick.is_none())
+        .unwrap_or_else(|p| p.into_inner());
+    g.quick
+        .clone()
         .unwrap_or_else(|| "unavailable=the fingerprint was not ready\n".into())
 }
 
-fn compute(program: &Path, args: &[OsString], env: &[(String, String)]) -> String {
+/// The fingerprint's text; without `probe`, the Python and torch versions
+/// are `pending` (the probe runs a Python).
+fn compute(program: &Path, args: &[OsString], env: &[(String, String)], probe: bool) -> String {
     let mut fp: BTreeMap<String, String> = BTreeMap::new();
     fp.insert("torchrun-rs".into(), env!("CARGO_PKG_VERSION").into());
     let words: Vec<String> = std::iter::once(program.as_os_str())
@@ -111,7 +136,11 @@ fn compute(program: &Path, args: &[OsString], env: &[(String, String)]) -> Strin
         );
     }
     if python {
-        let (py, torch) = python_versions(program);
+        let (py, torch) = if probe {
+            python_versions(program)
+        } else {
+            (PENDING.into(), PENDING.into())
+        };
         fp.insert("python".into(), py);
         fp.insert("torch".into(), torch);
     }
@@ -200,6 +229,10 @@ pub fn differences(nodes: &[(u32, String)]) -> Vec<String> {
                 .or_default()
                 .push(format!("{g} ({host})"));
         }
+        // Not known yet on some node (its probe had not answered).
+        if by_value.contains_key(PENDING) {
+            continue;
+        }
         if by_value.len() > 1 {
             let name = k.strip_prefix('$').unwrap_or(k);
             let parts: Vec<String> = by_value
@@ -234,6 +267,7 @@ mod tests {
             Path::new("/bin/sh"),
             &[OsString::from("-c"), OsString::from("true")],
             &env,
+            true,
         );
         assert!(fp.contains("$NCCL_ALGO=Ring\n"), "{fp}");
         assert!(
@@ -242,11 +276,9 @@ mod tests {
         );
         assert!(fp.contains("command=/bin/sh -c true\n"), "{fp}");
         assert!(fp.contains("script digest="), "{fp}");
-        let py = compute(
-            Path::new("python3"),
-            &[OsString::from("-u"), script.into_os_string()],
-            &[],
-        );
+        let args = [OsString::from("-u"), script.into_os_string()];
+        let py = compute(Path::new("python3"), &args, &[], true);
+        assert!(compute(Path::new("python3"), &args, &[], false).contains("python=pending\n"));
         assert!(py.contains("(9 bytes)"), "{py}");
         assert!(py.lines().any(|l| l.starts_with("python=3.")), "{py}");
     }

@@ -120,7 +120,15 @@ impl RoundStore {
         let fp_key = |g: u32| format!("{prefix}/torchrun_rs/fingerprint/{g}");
         let compare = self.group_world_size > 1;
         if compare {
-            let fp = crate::fingerprint::this_node(FINGERPRINT_WAIT);
+            // Only a node that must refuse differences waits for its whole
+            // fingerprint (the Python probe); the others publish what is
+            // ready, so the round is not held up.
+            let wait = if config.require_same_nodes {
+                FINGERPRINT_WAIT
+            } else {
+                Duration::ZERO
+            };
+            let fp = crate::fingerprint::this_node(wait);
             c.set(&fp_key(self.group_rank), fp.as_bytes()).await?;
         }
         let me = RoleInfo {
