@@ -21,6 +21,7 @@ total_lines = int(float(size) * 2**20) // 64
 
 
 def floor(tmp):
+    os.sync()  # each run starts without the last one's writeback
     t0 = time.perf_counter()
     procs = []
     for r in range(ranks):
@@ -36,6 +37,7 @@ def floor(tmp):
 
 def launched(launcher, tmp, name, extra=()):
     out_path = os.path.join(tmp, f"{name}.out")
+    os.sync()  # each run starts without the last one's writeback
     with open(out_path, "wb") as out:
         t0 = time.perf_counter()
         p = subprocess.run([launcher, *extra, "--standalone", f"--nproc-per-node={ranks}", "-t", "3",

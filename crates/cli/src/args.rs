@@ -56,7 +56,7 @@ static SPECS: &[Spec] = &[
     Spec { dest: "help", names: &["-h", "--help"], kind: Kind::Help, pet: false, help: "show this help message and exit" },
     v("nnodes", &["--nnodes"], "Number of nodes, or MIN_SIZE:MAX_SIZE (default 1:1)"),
     v("nproc_per_node", &["--nproc-per-node", "--nproc_per_node"], "Workers per node: an integer, cpu, gpu, xpu or auto (default 1)"),
-    v("rdzv_backend", &["--rdzv-backend", "--rdzv_backend"], "Rendezvous backend: static or c10d (default static)"),
+    v("rdzv_backend", &["--rdzv-backend", "--rdzv_backend"], "Rendezvous backend: static, c10d or etcd-v3 (torch's etcd and etcd-v2 names too; default static)"),
     v("rdzv_endpoint", &["--rdzv-endpoint", "--rdzv_endpoint"], "Rendezvous backend endpoint, host:port"),
     v("rdzv_id", &["--rdzv-id", "--rdzv_id"], "User-defined group id (default none)"),
     v("rdzv_conf", &["--rdzv-conf", "--rdzv_conf"], "Additional rendezvous configuration (k1=v1,k2=v2)"),
@@ -64,7 +64,7 @@ static SPECS: &[Spec] = &[
     v("max_restarts", &["--max-restarts", "--max_restarts"], "Maximum number of worker group restarts before failing (default 0)"),
     v("monitor_interval", &["--monitor-interval", "--monitor_interval"], "Accepted for compatibility: worker exits are seen at once (default 0.1)"),
     v("start_method", &["--start-method", "--start_method"], "spawn, fork or forkserver: accepted; binaries are always exec'd"),
-    v("event_log_handler", &["--event-log-handler", "--event_log_handler"], "Accepted for compatibility (default null)"),
+    v("event_log_handler", &["--event-log-handler", "--event_log_handler"], "Where torch's agent events go: null (default), console (one JSON line each on stderr) or dynamic_rendezvous"),
     v("role", &["--role"], "User-defined role for the workers (default default)"),
     f("module", &["-m", "--module"], "Run the script as a Python module (python -m)"),
     f("no_python", &["--no-python", "--no_python"], "Run the script directly instead of through Python"),
@@ -243,6 +243,19 @@ fn display_names(s: &Spec) -> String {
     s.names.join("/")
 }
 
+/// ` (did you mean --x?)` for the long option closest to `name`, as Python
+/// 3.14's argparse suggests; empty when none is close.
+fn did_you_mean(name: &str) -> String {
+    SPECS
+        .iter()
+        .flat_map(|s| s.names.iter())
+        .filter(|n| n.starts_with("--"))
+        .map(|n| (strsim::normalized_damerau_levenshtein(name, n), *n))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map_or(String::new(), |(_, n)| format!(" (did you mean {n}?)"))
+}
+
 /// Resolves a long option (possibly abbreviated) to its spec.
 fn lookup_long(name: &str) -> Result<&'static Spec, UsageError> {
     if let Some(s) = SPECS.iter().find(|s| s.names.contains(&name)) {
@@ -273,7 +286,10 @@ fn lookup_long(name: &str) -> Result<&'static Spec, UsageError> {
         return Ok(torch[0].0);
     }
     match dests.len() {
-        0 => Err(UsageError(format!("unrecognized arguments: {name}"))),
+        0 => Err(UsageError(format!(
+            "unrecognized arguments: {name}{}",
+            did_you_mean(name)
+        ))),
         1 => Ok(matches[0].0),
         _ => Err(UsageError(format!(
             "ambiguous option: {name} could match {}",
@@ -532,6 +548,16 @@ mod tests {
         assert!(e.0.contains("invalid int value: '1.0'"), "{}", e.0);
         let e = p(&["--start-method=SPAWN", "--start-method=fork", "x"]).unwrap_err();
         assert!(e.0.contains("invalid choice: 'SPAWN'"), "{}", e.0);
+        // An unknown flag close to a known one gets a suggestion.
+        let e = p(&["--nproc-per-nodes=2", "x"]).unwrap_err();
+        assert_eq!(
+            e.0,
+            "unrecognized arguments: --nproc-per-nodes (did you mean --nproc-per-node?)"
+        );
+        assert_eq!(
+            p(&["--frobnicate", "x"]).unwrap_err().0,
+            "unrecognized arguments: --frobnicate"
+        );
         // Combined short options.
         let r = p(&["-mr3", "x"]).unwrap();
         assert!(r.flag("module"));

@@ -49,18 +49,19 @@ const MAX_WAITING: usize = 2048;
 /// The waiting lines in print order, indexed so that finding a line's
 /// copies costs a hash lookup, not a scan (a chatty job sends every line
 /// through here).
-#[derive(Default)]
 struct State {
     entries: VecDeque<Entry>,
     next_seq: u64,
-    /// The print position of the front entry; an entry's position is
-    /// `pos[seq] - front`.
+    /// The print position of the front entry. An entry's print position
+    /// is its `seq`, or `moved[seq]` for the few moved behind another
+    /// rank's line; its index in `entries` is that minus `front`.
     front: u64,
-    pos: FxMap<u64, u64>,
+    moved: FxMap<u64, u64>,
     /// The newest waiting line by (stream, text hash).
     by_text: FxMap<(i32, u64), u64>,
-    /// Per (fd, rank): the sequence number of its latest waiting line.
-    last: FxMap<(i32, u32), u64>,
+    /// Per stream (stdout, stderr) and rank: the sequence number of its
+    /// latest waiting line.
+    last: [[Option<u64>; 128]; 2],
     /// Each (fd, rank)'s prefix and role, and its index.
     writers: Vec<(Vec<u8>, String)>,
     writer_ids: FxMap<(i32, u32), u32>,
@@ -74,8 +75,29 @@ fn bit(rank: u32) -> u128 {
 }
 
 impl State {
+    fn new() -> State {
+        State {
+            entries: VecDeque::new(),
+            next_seq: 0,
+            front: 0,
+            moved: FxMap::default(),
+            by_text: FxMap::default(),
+            last: [[None; 128]; 2],
+            writers: Vec::new(),
+            writer_ids: FxMap::default(),
+            spare: Vec::new(),
+        }
+    }
+
+    /// Where a waiting line is now (`None` once written).
     fn index_of(&self, seq: u64) -> Option<usize> {
-        self.pos.get(&seq).map(|p| (p - self.front) as usize)
+        let p = if self.moved.is_empty() {
+            seq
+        } else {
+            self.moved.get(&seq).copied().unwrap_or(seq)
+        };
+        let i = p.checked_sub(self.front)? as usize;
+        (i < self.entries.len() && self.entries[i].seq == seq).then_some(i)
     }
 
     fn writer(&mut self, fd: i32, rank: u32, role: &str, prefix: &[u8]) -> u32 {
@@ -91,12 +113,9 @@ impl State {
         id
     }
 
-    fn push_line(&mut self, fd: i32, rank: u32, writer: u32, line: &[u8], now: Instant) {
-        let hash = fnv(line);
-        let last = self
-            .last
-            .get(&(fd, rank))
-            .and_then(|seq| self.index_of(*seq));
+    fn push_line(&mut self, fd: i32, rank: u32, writer: u32, line: &[u8], hash: u64, now: Instant) {
+        let stream = usize::from(fd == 2);
+        let last = self.last[stream][rank as usize].and_then(|seq| self.index_of(seq));
         let from = last.map_or(0, |p| p + 1);
         // The newest waiting copy of this line, if it lacks this rank.
         let candidate = self
@@ -124,7 +143,7 @@ impl State {
                 self.entries.insert(lp, e);
                 for j in i..=lp {
                     let seq = self.entries[j].seq;
-                    self.pos.insert(seq, self.front + j as u64);
+                    self.moved.insert(seq, self.front + j as u64);
                 }
                 Some(lp)
             }),
@@ -139,7 +158,6 @@ impl State {
             None => {
                 let seq = self.next_seq;
                 self.next_seq += 1;
-                self.pos.insert(seq, self.front + self.entries.len() as u64);
                 self.by_text.insert((fd, hash), seq);
                 let mut text = self.spare.pop().unwrap_or_default();
                 text.clear();
@@ -156,13 +174,15 @@ impl State {
                 seq
             }
         };
-        self.last.insert((fd, rank), seq);
+        self.last[stream][rank as usize] = Some(seq);
     }
 
     fn pop(&mut self) -> Option<Entry> {
         let e = self.entries.pop_front()?;
         self.front += 1;
-        self.pos.remove(&e.seq);
+        if !self.moved.is_empty() {
+            self.moved.remove(&e.seq);
+        }
         if self.by_text.get(&(e.fd, e.hash)) == Some(&e.seq) {
             self.by_text.remove(&(e.fd, e.hash));
         }
@@ -170,8 +190,9 @@ impl State {
         while ranks != 0 {
             let r = ranks.trailing_zeros();
             ranks &= ranks - 1;
-            if self.last.get(&(e.fd, r)) == Some(&e.seq) {
-                self.last.remove(&(e.fd, r));
+            let stream = usize::from(e.fd == 2);
+            if self.last[stream][r as usize] == Some(e.seq) {
+                self.last[stream][r as usize] = None;
             }
         }
         Some(e)
@@ -254,6 +275,9 @@ type FxMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fx>>;
 pub struct Dedup {
     state: Mutex<State>,
     wake: Condvar,
+    /// Held while writing a batch, taken before the state is let go: the
+    /// writes keep their order while the tee threads go on queueing.
+    writing: Mutex<()>,
 }
 
 static DEDUP: OnceLock<Arc<Dedup>> = OnceLock::new();
@@ -263,8 +287,9 @@ pub fn get() -> Arc<Dedup> {
     DEDUP
         .get_or_init(|| {
             let d = Arc::new(Dedup {
-                state: Mutex::new(State::default()),
+                state: Mutex::new(State::new()),
                 wake: Condvar::new(),
+                writing: Mutex::new(()),
             });
             let flusher = d.clone();
             let _ = std::thread::Builder::new()
@@ -294,29 +319,38 @@ impl Dedup {
     ) {
         let now = Instant::now();
         let mut out: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+        // Hashed before the lock is taken.
+        let lines: Vec<(&[u8], u64)> = lines.map(|l| (l, fnv(l))).collect();
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if rank >= 128 {
             // Beyond the rank mask: printed as is, after what waits.
             s.take_due(None, 0, &mut out);
             let buf = &mut out[usize::from(fd == 2)];
-            for line in lines {
+            for (line, _) in lines {
                 buf.extend_from_slice(prefix);
                 buf.extend_from_slice(line);
                 buf.push(b'\n');
             }
+            let w = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+            drop(s);
             write_out(&out);
+            drop(w);
             return;
         }
         let was_empty = s.entries.is_empty();
         let writer = s.writer(fd, rank, role, prefix);
-        for line in lines {
-            s.push_line(fd, rank, writer, line, now);
+        for (line, hash) in lines {
+            s.push_line(fd, rank, writer, line, hash, now);
         }
         if s.entries.len() > MAX_WAITING {
             s.take_due(Some(now), MAX_WAITING / 2, &mut out);
+            let w = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+            drop(s);
             write_out(&out);
+            drop(w);
+        } else {
+            drop(s);
         }
-        drop(s);
         if was_empty {
             // The flusher sleeps until the oldest line is due; only a new
             // oldest line changes that.
@@ -348,9 +382,10 @@ impl Dedup {
         s.take_due(now, usize::MAX, &mut out);
         // The front decides: a line moved behind it waits for it.
         let next = s.entries.front().map(|e| e.at + window());
-        // Written under the lock: a later batch cannot overtake this one.
-        write_out(&out);
+        let w = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         drop(s);
+        write_out(&out);
+        drop(w);
         next
     }
 }
@@ -390,8 +425,9 @@ mod tests {
     #[test]
     fn copies_merge_and_each_ranks_lines_keep_their_order() {
         let d = Dedup {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State::new()),
             wake: Condvar::new(),
+            writing: Mutex::new(()),
         };
         let say = |rank: u32, line: &str| {
             d.push(
