@@ -19,16 +19,16 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::LaunchConfig;
-use crate::events::{EventLog, WorkerFacts};
-use crate::failure::ProcessFailure;
-use crate::health::{Observed, Ping, SharedObserved, WorkerStatus};
-use crate::journal::{Journal, V};
-use crate::log_dir::LogDir;
+use crate::logs::failure::ProcessFailure;
+use crate::logs::log_dir::LogDir;
+use crate::observe::events::{EventLog, WorkerFacts};
+use crate::observe::health::{Observed, Ping, SharedObserved, WorkerStatus};
+use crate::observe::journal::{Journal, V};
+use crate::process::signals::{signal_name, SignalEvent, Trap};
+use crate::process::supervisor::Supervisor;
 use crate::process::{Exit, ExitStatus};
 use crate::rendezvous::task::{RdzvEvent, RendezvousTask};
 use crate::rendezvous::RendezvousError;
-use crate::signals::{signal_name, SignalEvent, Trap};
-use crate::supervisor::Supervisor;
 use crate::terminate::{Expired, Stopping};
 use crate::worker_group::{Group, Launch};
 
@@ -50,34 +50,7 @@ const FINISH_MARGIN: Duration = Duration::from_secs(60);
 /// How long to wait for a worker's output pipes after its group ended.
 const PIPE_DRAIN: Duration = Duration::from_millis(500);
 
-/// Errors that stop the agent before or between worker groups.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error("cannot start local rank {local_rank} of {nproc} ({program}): {source}{}; the workers already started were stopped", spawn_hint(source))]
-    Spawn {
-        local_rank: u32,
-        nproc: u32,
-        program: String,
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    #[error(transparent)]
-    LogDir(#[from] crate::log_dir::LogDirError),
-    #[error("cannot set up output streams: {source}{}", spawn_hint(source))]
-    Streams { source: std::io::Error },
-    #[error(transparent)]
-    Rendezvous(#[from] RendezvousError),
-}
-
-/// What to add to a spawn error so the user knows which limit to raise.
-fn spawn_hint(e: &std::io::Error) -> &'static str {
-    if e.raw_os_error() == Some(libc::EAGAIN) {
-        " (the system's limit on processes was reached: `ulimit -u`, the pids cgroup's pids.max, or kernel.pid_max)"
-    } else {
-        ""
-    }
-}
+pub use crate::error::AgentError;
 
 /// Everything the agent reacts to.
 #[derive(Debug)]
@@ -90,7 +63,7 @@ enum Event {
     /// The health endpoint asks whether the loop answers.
     Ping(Ping),
     /// A worker's watchdog timer expired.
-    Expired(crate::watchdog::Expired),
+    Expired(crate::observe::watchdog::Expired),
     /// The stacks of a group that stopped writing (`--hang-timeout`).
     Hung(HangDumps),
     /// The stacks of workers that outlived a stop's grace period.
@@ -110,7 +83,7 @@ type ExpiryDump = (
     ProcessFailure,
     i32,
     Option<PathBuf>,
-    Result<crate::stacks::Stack, String>,
+    Result<crate::observe::stacks::Stack, String>,
 );
 
 /// One rank's dump: (local rank, rank, pid, its log directory, the stack
@@ -120,7 +93,7 @@ type RankDump = (
     u32,
     i32,
     Option<PathBuf>,
-    Result<crate::stacks::Stack, String>,
+    Result<crate::observe::stacks::Stack, String>,
 );
 
 /// Every rank's stack, taken because no rank wrote for `quiet` seconds.
@@ -200,11 +173,11 @@ pub struct Agent<'a> {
     /// torch's file watchdog, when asked for: the FIFO, the pids whose
     /// timers count, and the expiries.
     /// Held for its life: dropping it removes the FIFO.
-    _watchdog: Option<crate::watchdog::Watchdog>,
-    watched: crate::watchdog::Workers,
+    _watchdog: Option<crate::observe::watchdog::Watchdog>,
+    watched: crate::observe::watchdog::Workers,
     /// When a worker last armed or released a watchdog timer.
-    watchdog_beat: crate::log_stream::Activity,
-    expiries: mpsc::UnboundedReceiver<crate::watchdog::Expired>,
+    watchdog_beat: crate::logs::log_stream::Activity,
+    expiries: mpsc::UnboundedReceiver<crate::observe::watchdog::Expired>,
     /// `--hang-timeout`: the next look at the workers' output, whether the
     /// current quiet spell was reported, whether stacks are being taken.
     hang_check: Option<Instant>,
@@ -263,7 +236,7 @@ impl<'a> Agent<'a> {
         supervisor: &'a Supervisor,
         program: PathBuf,
         args: Vec<std::ffi::OsString>,
-        base_env: crate::worker_env::Env,
+        base_env: crate::config::worker_env::Env,
         log_dir: LogDir,
         rdzv: RendezvousTask,
         rdzv_events: mpsc::UnboundedReceiver<RdzvEvent>,
@@ -288,38 +261,39 @@ impl<'a> Agent<'a> {
         {
             // No py-spy: Python's faulthandler prints every thread's stack
             // when a hung group is stopped with SIGABRT (--on-hang).
-            crate::worker_env::set(&mut base_env, "PYTHONFAULTHANDLER", "1");
+            crate::config::worker_env::set(&mut base_env, "PYTHONFAULTHANDLER", "1");
         }
-        let watched = crate::watchdog::Workers::default();
+        let watched = crate::observe::watchdog::Workers::default();
         let (expired_tx, expiries) = mpsc::unbounded_channel();
-        let watchdog_beat = crate::log_stream::Activity::default();
-        let watchdog =
-            crate::watchdog::wanted(&|k| crate::worker_env::get(&base_env, k).map(str::to_string))
-                .and_then(|path| {
-                    match crate::watchdog::start(
-                        &path,
-                        watched.clone(),
-                        expired_tx,
-                        watchdog_beat.clone(),
-                    ) {
-                        Ok(w) => {
-                            crate::worker_env::set(
-                                &mut base_env,
-                                "TORCHELASTIC_TIMER_FILE",
-                                path.as_os_str(),
-                            );
-                            tracing::info!("watchdog: reading timers at {}", path.display());
-                            Some(w)
-                        }
-                        Err(e) => {
-                            tracing::warn!(
-                                "cannot start the watchdog at {}: {e}; timers are off",
-                                path.display()
-                            );
-                            None
-                        }
-                    }
-                });
+        let watchdog_beat = crate::logs::log_stream::Activity::default();
+        let watchdog = crate::observe::watchdog::wanted(&|k| {
+            crate::config::worker_env::get(&base_env, k).map(str::to_string)
+        })
+        .and_then(|path| {
+            match crate::observe::watchdog::start(
+                &path,
+                watched.clone(),
+                expired_tx,
+                watchdog_beat.clone(),
+            ) {
+                Ok(w) => {
+                    crate::config::worker_env::set(
+                        &mut base_env,
+                        "TORCHELASTIC_TIMER_FILE",
+                        path.as_os_str(),
+                    );
+                    tracing::info!("watchdog: reading timers at {}", path.display());
+                    Some(w)
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot start the watchdog at {}: {e}; timers are off",
+                        path.display()
+                    );
+                    None
+                }
+            }
+        });
         {
             let mut o = observed.lock().unwrap_or_else(|p| p.into_inner());
             if watchdog.is_some() {
@@ -337,7 +311,7 @@ impl<'a> Agent<'a> {
                 args,
                 base_env,
                 log_dir,
-                hostname: crate::host::hostname(),
+                hostname: crate::process::host::hostname(),
                 // SAFETY: isatty only reads the descriptor's state.
                 tail_stderr: unsafe { libc::isatty(2) } == 0,
                 watch_output: config.hang_timeout.is_some(),
@@ -353,7 +327,7 @@ impl<'a> Agent<'a> {
             seq: 0,
             started_any: false,
             stopping_signal: None,
-            oom_counter: crate::oom::counter_file(),
+            oom_counter: crate::process::oom::counter_file(),
             rdzv_failing: false,
             events,
             round_asked: std::time::Instant::now(),
@@ -381,7 +355,7 @@ impl<'a> Agent<'a> {
             stubborn_rx,
             swept_tx,
             swept_rx,
-            finish_within: crate::rdzv_settings::RdzvSettings::from_config(config)
+            finish_within: crate::config::rdzv_settings::RdzvSettings::from_config(config)
                 .map_or(Duration::from_secs(330), |s| {
                     s.exit_barrier_timeout + s.close_timeout
                 })
@@ -438,7 +412,7 @@ impl<'a> Agent<'a> {
             Ok(RunResult::Succeeded) => ("succeeded", V::Null),
             Ok(RunResult::Failed { failures }) => (
                 "failed",
-                crate::failure::root_cause(failures)
+                crate::logs::failure::root_cause(failures)
                     .map_or(V::Null, |i| V::U(failures[i].global_rank.into())),
             ),
             Ok(RunResult::Signaled { signal }) => ("signaled", V::I((*signal).into())),
@@ -671,7 +645,7 @@ impl<'a> Agent<'a> {
     /// A watchdog timer expired: the worker it belongs to has failed. Its
     /// process group gets the signal the timer asked for, the rest of the
     /// group is stopped, and the restart policy applies.
-    fn on_expired(&mut self, e: crate::watchdog::Expired) -> Done {
+    fn on_expired(&mut self, e: crate::observe::watchdog::Expired) -> Done {
         let Phase::Running(group) = &self.phase else {
             return None;
         };
@@ -721,7 +695,7 @@ impl<'a> Agent<'a> {
         }
         let (pid, dir, tx) = (w.pid, w.rank_dir(), self.expiry_tx.clone());
         tokio::spawn(async move {
-            let stack = crate::stacks::capture(pid).await;
+            let stack = crate::observe::stacks::capture(pid).await;
             let _ = tx.send((f, e.signal, dir, stack));
         });
         None
@@ -743,7 +717,7 @@ impl<'a> Agent<'a> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
             let path = dir.join(format!("stack-{stamp}.txt"));
-            if crate::log_dir::create_file(&path)
+            if crate::logs::log_dir::create_file(&path)
                 .and_then(|mut file| std::io::Write::write_all(&mut file, s.text.as_bytes()))
                 .is_ok()
             {
@@ -817,7 +791,7 @@ impl<'a> Agent<'a> {
                 let oom_now = self
                     .oom_counter
                     .as_deref()
-                    .and_then(crate::oom::parse_oom_kills);
+                    .and_then(crate::process::oom::parse_oom_kills);
                 let mut group = Group::new(oom_now);
                 let started = self.launch.start_group(&a, self.restart_count, &mut group);
                 self.started_any |= !group.workers.is_empty();
@@ -925,7 +899,7 @@ impl<'a> Agent<'a> {
                 let mut out = format!(
                     "torchrun-rs: across the {nodes} node(s) that reported, where each rank is:\n"
                 );
-                for l in crate::stacks::group_report(&tops) {
+                for l in crate::observe::stacks::group_report(&tops) {
                     out.push_str(&format!("  {l}\n"));
                 }
                 eprint!("{out}");
@@ -1010,7 +984,13 @@ impl<'a> Agent<'a> {
                     tokio::spawn(async move {
                         let mut dumps = Vec::new();
                         for (l, r, pid, dir) in ranks {
-                            dumps.push((l, r, pid, dir, crate::stacks::capture(pid).await));
+                            dumps.push((
+                                l,
+                                r,
+                                pid,
+                                dir,
+                                crate::observe::stacks::capture(pid).await,
+                            ));
                         }
                         let _ = tx.send(dumps);
                     });
@@ -1080,7 +1060,9 @@ impl<'a> Agent<'a> {
             let takes: Vec<_> = ranks
                 .into_iter()
                 .map(|(l, r, pid, dir)| {
-                    tokio::spawn(async move { (l, r, pid, dir, crate::stacks::capture(pid).await) })
+                    tokio::spawn(async move {
+                        (l, r, pid, dir, crate::observe::stacks::capture(pid).await)
+                    })
                 })
                 .collect();
             for t in takes {
@@ -1113,7 +1095,7 @@ impl<'a> Agent<'a> {
             tops.push((*rank, top));
             if let Some(d) = dir {
                 let path = d.join(format!("stack-{stamp}.txt"));
-                if crate::log_dir::create_file(&path)
+                if crate::logs::log_dir::create_file(&path)
                     .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
                     .is_ok()
                 {
@@ -1121,7 +1103,7 @@ impl<'a> Agent<'a> {
                 }
             }
         }
-        let lines = crate::stacks::group_report(&tops);
+        let lines = crate::observe::stacks::group_report(&tops);
         let mut report = format!(
             "torchrun-rs: no worker wrote any output for {:.1} s (--hang-timeout); where each rank is:\n",
             h.quiet
@@ -1234,7 +1216,7 @@ impl<'a> Agent<'a> {
             let mut at = String::new();
             if let Some(d) = dir {
                 let path = d.join(format!("stack-{stamp}.txt"));
-                if crate::log_dir::create_file(&path)
+                if crate::logs::log_dir::create_file(&path)
                     .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
                     .is_ok()
                 {
@@ -1378,12 +1360,12 @@ impl<'a> Agent<'a> {
                         self.backoff_until = Some(Instant::now() + wait);
                     }
                 } else {
-                    let line = crate::failure::root_cause(&failures).map(|i| {
+                    let line = crate::logs::failure::root_cause(&failures).map(|i| {
                         let f = &failures[i];
                         crate::rendezvous::dynamic::failure_line(
                             f.timestamp,
                             f.seq,
-                            &crate::failure::job_line(f, &self.node_name()),
+                            &crate::logs::failure::job_line(f, &self.node_name()),
                         )
                     });
                     self.rdzv.finish(false, line);
@@ -1528,7 +1510,7 @@ impl<'a> Agent<'a> {
             .config
             .local_addr
             .clone()
-            .unwrap_or_else(crate::host::fqdn)
+            .unwrap_or_else(crate::process::host::fqdn)
     }
 
     /// The job's root cause (the first failure on any node), where the
@@ -1635,7 +1617,7 @@ fn record_exit(
     *seq += 1;
     let mut f = w.failure(exit.status, *seq);
     if exit.status == ExitStatus::Signal(libc::SIGKILL) {
-        let now = oom_counter.and_then(crate::oom::parse_oom_kills);
+        let now = oom_counter.and_then(crate::process::oom::parse_oom_kills);
         f.oom_killed = matches!((start, now), (Some(a), Some(b)) if b > a);
     }
     Some(f)

@@ -7,12 +7,12 @@ use std::path::PathBuf;
 
 use crate::agent::{Agent, AgentError, RunResult};
 use crate::config::{ConfigError, LaunchConfig};
-use crate::failure::{self, ProcessFailure};
-use crate::log_dir::LogDir;
+use crate::logs::failure::{self, ProcessFailure};
+use crate::logs::log_dir::LogDir;
 use crate::process;
+use crate::process::signals::{signal_name, Trap};
+use crate::process::supervisor::Supervisor;
 use crate::rendezvous::{self, RendezvousError};
-use crate::signals::{signal_name, Trap};
-use crate::supervisor::Supervisor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -25,9 +25,9 @@ pub enum LaunchError {
     #[error(transparent)]
     Agent(#[from] AgentError),
     #[error(transparent)]
-    LogDir(#[from] crate::log_dir::LogDirError),
+    LogDir(#[from] crate::logs::log_dir::LogDirError),
     #[error(transparent)]
-    Numa(#[from] crate::numa::NumaError),
+    Numa(#[from] crate::process::numa::NumaError),
     #[error("--events-file {}: {source}", path.display())]
     EventsFile {
         path: PathBuf,
@@ -132,20 +132,22 @@ fn root_cause_details(f: &ProcessFailure) -> String {
 /// Each local rank's CPUs under `--numa-binding` (none without it), as
 /// torch computes them; a failure is an error before anything starts, as in
 /// torch.
-fn numa_bindings(config: &LaunchConfig) -> Result<Vec<libc::cpu_set_t>, crate::numa::NumaError> {
+fn numa_bindings(
+    config: &LaunchConfig,
+) -> Result<Vec<libc::cpu_set_t>, crate::process::numa::NumaError> {
     let Some(mode) = config.numa_binding else {
         return Ok(Vec::new());
     };
     let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
-    let topology = crate::numa::Topology::of_this_host(visible.as_deref())?;
+    let topology = crate::process::numa::Topology::of_this_host(visible.as_deref())?;
     let sets = topology.bindings(mode, config.nproc_per_node)?;
     for (r, s) in sets.iter().enumerate() {
         tracing::info!(
             "--numa-binding: local rank {r} on CPUs {}",
-            crate::numa::format_ranges(s)
+            crate::process::numa::format_ranges(s)
         );
     }
-    Ok(sets.iter().map(crate::numa::cpu_set).collect())
+    Ok(sets.iter().map(crate::process::numa::cpu_set).collect())
 }
 
 /// torch's `_get_entrypoint_name`: for a Python interpreter, the first
@@ -251,8 +253,8 @@ async fn run(
 
     // Byte for byte, as torchrun passes it: a variable that is not UTF-8
     // reaches the workers unchanged.
-    let mut base_env: crate::worker_env::Env = std::env::vars_os().collect();
-    crate::worker_env::set(
+    let mut base_env: crate::config::worker_env::Env = std::env::vars_os().collect();
+    crate::config::worker_env::set(
         &mut base_env,
         "TORCHELASTIC_SIGNALS_TO_HANDLE",
         config.signals_to_handle.clone(),
@@ -263,7 +265,7 @@ async fn run(
         .map(PathBuf::from);
 
     let cpus = numa_bindings(&config)?;
-    let host = crate::host::fqdn();
+    let host = crate::process::host::fqdn();
     if config.max_nodes > 1 {
         // What this node would run, for the others to compare at the
         // rendezvous (computed off this thread while it joins).
@@ -271,20 +273,23 @@ async fn run(
             .iter()
             .filter_map(|(k, v)| Some((k.to_str()?.to_string(), v.to_str()?.to_string())))
             .collect();
-        crate::fingerprint::start(program.clone(), args.to_vec(), env, host.clone());
+        crate::rendezvous::fingerprint::start(program.clone(), args.to_vec(), env, host.clone());
     }
-    let journal =
-        crate::journal::Journal::open(config.events_file.as_deref(), &config.run_id, &host)
-            .map_err(|source| LaunchError::EventsFile {
-                path: config.events_file.clone().unwrap_or_default(),
-                source,
-            })?;
+    let journal = crate::observe::journal::Journal::open(
+        config.events_file.as_deref(),
+        &config.run_id,
+        &host,
+    )
+    .map_err(|source| LaunchError::EventsFile {
+        path: config.events_file.clone().unwrap_or_default(),
+        source,
+    })?;
     let local_addr = config.local_addr.clone().unwrap_or_else(|| host.clone());
     let log_dir = LogDir::create(config.log_dir.as_deref(), &config.run_id)?;
     let run_dir = log_dir.run_dir().map(PathBuf::from);
     // A handled signal stops the launch while it waits for other nodes.
     // Health and metrics first: they answer while the rendezvous waits.
-    let observed = std::sync::Arc::new(std::sync::Mutex::new(crate::health::Observed {
+    let observed = std::sync::Arc::new(std::sync::Mutex::new(crate::observe::health::Observed {
         role: config.role.clone(),
         phase: "starting",
         max_restarts: config.max_restarts,
@@ -295,7 +300,9 @@ async fn run(
         None => None,
         Some(port) => {
             let addr = std::net::SocketAddr::new(config.metrics_addr, port);
-            match crate::health::start(addr, observed.clone(), ping_tx, config.open_stacks).await {
+            match crate::observe::health::start(addr, observed.clone(), ping_tx, config.open_stacks)
+                .await
+            {
                 Ok(server) => {
                     if port == 0 {
                         eprintln!("torchrun-rs: health and metrics on http://{}", server.addr);
@@ -343,7 +350,11 @@ async fn run(
         rdzv_events,
         trap,
         cpus,
-        crate::events::EventLog::new(&config, host.clone(), entrypoint_name(entrypoint, args)),
+        crate::observe::events::EventLog::new(
+            &config,
+            host.clone(),
+            entrypoint_name(entrypoint, args),
+        ),
         journal,
         (observed, pings),
     );
@@ -362,7 +373,7 @@ async fn run(
         }
     }
     // Lines still waiting for their copies are written before the report.
-    crate::dedup::flush();
+    crate::logs::dedup::flush();
     Ok(LaunchOutcome {
         result,
         entrypoint_name: entrypoint_name(entrypoint, args),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::signals::signal_name;
+use crate::process::signals::signal_name;
 use crate::worker_group::Group;
 
 /// How long to wait for workers after SIGKILL before giving up on them.

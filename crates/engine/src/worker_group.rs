@@ -6,18 +6,18 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::agent::AgentError;
+use crate::config::worker_env::{self, GroupInfo, WorkerRanks};
 use crate::config::LaunchConfig;
-use crate::failure::ProcessFailure;
-use crate::lifeline;
-use crate::log_dir::LogDir;
-use crate::log_stream::{
+use crate::error::AgentError;
+use crate::logs::failure::ProcessFailure;
+use crate::logs::log_dir::LogDir;
+use crate::logs::log_stream::{
     self, Activity, Console, LineFilter, PassThrough, SharedTail, TeeHandle, TeeTargets,
 };
+use crate::process::lifeline;
+use crate::process::supervisor::Supervisor;
 use crate::process::{self, Exit, ExitStatus, SpawnSpec, Stdio};
 use crate::rendezvous::Assignment;
-use crate::supervisor::Supervisor;
-use crate::worker_env::{self, GroupInfo, WorkerRanks};
 
 /// Where a worker is in its life, as the launcher knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,7 +174,7 @@ fn open_filter(
 ) -> Result<Option<LineFilter>, AgentError> {
     match dir {
         Some(dir) if !patterns.is_empty() => {
-            let file = crate::log_dir::create_file(&dir.join(name))
+            let file = crate::logs::log_dir::create_file(&dir.join(name))
                 .map_err(|source| AgentError::Streams { source })?;
             Ok(Some(LineFilter {
                 patterns: Arc::new(patterns.to_vec()),
@@ -258,7 +258,7 @@ impl Launch<'_> {
         if teed && rank_dir.is_some() {
             let (r, w) = log_stream::pipe().map_err(streams_err)?;
             let file = match &file_path {
-                Some(p) => Some(crate::log_dir::create_file(p).map_err(streams_err)?),
+                Some(p) => Some(crate::logs::log_dir::create_file(p).map_err(streams_err)?),
                 None => None,
             };
             let targets = TeeTargets {

@@ -23,16 +23,16 @@ impl RoleInfo {
     pub fn to_json(&self) -> String {
         format!(
             "{{\"role\": {}, \"rank\": {}, \"local_world_size\": {}}}",
-            crate::failure::Json::Str(self.role.clone()),
+            crate::logs::failure::Json::Str(self.role.clone()),
             self.rank,
             self.local_world_size
         )
     }
 
     pub fn from_json(s: &str) -> Option<RoleInfo> {
-        let j = crate::failure::json::parse(s).ok()?;
+        let j = crate::logs::failure::json::parse(s).ok()?;
         let num = |k: &str| match j.get(k) {
-            Some(crate::failure::Json::Num(n)) => Some(*n as u32),
+            Some(crate::logs::failure::Json::Num(n)) => Some(*n as u32),
             _ => None,
         };
         Some(RoleInfo {
@@ -128,7 +128,7 @@ impl RoundStore {
             } else {
                 Duration::ZERO
             };
-            let fp = crate::fingerprint::this_node(wait);
+            let fp = crate::rendezvous::fingerprint::this_node(wait);
             c.set(&fp_key(self.group_rank), fp.as_bytes()).await?;
         }
         let me = RoleInfo {
@@ -193,7 +193,7 @@ impl RoundStore {
                 .enumerate()
                 .map(|(g, v)| (g as u32, String::from_utf8_lossy(v).into_owned()))
                 .collect();
-            let diffs = crate::fingerprint::differences(&nodes);
+            let diffs = crate::rendezvous::fingerprint::differences(&nodes);
             if !diffs.is_empty() {
                 if config.require_same_nodes {
                     return Err(RendezvousError::NodesDiffer(diffs.join("\n  ")));

@@ -10,8 +10,8 @@ use tcpstore::{BindAddr, Server, ServerHandle};
 
 use super::assign::RoundStore;
 use super::{c10d, connect_store, dynamic, hosts, Assignment, RendezvousBackend, RendezvousError};
+use crate::config::rdzv_settings::RdzvSettings;
 use crate::config::LaunchConfig;
-use crate::rdzv_settings::RdzvSettings;
 
 /// How long a store host that ends after a failure waits for every node to
 /// read the job's root cause (they do at their next membership check).

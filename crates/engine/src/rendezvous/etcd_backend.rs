@@ -12,8 +12,8 @@ use super::assign::RoundStore;
 use super::etcd::{EtcdRdzv, Params};
 use super::etcd_client::Etcd;
 use super::{connect_store, dynamic, Assignment, RendezvousBackend, RendezvousError};
+use crate::config::rdzv_settings::{EtcdSettings, RdzvSettings};
 use crate::config::LaunchConfig;
-use crate::rdzv_settings::{EtcdSettings, RdzvSettings};
 
 pub struct EtcdBackend {
     dynamic: EtcdRdzv,

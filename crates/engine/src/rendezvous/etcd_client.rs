@@ -23,36 +23,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde_json::{json, Value};
 
-/// How to reach etcd.
-#[derive(Clone, PartialEq, Eq)]
-pub struct EtcdOptions {
-    /// `host:port` of each endpoint, tried in this order.
-    pub endpoints: Vec<String>,
-    pub https: bool,
-    /// PEM files: the CA that signed etcd's certificate, and this client's
-    /// certificate and key.
-    pub ca_cert: Option<std::path::PathBuf>,
-    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
-    pub username: Option<String>,
-    pub password: Option<String>,
-    /// Per request (and how long connecting keeps trying at start).
-    pub timeout: Duration,
-}
-
-impl std::fmt::Debug for EtcdOptions {
-    /// Never shows the password.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdOptions")
-            .field("endpoints", &self.endpoints)
-            .field("https", &self.https)
-            .field("ca_cert", &self.ca_cert)
-            .field("client_cert", &self.client_cert)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
-            .field("timeout", &self.timeout)
-            .finish()
-    }
-}
+pub use crate::config::rdzv_settings::EtcdOptions;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {

@@ -22,7 +22,7 @@ pub(crate) fn same_host(a: &str, b: &str) -> bool {
 /// address that a socket can be bound to here. No reverse DNS.
 pub(crate) fn host_is_local(host: &str) -> bool {
     use std::net::ToSocketAddrs;
-    if host == "localhost" || host == crate::host::hostname() {
+    if host == "localhost" || host == crate::process::host::hostname() {
         return true;
     }
     let Ok(addrs) = (host, 0).to_socket_addrs() else {

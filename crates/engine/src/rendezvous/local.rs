@@ -6,8 +6,8 @@ use tcpstore::ServerHandle;
 
 use super::assign::RoundStore;
 use super::{Assignment, RendezvousBackend, RendezvousError};
+use crate::config::rdzv_settings::RdzvSettings;
 use crate::config::LaunchConfig;
-use crate::rdzv_settings::RdzvSettings;
 
 pub struct LocalBackend {
     store: RoundStore,

@@ -24,6 +24,7 @@ pub mod dynamic;
 pub mod etcd;
 pub mod etcd_backend;
 pub mod etcd_client;
+pub(crate) mod fingerprint;
 mod hosts;
 pub mod local;
 pub mod peer_watch;
@@ -37,8 +38,8 @@ use std::time::Duration;
 use tcpstore::{BindAddr, Client, ConnectOptions, Server, ServerHandle};
 use tokio::sync::mpsc;
 
+use crate::config::rdzv_settings::{Backend, RdzvSettings};
 use crate::config::LaunchConfig;
-use crate::rdzv_settings::{Backend, RdzvSettings};
 use task::{RdzvEvent, RendezvousTask};
 
 /// How long group rank 0 waits for the other nodes' hang reports before it

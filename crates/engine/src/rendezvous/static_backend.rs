@@ -7,8 +7,8 @@ use tcpstore::ServerHandle;
 
 use super::assign::RoundStore;
 use super::{connect_store, Assignment, RendezvousBackend, RendezvousError};
+use crate::config::rdzv_settings::RdzvSettings;
 use crate::config::LaunchConfig;
-use crate::rdzv_settings::RdzvSettings;
 
 pub struct StaticBackend {
     store: RoundStore,

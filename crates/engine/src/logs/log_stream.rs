@@ -244,7 +244,7 @@ fn emit<'a>(
     };
     match (fd, &t.dedup) {
         (Some(fd), Some((rank, role))) => {
-            crate::dedup::get().push(fd, *rank, role, prefix, plain.into_iter())
+            crate::logs::dedup::get().push(fd, *rank, role, prefix, plain.into_iter())
         }
         (Some(fd), None) => console_write(fd, out),
         (None, _) => {}

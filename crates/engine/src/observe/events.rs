@@ -11,31 +11,9 @@
 
 use std::time::Instant;
 
-use crate::config::{ConfigError, LaunchConfig};
-use crate::failure::{Json, ProcessFailure};
-use crate::worker_env::WorkerRanks;
-
-/// The destinations torch's `--event-log-handler` knows.
-pub const HANDLERS: &[&str] = &["null", "console", "dynamic_rendezvous"];
-
-/// Checks a handler name at start-up (torch fails only at the first event,
-/// with a `KeyError`).
-pub fn check_handler(name: &str) -> Result<(), ConfigError> {
-    if HANDLERS.contains(&name) {
-        return Ok(());
-    }
-    Err(ConfigError::new(
-        "--event-log-handler",
-        format!(
-            "unknown handler '{name}' (choose from {})",
-            HANDLERS
-                .iter()
-                .map(|h| format!("'{h}'"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    ))
-}
+use crate::config::worker_env::WorkerRanks;
+use crate::config::LaunchConfig;
+use crate::logs::failure::{Json, ProcessFailure};
 
 /// The agent's event recorder.
 pub struct EventLog {

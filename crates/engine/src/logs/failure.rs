@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::process::signals::signal_name;
 use crate::process::ExitStatus;
-use crate::signals::signal_name;
 
 /// One failed worker, as torch's `ProcessFailure`.
 #[derive(Debug, Clone)]
@@ -29,7 +29,7 @@ pub struct ProcessFailure {
     pub stderr_file: Option<PathBuf>,
     /// The last bytes of the worker's stderr, kept by the launcher when it
     /// was not redirected to a file.
-    pub(crate) stderr_tail: Option<crate::log_stream::SharedTail>,
+    pub(crate) stderr_tail: Option<crate::logs::log_stream::SharedTail>,
     /// SIGKILLed while the memory cgroup's OOM-kill counter went up.
     pub oom_killed: bool,
     /// Stopped because its watchdog timer (this scope) expired.

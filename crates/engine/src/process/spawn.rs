@@ -436,7 +436,7 @@ static REAP_ALL: AtomicBool = AtomicBool::new(false);
 
 /// Lets the reaper collect every child of this process, orphans handed to
 /// it as subreaper included. Only for a process that owns all its children
-/// (the launcher binary; see [`crate::supervisor::Supervisor`]).
+/// (the launcher binary; see [`crate::process::supervisor::Supervisor`]).
 pub fn reap_all_children() {
     REAP_ALL.store(true, Ordering::Release);
 }
@@ -606,7 +606,15 @@ pub fn become_subreaper() {
 
 /// Opens a log file for writing (truncating, mode 0600), close-on-exec.
 pub fn create_file(path: &Path) -> io::Result<OwnedFd> {
-    Ok(crate::log_dir::create_file(path)?.into())
+    use std::os::unix::fs::OpenOptionsExt;
+    // A log file: truncated, mode 0600 when new (as the log tree's files).
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    Ok(f.into())
 }
 
 #[cfg(test)]

@@ -24,8 +24,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::failure::Json;
-use crate::log_stream::SharedTail;
+use crate::logs::failure::Json;
+use crate::logs::log_stream::SharedTail;
 
 /// One local worker, as `/status` and `/metrics` show it.
 #[derive(Debug, Clone)]
@@ -59,7 +59,7 @@ pub struct Observed {
     pub restarts_by_cause: BTreeMap<&'static str, u64>,
     /// When a worker last armed or released a watchdog timer (with the
     /// file watchdog on).
-    pub watchdog_beat: Option<crate::log_stream::Activity>,
+    pub watchdog_beat: Option<crate::logs::log_stream::Activity>,
     /// The workers' store, when this agent hosts it.
     pub store: Option<std::sync::Arc<tcpstore::ServerStats>>,
     pub exits_by_reason: BTreeMap<&'static str, u64>,
@@ -243,7 +243,7 @@ async fn respond(
             let mut out = String::new();
             for (local_rank, pid) in running {
                 out.push_str(&format!("== local rank {local_rank} (pid {pid})\n"));
-                match crate::stacks::capture(pid).await {
+                match crate::observe::stacks::capture(pid).await {
                     Ok(s) => out.push_str(&s.text),
                     Err(e) => out.push_str(&format!("no stack: {e}\n")),
                 }
@@ -285,7 +285,7 @@ fn seconds_since_output(w: &WorkerStatus) -> Option<f64> {
 /// pid is not read: it may belong to another process by now).
 fn usage(w: &WorkerStatus) -> Option<(u64, f64)> {
     (w.state == "running")
-        .then(|| crate::proc_stats::of(w.pid))
+        .then(|| crate::process::proc_stats::of(w.pid))
         .flatten()
 }
 

@@ -8,7 +8,7 @@
 
 use std::io::Write;
 
-use crate::failure::Json;
+use crate::logs::failure::Json;
 
 pub const SCHEMA: &str = "torchrun-rs.events/1";
 

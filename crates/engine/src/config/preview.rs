@@ -4,9 +4,9 @@
 
 use std::collections::BTreeMap;
 
+use crate::config::rdzv_settings::{Backend, RdzvSettings};
+use crate::config::worker_env::{self, Env, GroupInfo, WorkerRanks};
 use crate::config::{ConfigError, LaunchConfig};
-use crate::rdzv_settings::{Backend, RdzvSettings};
-use crate::worker_env::{self, Env, GroupInfo, WorkerRanks};
 
 /// One local rank's worker, as it would be started.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,7 +118,7 @@ pub fn preview_workers(
             }
         }
         env.insert(
-            crate::lifeline::MARKER_VAR.to_string(),
+            crate::process::lifeline::MARKER_VAR.to_string(),
             "<unique to the run>".to_string(),
         );
         let mut argv = vec![entrypoint.to_string()];

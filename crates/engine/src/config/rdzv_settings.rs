@@ -6,7 +6,37 @@
 use std::time::Duration;
 
 use crate::config::{parse_endpoint, ConfigError, LaunchConfig};
-use crate::rendezvous::etcd_client::EtcdOptions;
+
+/// How to reach etcd.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdOptions {
+    /// `host:port` of each endpoint, tried in this order.
+    pub endpoints: Vec<String>,
+    pub https: bool,
+    /// PEM files: the CA that signed etcd's certificate, and this client's
+    /// certificate and key.
+    pub ca_cert: Option<std::path::PathBuf>,
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Per request (and how long connecting keeps trying at start).
+    pub timeout: std::time::Duration,
+}
+
+impl std::fmt::Debug for EtcdOptions {
+    /// Never shows the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdOptions")
+            .field("endpoints", &self.endpoints)
+            .field("https", &self.https)
+            .field("ca_cert", &self.ca_cert)
+            .field("client_cert", &self.client_cert)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
 
 /// The default port of a c10d endpoint given without one (torch's).
 pub const C10D_DEFAULT_PORT: u16 = 29400;

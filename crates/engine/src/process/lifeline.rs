@@ -25,7 +25,7 @@ use crate::process;
 pub const MARKER_VAR: &str = "TORCHRUN_RS_JOB";
 
 /// The launcher's end of the lifeline to its guardian. Owned by the
-/// [`crate::supervisor::Supervisor`]; dropping it (or the launcher dying)
+/// [`crate::process::supervisor::Supervisor`]; dropping it (or the launcher dying)
 /// sets the guardian sweeping.
 #[derive(Debug)]
 pub struct Lifeline {

@@ -66,7 +66,7 @@ async fn capture_to_the_end(pid: i32) -> Result<Stack, String> {
     let _pin = process::pin(pid).ok_or("the worker has already exited and been released")?;
     let py_spy = process::find_program("py-spy")
         .ok_or("py-spy is not installed (pip install py-spy): no stack capture")?;
-    let (r, w) = crate::log_stream::small_pipe().map_err(|e| e.to_string())?;
+    let (r, w) = crate::logs::log_stream::small_pipe().map_err(|e| e.to_string())?;
     let null = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/null")
@@ -131,7 +131,7 @@ pub fn group_report(tops: &[(u32, Option<String>)]) -> Vec<String> {
         .map(|(frame, mut ranks)| {
             ranks.sort_unstable();
             let set: std::collections::BTreeSet<u32> = ranks.iter().copied().collect();
-            let list = crate::numa::format_ranges(&set);
+            let list = crate::process::numa::format_ranges(&set);
             let word = if ranks.len() == 1 { "rank" } else { "ranks" };
             format!("{word} {list}: {frame}")
         })

@@ -225,7 +225,7 @@ impl State {
 fn write_out(out: &[Vec<u8>; 2]) {
     for (i, buf) in out.iter().enumerate() {
         if !buf.is_empty() {
-            crate::log_stream::console_write(if i == 0 { 1 } else { 2 }, buf);
+            crate::logs::log_stream::console_write(if i == 0 { 1 } else { 2 }, buf);
         }
     }
 }

@@ -2,6 +2,10 @@
 //! grammars its fields come in: `-r`/`-t` specs, `--rdzv-conf`, endpoints,
 //! `--signals-to-handle`.
 
+pub mod preview;
+pub mod rdzv_settings;
+pub mod worker_env;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -276,7 +280,7 @@ pub struct LaunchConfig {
     /// `--events-file` (beyond torch): every lifecycle fact as JSON Lines.
     pub events_file: Option<PathBuf>,
     /// `--numa-binding`: pin each local rank's CPUs near its GPU.
-    pub numa_binding: Option<crate::numa::AffinityMode>,
+    pub numa_binding: Option<crate::process::numa::AffinityMode>,
     /// Grace between forwarding a signal and SIGKILL on shutdown.
     pub shutdown_timeout: Duration,
     /// Static backend: the store every agent and worker uses.
@@ -392,8 +396,8 @@ impl LaunchConfig {
             ));
         }
         // The rendezvous settings check the keys the backend reads.
-        crate::rdzv_settings::RdzvSettings::from_config(self)?;
-        crate::events::check_handler(&self.event_log_handler)?;
+        crate::config::rdzv_settings::RdzvSettings::from_config(self)?;
+        check_event_handler(&self.event_log_handler)?;
         if self.virtual_local_rank {
             // Each worker gets one entry of the visible-device list (the
             // launcher's environment is the workers' base).
@@ -430,6 +434,28 @@ impl LaunchConfig {
             }),
         }
     }
+}
+
+/// The destinations torch's `--event-log-handler` knows.
+pub const EVENT_HANDLERS: &[&str] = &["null", "console", "dynamic_rendezvous"];
+
+/// Checks a handler name at start-up (torch fails only at the first event,
+/// with a `KeyError`).
+pub fn check_event_handler(name: &str) -> Result<(), ConfigError> {
+    if EVENT_HANDLERS.contains(&name) {
+        return Ok(());
+    }
+    Err(ConfigError::new(
+        "--event-log-handler",
+        format!(
+            "unknown handler '{name}' (choose from {})",
+            EVENT_HANDLERS
+                .iter()
+                .map(|h| format!("'{h}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    ))
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
-use crate::failure::json;
+use crate::logs::failure::json;
 
 /// torch's request size limit (PIPE_BUF); longer lines are refused.
 const MAX_LINE: usize = 4096;
@@ -97,7 +97,7 @@ pub fn start(
     path: &Path,
     workers: Workers,
     expired: mpsc::UnboundedSender<Expired>,
-    heartbeat: crate::log_stream::Activity,
+    heartbeat: crate::logs::log_stream::Activity,
 ) -> std::io::Result<Watchdog> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(m) = std::fs::symlink_metadata(path) {
@@ -209,7 +209,7 @@ async fn serve(
     mut rx: tokio::net::unix::pipe::Receiver,
     workers: Workers,
     expired: mpsc::UnboundedSender<Expired>,
-    heartbeat: crate::log_stream::Activity,
+    heartbeat: crate::logs::log_stream::Activity,
 ) {
     let mut timers: BTreeMap<(i32, String), (f64, i32)> = BTreeMap::new();
     let mut pending: Vec<u8> = Vec::new();
@@ -249,10 +249,10 @@ async fn serve(
                             if !ours {
                                 tracing::warn!("watchdog: ignored a timer of pid {}, which is not a worker of this job", r.pid);
                             } else if r.expiration < 0.0 {
-                                crate::log_stream::touch(&heartbeat);
+                                crate::logs::log_stream::touch(&heartbeat);
                                 timers.remove(&(r.pid, r.scope));
                             } else {
-                                crate::log_stream::touch(&heartbeat);
+                                crate::logs::log_stream::touch(&heartbeat);
                                 timers.insert((r.pid, r.scope), (r.expiration, r.signal));
                             }
                         }

@@ -14,8 +14,8 @@
 
 use std::sync::Arc;
 
-use crate::lifeline::{self, Lifeline};
 use crate::process;
+use crate::process::lifeline::{self, Lifeline};
 
 #[derive(Debug, Clone)]
 pub struct Supervisor {
