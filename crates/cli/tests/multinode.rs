@@ -1873,3 +1873,30 @@ fn nodes_that_differ_are_named_at_the_rendezvous_and_refused_with_require_same_n
         assert!(err.contains("--require-same-nodes"), "{err}");
     }
 }
+
+#[test]
+fn with_a_standalone_store_killing_any_agent_lets_the_others_re_form() {
+    // The store lives apart from the training nodes: the agent that would
+    // have hosted it (the first) is as expendable as any other.
+    let store = testkit::StoreProcess::start(&store_bin(), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("127.0.0.1:{}", store.port);
+    let conf = "last_call_timeout=1,is_host=false";
+    let start = |n: u8| loop_agent(n, &endpoint, "standalone-store", conf, dir.path());
+    let mut a = start(2);
+    let mut b = start(3);
+    let mut c = start(4);
+    let (rb, seen_b) = wait_line(&mut b, "world 3");
+    let (rc, seen_c) = wait_line(&mut c, "world 3");
+    let (_ra, _) = wait_line(&mut a, "world 3");
+    let t0 = std::time::Instant::now();
+    // SAFETY: a plain system call on a child of this test.
+    unsafe { libc::kill(a.id() as i32, libc::SIGKILL) };
+    a.wait().unwrap();
+    wait_for_new_workers(dir.path());
+    let took = t0.elapsed();
+    let all = kill_finish(vec![(b, rb, seen_b), (c, rc, seen_c)]);
+    assert!(all.contains("world 2"), "{all}");
+    eprintln!("first agent killed, standalone store -> re-formed in {took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
