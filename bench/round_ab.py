@@ -2,9 +2,9 @@
 on 127.0.0.2/.3, a Python worker that exits at once; the
 rendezvous_completed duration (it includes rank assignment, where the
 node fingerprints are exchanged) on both nodes, N runs per build,
-alternating. Usage: python3 bench/round_ab.py OLD_BINARY NEW_BINARY [N]
+alternating. Usage: python3 bench/round_ab.py OLD_BINARY NEW_BINARY [N]"""
 import json, os, socket, subprocess, sys, tempfile, statistics
-bins = {"before (b2293c3)": sys.argv[1], "now": sys.argv[2]}
+bins = {"old": sys.argv[1], "new": sys.argv[2]}
 n = int(sys.argv[3]) if len(sys.argv) > 3 else 10
 res = {k: [] for k in bins}
 d = tempfile.mkdtemp()
