@@ -305,31 +305,49 @@ fn a_killed_agent_is_seen_at_once_and_a_gloo_job_re_forms_without_the_heartbeat_
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let endpoint = format!("127.0.0.2:{port}");
-    let start = |n: u8| loop_agent(n, &endpoint, "killed", "last_call_timeout=1", dir.path());
-    let mut a = start(2);
-    let mut b = start(3);
-    let mut c = start(4);
-    let (ra, seen_a) = wait_line(&mut a, "world 3");
-    let (rb, seen_b) = wait_line(&mut b, "world 3");
-    let (_rc, _) = wait_line(&mut c, "world 3");
     // The agent that does not host the store dies, and its worker with it.
-    let t0 = std::time::Instant::now();
-    // SAFETY: a plain system call on a child of this test.
-    unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
-    c.wait().unwrap();
-    // Both survivors' new workers start (group ranks 0 and 1 again).
-    wait_for_new_workers(dir.path());
-    let took = t0.elapsed();
-    let all = kill_finish(vec![(a, ra, seen_a), (b, rb, seen_b)]);
-    assert!(
-        all.contains("rank 0 world 2") && all.contains("rank 1 world 2"),
-        "the survivors re-formed a world of 2: {all}"
-    );
+    let took = re_form_after_killing(dir.path(), 2, |n| {
+        loop_agent(n, &endpoint, "killed", "last_call_timeout=1", dir.path())
+    });
     eprintln!("agent killed -> survivors' new workers started in {took:?}");
     assert!(
         took < Duration::from_secs(10),
         "{took:?}: the heartbeat window (15 s) was waited out"
     );
+}
+
+/// Starts agents on 127.0.0.2, .3 and .4 (`start(n)`) of a 2:3 gloo loop
+/// job, SIGKILLs the `victim`-th (0-2) once all three run, and returns how
+/// long until both survivors' new workers run in a world of 2.
+fn re_form_after_killing(
+    dir: &std::path::Path,
+    victim: usize,
+    start: impl Fn(u8) -> Child,
+) -> Duration {
+    let mut agents: Vec<Child> = (2..=4).map(&start).collect();
+    let mut running = Vec::new();
+    for (i, a) in agents.iter_mut().enumerate() {
+        let (r, seen) = wait_line(a, "world 3");
+        running.push((i, r, seen));
+    }
+    let mut dead = agents.remove(victim);
+    let t0 = std::time::Instant::now();
+    // SAFETY: a plain system call on a child of this test.
+    unsafe { libc::kill(dead.id() as i32, libc::SIGKILL) };
+    dead.wait().unwrap();
+    wait_for_new_workers(dir);
+    let took = t0.elapsed();
+    let survivors: Vec<Running> = agents
+        .into_iter()
+        .zip(running.into_iter().filter(|(i, _, _)| *i != victim))
+        .map(|(a, (_, r, seen))| (a, r, seen))
+        .collect();
+    let all = kill_finish(survivors);
+    assert!(
+        all.contains("rank 0 world 2") && all.contains("rank 1 world 2"),
+        "the survivors re-formed a world of 2: {all}"
+    );
+    took
 }
 
 #[test]
@@ -1882,21 +1900,9 @@ fn with_a_standalone_store_killing_any_agent_lets_the_others_re_form() {
     let dir = tempfile::tempdir().unwrap();
     let endpoint = format!("127.0.0.1:{}", store.port);
     let conf = "last_call_timeout=1,is_host=false";
-    let start = |n: u8| loop_agent(n, &endpoint, "standalone-store", conf, dir.path());
-    let mut a = start(2);
-    let mut b = start(3);
-    let mut c = start(4);
-    let (rb, seen_b) = wait_line(&mut b, "world 3");
-    let (rc, seen_c) = wait_line(&mut c, "world 3");
-    let (_ra, _) = wait_line(&mut a, "world 3");
-    let t0 = std::time::Instant::now();
-    // SAFETY: a plain system call on a child of this test.
-    unsafe { libc::kill(a.id() as i32, libc::SIGKILL) };
-    a.wait().unwrap();
-    wait_for_new_workers(dir.path());
-    let took = t0.elapsed();
-    let all = kill_finish(vec![(b, rb, seen_b), (c, rc, seen_c)]);
-    assert!(all.contains("world 2"), "{all}");
+    let took = re_form_after_killing(dir.path(), 0, |n| {
+        loop_agent(n, &endpoint, "standalone-store", conf, dir.path())
+    });
     eprintln!("first agent killed, standalone store -> re-formed in {took:?}");
     assert!(took < Duration::from_secs(10), "{took:?}");
 }

@@ -6,7 +6,7 @@
 //! `--log-dir` that already exists keeps its mode.
 
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use rand::Rng;
@@ -48,12 +48,7 @@ fn create_private_dir_all(path: &Path) -> io::Result<()> {
 
 /// Creates (or truncates) a log file for writing, mode 0600 when new.
 pub fn create_file(path: &Path) -> io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
+    crate::process::create_file(path).map(std::fs::File::from)
 }
 
 /// Creates `<parent>/<prefix><8 random chars>` like Python's `mkdtemp`.

@@ -604,10 +604,10 @@ pub fn become_subreaper() {
     }
 }
 
-/// Opens a log file for writing (truncating, mode 0600), close-on-exec.
+/// Opens a log file for writing (truncating, mode 0600 when new),
+/// close-on-exec: the one place the log tree's files are created.
 pub fn create_file(path: &Path) -> io::Result<OwnedFd> {
     use std::os::unix::fs::OpenOptionsExt;
-    // A log file: truncated, mode 0600 when new (as the log tree's files).
     let f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)

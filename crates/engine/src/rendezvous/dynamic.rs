@@ -407,27 +407,46 @@ pub fn apply_request(s: &mut State, req: Request, now: f64, cfg: &Settings) {
                 s.failed_round = Some(s.round);
                 // The first to report the round's failure is its root
                 // cause: its own worker failed, the others' failed after.
-                let count = s.node_failures.entry(n.addr.clone()).or_default();
-                *count += 1;
-                if cfg.max_node_failures.is_some_and(|k| *count >= k) {
-                    s.excluded.insert(n.addr.clone());
-                    // Out for good: a spare may take its place.
-                    remove_for_good(s, &n, cfg);
+                if count_failure(s, &n, cfg) {
                     return;
                 }
             }
             apply_request(s, Request::Leave(n), now, cfg);
         }
         Request::CheckFailed(n) => {
-            let count = s.node_failures.entry(n.addr.clone()).or_default();
-            *count += 1;
-            if cfg.max_node_failures.is_some_and(|k| *count >= k) {
-                s.excluded.insert(n.addr.clone());
-                remove_for_good(s, &n, cfg);
+            if count_failure(s, &n, cfg) {
                 return;
             }
             // Out of the round it was in (the check runs between rounds).
             apply_request(s, Request::Leave(n), now, cfg);
+        }
+    }
+}
+
+/// Counts one failure against `n`'s host; at `--max-node-failures` the
+/// host is excluded and `n` leaves for good (a spare may take its place).
+/// Returns whether it was excluded.
+fn count_failure(s: &mut State, n: &Node, cfg: &Settings) -> bool {
+    let count = s.node_failures.entry(n.addr.clone()).or_default();
+    *count += 1;
+    if cfg.max_node_failures.is_some_and(|k| *count >= k) {
+        s.excluded.insert(n.addr.clone());
+        remove_for_good(s, n, cfg);
+        return true;
+    }
+    false
+}
+
+/// What a node that reported a failed check waits for: its failure in the
+/// state (or its exclusion).
+pub fn check_failure_op(before: u32) -> impl Fn(&State, &Node, f64) -> Action {
+    move |s, n, _| {
+        if s.excluded.contains(&n.addr) {
+            Action::ErrorExcluded
+        } else if check_failure_counted(s, n, before) {
+            Action::Finish
+        } else {
+            Action::Sync
         }
     }
 }

@@ -292,16 +292,8 @@ impl EtcdRdzv {
             .put(&self.keys.alive(&self.node), self.master.as_bytes(), lease)
             .await?;
         let request = Request::CheckFailed(self.node.clone());
-        self.run_op(Some(request), move |s, n, _| {
-            if s.excluded.contains(&n.addr) {
-                Action::ErrorExcluded
-            } else if dynamic::check_failure_counted(s, n, before) {
-                Action::Finish
-            } else {
-                Action::Sync
-            }
-        })
-        .await?;
+        self.run_op(Some(request), dynamic::check_failure_op(before))
+            .await?;
         Ok(self
             .state
             .node_failures
