@@ -194,6 +194,19 @@ impl RoundStore {
                 .map(|(g, v)| (g as u32, String::from_utf8_lossy(v).into_owned()))
                 .collect();
             let diffs = crate::rendezvous::fingerprint::differences(&nodes);
+            if config.require_same_nodes {
+                // Every node reads the fingerprints before any leaves: the
+                // store's host must not take the store away from a node
+                // still reading (5 s at most).
+                let seen = format!("{prefix}/torchrun_rs/fingerprints_read");
+                let everyone = i64::from(self.group_world_size);
+                let mut read = c.add(&seen, 1).await?;
+                let until = std::time::Instant::now() + FINGERPRINT_WAIT;
+                while !diffs.is_empty() && read < everyone && std::time::Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    read = c.add(&seen, 0).await?;
+                }
+            }
             if !diffs.is_empty() {
                 if config.require_same_nodes {
                     return Err(RendezvousError::NodesDiffer(diffs.join("\n  ")));
@@ -233,6 +246,7 @@ impl RoundStore {
                 format!("{old}/torchelastic/assigned_ranks/{g}"),
                 format!("{old}/torchrun_rs/hang/{g}"),
                 format!("{old}/torchrun_rs/fingerprint/{g}"),
+                format!("{old}/torchrun_rs/fingerprints_read"),
             ] {
                 self.client.delete_key(&k).await?;
             }
