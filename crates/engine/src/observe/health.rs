@@ -226,29 +226,37 @@ async fn respond(
                 );
             };
             // One capture at a time, at most one a second: a request
-            // during or just after a capture gets that capture.
-            let mut last = cache.lock().await;
-            if let Some((at, text)) = last.as_ref() {
-                if at.elapsed() < STACKS_EVERY {
-                    return reply(StatusCode::OK, TEXT, text.clone());
+            // during or just after a capture gets that capture. It runs in
+            // a task of its own from the first poll, so a client that goes
+            // away stops neither it nor the requests waiting for it.
+            let (cache, observed) = (cache.clone(), observed.clone());
+            let out = crate::background::spawn(async move {
+                let mut last = cache.lock().await;
+                if let Some((at, text)) = last.as_ref() {
+                    if at.elapsed() < STACKS_EVERY {
+                        return text.clone();
+                    }
                 }
-            }
-            let started = tokio::time::Instant::now();
-            let running: Vec<(u32, i32)> = lock(observed)
-                .workers
-                .iter()
-                .filter(|w| w.state == "running")
-                .map(|w| (w.local_rank, w.pid))
-                .collect();
-            let mut out = String::new();
-            for (local_rank, pid) in running {
-                out.push_str(&format!("== local rank {local_rank} (pid {pid})\n"));
-                match crate::observe::stacks::capture(pid).await {
-                    Ok(s) => out.push_str(&s.text),
-                    Err(e) => out.push_str(&format!("no stack: {e}\n")),
+                let started = tokio::time::Instant::now();
+                let running: Vec<(u32, i32)> = lock(&observed)
+                    .workers
+                    .iter()
+                    .filter(|w| w.state == "running")
+                    .map(|w| (w.local_rank, w.pid))
+                    .collect();
+                let mut out = String::new();
+                for (local_rank, pid) in running {
+                    out.push_str(&format!("== local rank {local_rank} (pid {pid})\n"));
+                    match crate::observe::stacks::capture(pid).await {
+                        Ok(s) => out.push_str(&s.text),
+                        Err(e) => out.push_str(&format!("no stack: {e}\n")),
+                    }
                 }
-            }
-            *last = Some((started, out.clone()));
+                *last = Some((started, out.clone()));
+                out
+            })
+            .await
+            .unwrap_or_else(|_| "no stacks: the capture failed (internal error)\n".into());
             reply(StatusCode::OK, TEXT, out)
         }
         "/metrics" => reply(
