@@ -1363,6 +1363,13 @@ impl DynamicRdzv {
     }
 
     /// Marks the rendezvous closed: later joiners fail, spares exit 0.
+    /// The job is ending here: other launchers that finish first and go
+    /// are not deaths to report.
+    pub fn stop_watching_peers(&mut self) {
+        self.peers.retain(&[]);
+        self.watched.clear();
+    }
+
     /// Shares this node's root cause with the job (before it closes).
     pub async fn publish_failure(&mut self, line: &str) -> Result<(), RendezvousError> {
         let k = format!("{}.failures", self.key);

@@ -194,6 +194,7 @@ impl RendezvousBackend for C10dBackend {
     /// The exit barrier on success, then the rendezvous is closed for
     /// everyone (later joiners fail, spares exit 0).
     async fn finish(&mut self, success: bool) {
+        self.dynamic.stop_watching_peers();
         self.store.finish(success).await;
         if let Err(e) = self.dynamic.close().await {
             tracing::warn!("could not close the rendezvous: {e}");

@@ -359,6 +359,17 @@ impl EtcdRdzv {
         });
     }
 
+    /// The job is ending here: other launchers that finish first and go
+    /// are not deaths to report (nor alive keys to delete).
+    pub fn stop_watching_peers(&mut self) {
+        self.joined = None;
+        self.watched.send_if_modified(|w| {
+            let changed = !w.is_empty();
+            w.clear();
+            changed
+        });
+    }
+
     /// Reads the state (its value only if it changed since the last read).
     /// Changes signalled before this read are covered by it.
     async fn read(&mut self) -> Result<(), RendezvousError> {

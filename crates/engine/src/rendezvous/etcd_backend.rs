@@ -156,6 +156,7 @@ impl RendezvousBackend for EtcdBackend {
     /// The exit barrier on success, then the rendezvous is closed for
     /// everyone (later joiners fail, spares exit 0).
     async fn finish(&mut self, success: bool) {
+        self.dynamic.stop_watching_peers();
         if let Some(store) = &mut self.store {
             store.finish(success).await;
         }
