@@ -88,6 +88,10 @@ pub(crate) struct RoundStore {
 /// its start; a Python probe takes tens of milliseconds).
 const FINGERPRINT_WAIT: Duration = Duration::from_secs(5);
 
+/// How long the store's host, refusing a round whose nodes differ, waits
+/// for the others to have read why before it goes.
+const READ_BEFORE_LEAVING: Duration = Duration::from_secs(30);
+
 /// How many rounds' keys a node keeps (its current round and the one
 /// before, which a slow node may still be reading).
 const ROUNDS_KEPT: usize = 2;
@@ -141,6 +145,30 @@ impl RoundStore {
             me.to_json().as_bytes(),
         )
         .await?;
+        if compare && config.require_same_nodes {
+            // Every node compares before any rank is assigned: with every
+            // role info present, every fingerprint is. Nobody leaves before
+            // all have read them (the store's host would take the store
+            // away from a node still reading); 30 s at most.
+            let infos: Vec<String> = (0..self.group_world_size)
+                .map(|g| format!("{prefix}/torchelastic/role_info/{g}"))
+                .collect();
+            let refs: Vec<&str> = infos.iter().map(String::as_str).collect();
+            c.multi_get(&refs).await?;
+            let nodes = Self::fingerprints(c, self.group_world_size, &fp_key).await?;
+            let diffs = crate::rendezvous::fingerprint::differences(&nodes);
+            let seen = format!("{prefix}/torchrun_rs/fingerprints_read");
+            let everyone = i64::from(self.group_world_size);
+            let mut read = c.add(&seen, 1).await?;
+            if !diffs.is_empty() {
+                let until = std::time::Instant::now() + READ_BEFORE_LEAVING;
+                while self.group_rank == 0 && read < everyone && std::time::Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    read = c.add(&seen, 0).await?;
+                }
+                return Err(RendezvousError::NodesDiffer(diffs.join("\n  ")));
+            }
+        }
         let assigned_key = |g: u32| format!("{prefix}/torchelastic/assigned_ranks/{g}");
         if self.group_rank == 0 {
             let keys: Vec<String> = (0..self.group_world_size)
@@ -183,34 +211,10 @@ impl RoundStore {
         let [base_global_rank, world_size, base_role_rank, role_world_size] = nums[..] else {
             return Err(RendezvousError::BadAssignment(text));
         };
-        if compare && (self.group_rank == 0 || config.require_same_nodes) {
-            let keys: Vec<String> = (0..self.group_world_size).map(fp_key).collect();
-            let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-            let nodes: Vec<(u32, String)> = c
-                .multi_get(&refs)
-                .await?
-                .iter()
-                .enumerate()
-                .map(|(g, v)| (g as u32, String::from_utf8_lossy(v).into_owned()))
-                .collect();
+        if compare && self.group_rank == 0 && !config.require_same_nodes {
+            let nodes = Self::fingerprints(c, self.group_world_size, &fp_key).await?;
             let diffs = crate::rendezvous::fingerprint::differences(&nodes);
-            if config.require_same_nodes {
-                // Every node reads the fingerprints before any leaves: the
-                // store's host must not take the store away from a node
-                // still reading (5 s at most).
-                let seen = format!("{prefix}/torchrun_rs/fingerprints_read");
-                let everyone = i64::from(self.group_world_size);
-                let mut read = c.add(&seen, 1).await?;
-                let until = std::time::Instant::now() + FINGERPRINT_WAIT;
-                while !diffs.is_empty() && read < everyone && std::time::Instant::now() < until {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    read = c.add(&seen, 0).await?;
-                }
-            }
             if !diffs.is_empty() {
-                if config.require_same_nodes {
-                    return Err(RendezvousError::NodesDiffer(diffs.join("\n  ")));
-                }
                 eprint!(
                     "torchrun-rs: the nodes of this round differ (--require-same-nodes makes this fatal):\n  {}\n",
                     diffs.join("\n  ")
@@ -229,6 +233,22 @@ impl RoundStore {
             restarts: None,
             node_failures: Default::default(),
         })
+    }
+
+    /// Every node's fingerprint of this round, by group rank.
+    async fn fingerprints(
+        c: &mut Client,
+        world: u32,
+        key: &impl Fn(u32) -> String,
+    ) -> Result<Vec<(u32, String)>, RendezvousError> {
+        let keys: Vec<String> = (0..world).map(key).collect();
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        Ok(c.multi_get(&refs)
+            .await?
+            .iter()
+            .enumerate()
+            .map(|(g, v)| (g as u32, String::from_utf8_lossy(v).into_owned()))
+            .collect())
     }
 
     /// Deletes the keys this node wrote in the round before last.
