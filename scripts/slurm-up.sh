@@ -21,26 +21,30 @@ if [ "$(id -u)" != 0 ]; then
   say "starting munged, slurmctld and slurmd needs root"
   exit 1
 fi
-mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log" /run/munge /var/log/munge /var/lib/munge
+mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log" /run/munge
 export SLURM_CONF="$CONF"
 if [ -f "$CONF" ] && scontrol ping 2>/dev/null | grep -q "is UP" \
    && sinfo -h -o %T 2>/dev/null | grep -qE "^(idle|mixed|allocated)"; then
   echo "$CONF"
   exit 0
 fi
-# munge: a key of our own if the machine has none; the daemon as root.
+# munge: a key of our own only if the machine has none (an existing key
+# and the package's directories are left as they are); the daemon as root.
 if [ ! -s /etc/munge/munge.key ]; then
   dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null
+  chown munge:munge /etc/munge/munge.key 2>/dev/null || true
+  chmod 0400 /etc/munge/munge.key
 fi
-chown -R munge:munge /etc/munge /run/munge /var/log/munge /var/lib/munge 2>/dev/null || true
-chmod 0400 /etc/munge/munge.key
+chown munge:munge /run/munge 2>/dev/null || true
 if ! munge -n >/dev/null 2>&1; then
   runuser -u munge -- munged --force 2>/dev/null || munged --force
 fi
 for _ in $(seq 50); do munge -n >/dev/null 2>&1 && break; sleep 0.1; done
 munge -n >/dev/null 2>&1 || { say "munged did not start"; exit 1; }
-pkill -x slurmctld 2>/dev/null || true
-pkill -x slurmd 2>/dev/null || true
+# Only the daemons of this cluster (started with this slurm.conf), never a
+# Slurm the machine runs for itself.
+pkill -f -- "slurmctld -f $CONF" 2>/dev/null || true
+pkill -f -- "slurmd -f $CONF" 2>/dev/null || true
 HOST="$(hostname -s)"
 CPUS="$(nproc)"
 MEM="$(awk '/MemTotal/{print int($2/1024) - 512}' /proc/meminfo)"

@@ -59,6 +59,9 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    if raw.flag("watch") && raw.get("status").is_none() {
+        return usage_error("--watch goes with --status ADDR:PORT");
+    }
     if let Some(addr) = raw.get("status") {
         let code = engine::status_view::show(addr, raw.flag("watch"));
         return ExitCode::from(code as u8);

@@ -546,6 +546,7 @@ fn usage_errors_are_one_line_and_exit_2() {
         (vec!["--no-such-flag", "x.py"], "--no-such-flag"),
         (vec!["--rdzv-conf=a", "x.py"], "--rdzv-conf"),
         (vec!["-t", "7", "x.py"], "--tee"),
+        (vec!["--watch", "x.py"], "--watch goes with --status"),
         (vec![], "training_script"),
     ] {
         let out = Command::new(BIN).args(&args).output().unwrap();

@@ -127,7 +127,13 @@ def _failure_classes():
         return _ChildFailedError, _ProcessFailure
 
 
-ChildFailedError = _ChildFailedError
+def __getattr__(name):
+    """``ChildFailedError`` is the class a failed launch raises: torch's
+    when torch is installed (so ``except`` on either name catches it), else
+    ours. Resolved on use: importing this module never imports torch."""
+    if name == "ChildFailedError":
+        return _failure_classes()[0]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _std(value):

@@ -158,6 +158,10 @@ class AgainstTorch(unittest.TestCase):
         f = e.exception.failures[1]
         self.assertEqual((f.local_rank, f.exitcode), (1, 3))
         self.assertIn("dummy_script.py FAILED", e.exception.format_msg())
+        # The name this module exports is the class it raises.
+        from torchrun_rs.launcher import api
+
+        self.assertIs(api.ChildFailedError, ChildFailedError)
 
     def test_a_successful_launch_returns_this_nodes_ranks(self):
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, rdzv_backend="c10d",

@@ -309,6 +309,8 @@ fn status_json(o: &Observed) -> String {
         .workers
         .iter()
         .map(|w| {
+            // One read of /proc/<pid>/stat for both figures.
+            let used = usage(w);
             Json::Object(vec![
                 ("local_rank".into(), Json::Num(w.local_rank.into())),
                 ("rank".into(), Json::Num(w.rank.into())),
@@ -320,10 +322,10 @@ fn status_json(o: &Observed) -> String {
                     "seconds_since_output".into(),
                     seconds_since_output(w).map_or(Json::Null, Json::Float),
                 ),
-                ("rss_bytes".into(), num(usage(w).map(|u| u.0 as f64))),
+                ("rss_bytes".into(), num(used.map(|u| u.0 as f64))),
                 (
                     "cpu_seconds".into(),
-                    usage(w).map_or(Json::Null, |u| Json::Float(u.1)),
+                    used.map_or(Json::Null, |u| Json::Float(u.1)),
                 ),
                 (
                     "last_line".into(),
