@@ -1463,7 +1463,10 @@ impl<'a> Agent<'a> {
         );
         let n = self.node_check_failures;
         self.observe(|o| o.node_check_failures = n);
-        self.rdzv.check_failed();
+        // A failed round that led here is counted with the check's report
+        // (the next round, joined after a passing check, is not one).
+        self.rdzv
+            .check_failed(std::mem::take(&mut self.after_failure));
         None
     }
 

@@ -31,6 +31,8 @@
 //! before.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tcpstore::{Client, ClientError};
@@ -45,6 +47,12 @@ const WATCHED: usize = 3;
 
 /// How often watched heartbeat counters are read, at most.
 const WATCH_EVERY: f64 = 1.0;
+
+/// Added to an evicted node's heartbeat counter by the node that evicted
+/// it: the counter goes negative and stays so, which the evicted node's
+/// next beat reads (it is fenced: it stops its workers and joins again as
+/// a new node), and which no watcher can take for a live node.
+const FENCED_BEAT: i64 = -(1 << 62);
 
 pub fn now() -> f64 {
     SystemTime::now()
@@ -126,6 +134,15 @@ pub struct DynamicRdzv {
     /// This node has joined a round: from then on it watches its peers'
     /// launchers.
     ranked_once: bool,
+    /// Set by the heartbeat task when this node's counter reads as fenced
+    /// (another node evicted it).
+    fenced: Arc<AtomicBool>,
+    /// The heartbeat task's key (it changes with this node's identity).
+    beat_key: tokio::sync::watch::Sender<String>,
+    /// The job's restart count, failing and excluded hosts as this node last
+    /// knew them, after the state vanished from the store: written into the
+    /// first state this node writes there.
+    carried: Option<(u32, BTreeMap<String, u32>, BTreeSet<String>)>,
     /// Tests: this agent's write that completes a round stops before the
     /// seats, as a completer killed at that moment would.
     #[cfg(test)]
@@ -300,10 +317,13 @@ impl DynamicRdzv {
             .peer_addr()
             .map_or_else(|_| "its endpoint".to_string(), |a| a.to_string());
         let key = format!("torch.rendezvous.{run_id}");
+        let fenced = Arc::new(AtomicBool::new(false));
+        let (beat_key, beat_key_rx) = tokio::sync::watch::channel(hb_key(&key, &node));
         let heartbeat = tokio::spawn(beat(
             heartbeat_client,
-            hb_key(&key, &node),
+            beat_key_rx,
             Duration::from_secs_f64(cfg.keep_alive_interval),
+            fenced.clone(),
         ));
         DynamicRdzv {
             client,
@@ -331,9 +351,75 @@ impl DynamicRdzv {
             published: None,
             ranked_once: false,
             evicted: Vec::new(),
+            fenced,
+            beat_key,
+            carried: None,
             #[cfg(test)]
             fail_before_seats: false,
         }
+    }
+
+    /// Tests: the heartbeat stops, as in a process that is frozen.
+    #[cfg(test)]
+    fn pause_heartbeat(&mut self) {
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
+        }
+    }
+
+    /// Tests: the frozen process resumes; its heartbeat goes on.
+    #[cfg(test)]
+    async fn resume_heartbeat(&mut self, port: u16) {
+        let client = Client::connect("127.0.0.1", port, Default::default())
+            .await
+            .unwrap();
+        self.heartbeat = Some(tokio::spawn(beat(
+            client,
+            self.beat_key.subscribe(),
+            Duration::from_secs_f64(self.cfg.keep_alive_interval),
+            self.fenced.clone(),
+        )));
+    }
+
+    /// Whether this node was evicted under its current identity (its
+    /// heartbeat counter fenced, or the state lists it as evicted).
+    fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst) || self.state.fenced.contains(&self.node)
+    }
+
+    /// This node was evicted: it takes a new identity (the old one is
+    /// refused for good) and starts afresh, as a node that never joined.
+    /// Its old keys are its own to delete.
+    async fn rotate_identity(&mut self) -> Result<(), RendezvousError> {
+        use rand::Rng;
+        let old = self.node.clone();
+        let mut local_id = rand::thread_rng().gen();
+        while local_id == old.local_id {
+            local_id = rand::thread_rng().gen();
+        }
+        self.node.local_id = local_id;
+        tracing::warn!(
+            "rendezvous: this node was evicted (the others saw no heartbeat from it for {:.1} s: a pause, a stall or a cut link); its workers stop and it joins again as a new node",
+            self.cfg.dead_after()
+        );
+        self.evicted.push(old.clone());
+        let _ = self.beat_key.send(hb_key(&self.key, &self.node));
+        self.fenced.store(false, Ordering::SeqCst);
+        self.joined = None;
+        self.token.clear();
+        self.state = State::default();
+        self.version = 0;
+        self.waited = None;
+        self.after_failure = false;
+        self.spare_noted = false;
+        self.liveness = Liveness::default();
+        self.peers = super::peer_watch::PeerWatch::default();
+        self.watched.clear();
+        self.forget_nodes(&[old]).await?;
+        if let Some((addr, port)) = self.published.clone() {
+            self.publish_master(&addr, port).await?;
+        }
+        Ok(())
     }
 
     fn log_key(&self, epoch: u64) -> String {
@@ -371,9 +457,16 @@ impl DynamicRdzv {
         Ok(())
     }
 
+    /// Where `n`'s workers' store listens. Its key is written before `n`
+    /// first joins; a missing key means `n` left or was evicted since the
+    /// round formed: the round is broken, and the next one is joined.
     async fn master_of(&mut self, n: &Node) -> Result<(String, u16), RendezvousError> {
         let k = self.master_key(n);
-        let raw = String::from_utf8_lossy(&self.client.get(&k).await?).into_owned();
+        let raw = self.client.get_now(&k).await?;
+        if raw.is_empty() {
+            return Err(RendezvousError::RoundBroken);
+        }
+        let raw = String::from_utf8_lossy(&raw).into_owned();
         raw.rsplit_once(':')
             .and_then(|(a, p)| Some((a.to_string(), p.parse().ok()?)))
             .ok_or(RendezvousError::BadAssignment(format!(
@@ -610,6 +703,9 @@ impl DynamicRdzv {
             // Unchanged: keep the decoded copy.
             return Ok(());
         }
+        if raw.is_empty() && !self.token.is_empty() {
+            self.remember_for_a_new_store();
+        }
         self.state = if raw.is_empty() {
             State::default()
         } else {
@@ -625,25 +721,69 @@ impl DynamicRdzv {
         Ok(())
     }
 
+    /// The state this node knew is gone from the store (a store restarted
+    /// empty at the same address, a deleted key): the job's restart count and
+    /// failing hosts would silently start from zero. This node carries them
+    /// into the first state it writes, and says so.
+    fn remember_for_a_new_store(&mut self) {
+        let s = &self.state;
+        if s.restarts == 0 && s.node_failures.is_empty() && s.excluded.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            "rendezvous: the state is gone from the store at {} (a new, empty store?); this node carries the job's restart count ({}) and {} excluded host(s) over from its own memory",
+            self.endpoint,
+            s.restarts,
+            s.excluded.len()
+        );
+        let (mut restarts, mut failures, mut excluded) = self.carried.take().unwrap_or_default();
+        restarts = restarts.max(s.restarts);
+        for (h, c) in &s.node_failures {
+            let e = failures.entry(h.clone()).or_default();
+            *e = (*e).max(*c);
+        }
+        excluded.extend(s.excluded.iter().cloned());
+        self.carried = Some((restarts, failures, excluded));
+    }
+
     /// Writes `new` if nobody changed the state since our last read, then
     /// tells the others: the version moves, and a round that completed or a
     /// rendezvous that closed wakes those blocked on it.
     async fn cas(&mut self, new: &State) -> Result<bool, RendezvousError> {
+        let carried;
+        let new = match self.carried.clone() {
+            // The next state written to a store that lost it (merged: a
+            // node that wrote first carried what it knew).
+            Some((restarts, failures, excluded)) => {
+                let mut n = new.clone();
+                n.restarts = n.restarts.max(restarts);
+                for (h, c) in failures {
+                    let e = n.node_failures.entry(h).or_default();
+                    *e = (*e).max(c);
+                }
+                n.excluded.extend(excluded);
+                carried = n;
+                &carried
+            }
+            None => new,
+        };
         let desired = new.encode().into_bytes();
         let got = self
             .client
             .compare_set(&self.key, &self.token, &desired)
             .await?;
         if got != desired {
-            if got.is_empty() {
-                // Key absent and our token non-empty: the store echoed our
-                // expectation. Read what is really there.
+            if got.is_empty() || got == self.token {
+                // The key is absent: the store answers a compare-and-set on
+                // a missing key with the expected value. Read what is
+                // really there.
                 self.read().await?;
             } else {
                 self.adopt(got)?;
             }
             return Ok(false);
         }
+        self.carried = None;
         let old = std::mem::take(&mut self.state);
         self.adopt(got)?;
         let k = self.summary_key();
@@ -780,6 +920,11 @@ impl DynamicRdzv {
             let mut seen = HashMap::with_capacity(watched.len());
             for n in watched {
                 let count = self.client.add(&hb_key(&self.key, &n), 0).await?;
+                if count < 0 {
+                    // Fenced: another watcher evicted it; nothing to time.
+                    self.watched.retain(|w| *w != n);
+                    continue;
+                }
                 let since = match self.liveness.seen.get(&n) {
                     Some(&(c, at)) if c == count => at,
                     _ => now,
@@ -865,8 +1010,24 @@ impl DynamicRdzv {
     /// and the failure counts towards its exclusion. Returns the host's
     /// failures in this run; `Excluded` once they reach the limit.
     pub async fn report_check_failure(&mut self) -> Result<u32, RendezvousError> {
-        self.op_deadline = now() + self.join_timeout;
+        let deadline = now() + self.join_timeout;
+        self.op_deadline = deadline;
         self.read().await?;
+        if self.is_fenced() {
+            self.rotate_identity().await?;
+            self.read().await?;
+        }
+        if std::mem::take(&mut self.after_failure)
+            && self.state.participants.contains_key(&self.node)
+        {
+            // This node's workers failed before its check did: the round's
+            // failure counts (once for the job) before the check's.
+            let fail = Request::Fail(self.node.clone());
+            self.run_op(Some(fail), move |s, n, t| {
+                dynamic::exit_action(s, n, t, deadline)
+            })
+            .await?;
+        }
         self.joined = None;
         let before = self
             .state
@@ -919,6 +1080,10 @@ impl DynamicRdzv {
             (None, _) => None,
         };
         loop {
+            if posted.is_some() && self.is_fenced() {
+                // Evicted: nothing this identity asks for counts any more.
+                return Err(RendezvousError::Fenced);
+            }
             if let Some((r, epoch)) = &posted {
                 // Appended to a log that was retired before anyone read our
                 // line: append again to the current one.
@@ -968,9 +1133,10 @@ impl DynamicRdzv {
             }
             if next.encode().as_bytes() != self.token.as_slice() {
                 // A lost race re-read the state: decide again on it.
+                let fenced_before = self.state.fenced.clone();
                 let won = self.cas(&next).await?;
                 if won {
-                    self.forget_nodes(&dead_gone).await?;
+                    self.fence_nodes(&dead_gone, &fenced_before).await?;
                 }
                 if won && !applied.is_empty() {
                     self.ack(&applied).await?;
@@ -1134,6 +1300,20 @@ impl DynamicRdzv {
                         let _ = self.publish_master(&addr, port).await;
                     }
                 }
+                // Evicted (a pause past the window, say): joins again as a
+                // new node, as torch admits any newcomer.
+                Err(RendezvousError::Fenced) if now() < deadline => {
+                    self.rotate_identity().await?;
+                }
+                // The round lost a member as it formed (its rank 0's
+                // store address is gone): the next one is joined.
+                Err(RendezvousError::RoundBroken) if now() < deadline => {
+                    tracing::info!(
+                        "rendezvous: round {} lost a member as it formed; joining the next",
+                        self.state.round
+                    );
+                }
+                Err(RendezvousError::RoundBroken) => return Err(RendezvousError::JoinTimeout),
                 other => return other,
             }
         }
@@ -1141,6 +1321,9 @@ impl DynamicRdzv {
 
     async fn join_once(&mut self, deadline: f64) -> Result<Joined, RendezvousError> {
         self.op_deadline = deadline;
+        if self.is_fenced() {
+            return Err(RendezvousError::Fenced);
+        }
         // Spent here whether or not there is a round to leave (a failed
         // node check already left it): it never marks a later leave.
         let after_failure = std::mem::take(&mut self.after_failure);
@@ -1191,18 +1374,20 @@ impl DynamicRdzv {
         if action == Action::GracefulExit {
             return Err(RendezvousError::GracefulExit);
         }
+        // (Finish means a whole round with this node in it; anything else
+        // is a round that broke meanwhile: the next one is joined.)
         let rank = *self
             .state
             .participants
             .get(&self.node)
-            .ok_or(RendezvousError::JoinTimeout)?;
+            .ok_or(RendezvousError::RoundBroken)?;
         let rank0 = self
             .state
             .participants
             .iter()
             .find(|(_, &r)| r == 0)
             .map(|(n, _)| n.clone())
-            .ok_or(RendezvousError::JoinTimeout)?;
+            .ok_or(RendezvousError::RoundBroken)?;
         self.joined = Some(Membership {
             round: self.state.round,
             digest: digest(&self.state.participants),
@@ -1253,6 +1438,9 @@ impl DynamicRdzv {
     /// group must re-form (nodes waiting to join, or a participant of our
     /// round gone). Reads the whole state only when its version moved.
     pub async fn membership_changed(&mut self) -> Result<bool, RendezvousError> {
+        if self.fenced.load(Ordering::SeqCst) {
+            return Ok(true);
+        }
         let t = now();
         let dead = self.check_liveness().await?;
         if !dead && self.read_version().await? == self.version {
@@ -1268,10 +1456,19 @@ impl DynamicRdzv {
             if !evicted.is_empty() {
                 dynamic::settle(&mut next, t, &self.cfg);
                 // A lost race is fine: the next check tries again.
+                let fenced_before = self.state.fenced.clone();
                 if self.cas(&next).await? {
-                    self.forget_nodes(&gone(&before, &next)).await?;
+                    self.fence_nodes(&gone(&before, &next), &fenced_before)
+                        .await?;
+                } else {
+                    evicted.clear();
                 }
             }
+        }
+        if self.is_fenced() {
+            // This node was evicted while its workers ran: they stop, and
+            // it joins again as a new node.
+            return Ok(true);
         }
         let Some(m) = self.joined else {
             return Ok(false);
@@ -1284,7 +1481,6 @@ impl DynamicRdzv {
             return Ok(self.job_failure().await?.is_some());
         }
         let s = &self.state;
-        self.evicted.extend(evicted.iter().cloned());
         if !evicted.is_empty() {
             tracing::warn!(
                 "rendezvous: node(s) {} stopped sending heartbeats; re-forming the group",
@@ -1321,12 +1517,52 @@ impl DynamicRdzv {
                 Request::Leave(n.clone()),
                 Request::Quit(n.clone()),
                 Request::Fail(n.clone()),
+                Request::CheckFailed(n.clone()),
             ] {
                 keys.push(self.ack_key(&r));
             }
             for k in keys {
                 self.client.delete_key(&k).await?;
             }
+        }
+        Ok(())
+    }
+
+    /// After this node's write evicted `nodes`: each one's heartbeat counter
+    /// is fenced (its owner, should it come back, reads that it was
+    /// evicted; watchers never take it for alive), its published store and
+    /// acks go. The heartbeat counters of evicted nodes the state no longer
+    /// remembers (beyond [`dynamic::FENCED_KEPT`]) go too.
+    async fn fence_nodes(
+        &mut self,
+        nodes: &[Node],
+        fenced_before: &[Node],
+    ) -> Result<(), RendezvousError> {
+        for n in nodes {
+            self.peers.forget(n);
+            self.client.add(&hb_key(&self.key, n), FENCED_BEAT).await?;
+            let mut keys = vec![self.master_key(n)];
+            for r in [
+                Request::Join(n.clone()),
+                Request::Leave(n.clone()),
+                Request::Quit(n.clone()),
+                Request::Fail(n.clone()),
+                Request::CheckFailed(n.clone()),
+            ] {
+                keys.push(self.ack_key(&r));
+            }
+            for k in keys {
+                self.client.delete_key(&k).await?;
+            }
+        }
+        self.evicted.extend(nodes.iter().cloned());
+        let dropped: Vec<Node> = fenced_before
+            .iter()
+            .filter(|n| !self.state.fenced.contains(n))
+            .cloned()
+            .collect();
+        for n in dropped {
+            self.client.delete_key(&hb_key(&self.key, &n)).await?;
         }
         Ok(())
     }
@@ -1341,15 +1577,20 @@ impl DynamicRdzv {
         }
         // While this node is in a list the decision is a write (the drained
         // request takes it out); once it is out, the operation is done.
-        self.run_op(Some(quit), |s, n, _| {
-            if in_any_list(s, n) {
-                Action::RemoveFromParticipants
-            } else {
-                Action::Finish
-            }
-        })
-        .await?;
-        Ok(())
+        let quit = self
+            .run_op(Some(quit), |s, n, _| {
+                if in_any_list(s, n) {
+                    Action::RemoveFromParticipants
+                } else {
+                    Action::Finish
+                }
+            })
+            .await;
+        match quit {
+            // Evicted already: out of every list.
+            Ok(_) | Err(RendezvousError::Fenced) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// After a quit: this node's own keys go too (its heartbeat stops
@@ -1475,8 +1716,16 @@ fn hb_key(key: &str, n: &Node) -> String {
 
 /// Bumps this node's heartbeat counter every `every` until aborted. A lost
 /// connection is re-opened at the next beat: a node must not be evicted
-/// (and evicted again after every re-join) for one dropped connection.
-async fn beat(mut client: Client, key: String, every: Duration) {
+/// (and evicted again after every re-join) for one dropped connection. A
+/// counter that reads negative was fenced by the node that evicted this
+/// one: `fenced` is set, and the counter is left alone until the agent
+/// gives this node a new identity (a new `key`).
+async fn beat(
+    mut client: Client,
+    mut key: tokio::sync::watch::Receiver<String>,
+    every: Duration,
+    fenced: Arc<AtomicBool>,
+) {
     let peer = client.peer_addr().ok();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1494,8 +1743,17 @@ async fn beat(mut client: Client, key: String, every: Duration) {
                 Err(_) => continue,
             }
         }
-        broken = match client.add(&key, 1).await {
-            Ok(_) => false,
+        if fenced.load(Ordering::SeqCst) && !key.has_changed().unwrap_or(false) {
+            continue;
+        }
+        let k = key.borrow_and_update().clone();
+        broken = match client.add(&k, 1).await {
+            Ok(count) => {
+                if count < 0 && *key.borrow() == k {
+                    fenced.store(true, Ordering::SeqCst);
+                }
+                false
+            }
             Err(e) => {
                 if !broken {
                     tracing::debug!("heartbeat not sent: {e}");
@@ -1749,6 +2007,125 @@ mod tests {
         // A few rounds in, every kind of key exists; after that the count
         // stays put, whatever the number of restarts.
         assert!(sizes[11] <= sizes[3], "keys per round: {sizes:?}");
+        server.shutdown().await;
+    }
+
+    fn fast(n: u32) -> Settings {
+        Settings {
+            min_nodes: 2,
+            max_nodes: n,
+            last_call_timeout: 1.0,
+            keep_alive_interval: 0.5,
+            keep_alive_max_attempt: 2,
+            max_node_failures: None,
+        }
+    }
+
+    /// Until `a` sees its round change (a watched node evicted, say).
+    async fn until_changed(a: &mut DynamicRdzv) {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !a.membership_changed().await.unwrap() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("the round changed");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_evicted_agent_that_resumes_learns_it_and_joins_again_as_a_new_node() {
+        let server = Server::bind(BindAddr::Any(0)).unwrap().spawn();
+        let port = server.port();
+        let mut agents = Vec::new();
+        for i in 0..3 {
+            agents.push(agent_with(port, i, fast(3), 60.0).await);
+        }
+        let (mut agents, joined) = all_join(agents).await;
+        assert_one_world(&joined, 0);
+        let mut frozen = agents.pop().unwrap();
+        let old_identity = frozen.node.clone();
+        frozen.pause_heartbeat();
+        for a in agents.iter_mut() {
+            until_changed(a).await;
+        }
+        let (mut agents, joined) = all_join(agents).await;
+        assert!(joined.iter().all(|j| j.world_size == 2), "{joined:?}");
+        // It resumes: its first beat reads that it was fenced.
+        frozen.resume_heartbeat(port).await;
+        until_changed(&mut frozen).await;
+        let rejoin = tokio::spawn(async move {
+            let j = frozen.next_rendezvous().await.unwrap();
+            (frozen, j)
+        });
+        // The others see a newcomer waiting and re-form with it.
+        for a in agents.iter_mut() {
+            until_changed(a).await;
+        }
+        let (_agents, mut joined) = all_join(agents).await;
+        let (frozen, j) = rejoin.await.unwrap();
+        joined.push(j);
+        assert_one_world(&joined, joined[0].round);
+        assert_eq!(joined[0].world_size, 3);
+        assert_ne!(frozen.node, old_identity, "it joined under a new identity");
+        assert!(frozen.state.fenced.contains(&old_identity));
+        assert_eq!(frozen.evicted, vec![old_identity]);
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_state_key_that_vanished_is_read_again_and_the_count_carried_over() {
+        let server = Server::bind(BindAddr::Any(0)).unwrap().spawn();
+        let port = server.port();
+        let mut a = agent_with(port, 0, fast(2), 60.0).await;
+        let b = agent_with(port, 1, fast(2), 60.0).await;
+        let (mut agents, _) = all_join(vec![a, b]).await;
+        a = agents.remove(0);
+        a.read().await.unwrap();
+        let mut next = a.state.clone();
+        next.restarts = 2;
+        next.excluded.insert("bad-host".into());
+        assert!(a.cas(&next).await.unwrap());
+        // An operator deletes the state (or a store restarts empty at the
+        // same address): a compare-and-set against it is answered with the
+        // expected value, which must not be taken for the state.
+        let mut admin = Client::connect("127.0.0.1", port, Default::default())
+            .await
+            .unwrap();
+        admin.delete_key(&a.key).await.unwrap();
+        let mut later = a.state.clone();
+        later.deadline = Some(1.0);
+        let mut won = false;
+        for _ in 0..3 {
+            if a.cas(&later).await.unwrap() {
+                won = true;
+                break;
+            }
+        }
+        assert!(won, "the compare-and-set never re-read the missing key");
+        let raw = admin.get_now(&a.key).await.unwrap();
+        let stored = State::decode(&String::from_utf8_lossy(&raw))
+            .unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&raw)));
+        assert_eq!(stored.restarts, 2, "the job's restart count was lost");
+        assert!(stored.excluded.contains("bad-host"));
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_whose_check_fails_after_its_workers_did_still_spends_a_restart() {
+        let server = Server::bind(BindAddr::Any(0)).unwrap().spawn();
+        let port = server.port();
+        let mut agents = Vec::new();
+        for i in 0..2 {
+            agents.push(agent_with(port, i, fast(2), 60.0).await);
+        }
+        let (mut agents, joined) = all_join(agents).await;
+        assert!(joined.iter().all(|j| j.restarts == 0));
+        let a = &mut agents[0];
+        a.note_failure();
+        a.report_check_failure().await.unwrap();
+        a.read().await.unwrap();
+        assert_eq!(a.state.restarts, 1, "the failed round was not counted");
+        assert_eq!(a.state.node_failures.get(&a.node.addr), Some(&1));
         server.shutdown().await;
     }
 }

@@ -153,12 +153,41 @@ impl RendezvousBackend for C10dBackend {
         Some(self.poll_interval)
     }
 
+    /// Joins the next round and assigns ranks. The assignment waits on the
+    /// round's other nodes (their role infos, rank 0's answer): a node that
+    /// dies or is evicted meanwhile must not hold the others until the
+    /// store's timeout, so the membership is checked while it waits, and a
+    /// round that lost a member is given up for the next one.
     async fn next_round(&mut self, config: &LaunchConfig) -> Result<Assignment, RendezvousError> {
-        let (prefix, restarts, failures) = self.join_dynamic().await?;
-        let mut a = self.store.assign(config, prefix).await?;
-        a.restarts = Some(restarts);
-        a.node_failures = failures;
-        Ok(a)
+        loop {
+            let (prefix, restarts, failures) = self.join_dynamic().await?;
+            let (store, dynamic) = (&mut self.store, &mut self.dynamic);
+            let assign = store.assign(config, prefix);
+            tokio::pin!(assign);
+            let mut check = tokio::time::interval(self.poll_interval);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            check.tick().await;
+            let assigned = loop {
+                tokio::select! {
+                    a = &mut assign => break Some(a?),
+                    _ = check.tick() => {
+                        if dynamic.membership_changed().await? {
+                            break None;
+                        }
+                    }
+                }
+            };
+            match assigned {
+                Some(mut a) => {
+                    a.restarts = Some(restarts);
+                    a.node_failures = failures;
+                    return Ok(a);
+                }
+                None => tracing::warn!(
+                    "rendezvous: the round changed while its ranks were being assigned; joining the next"
+                ),
+            }
+        }
     }
 
     fn note_failure(&mut self) {

@@ -66,7 +66,43 @@ pub struct State {
     pub node_failures: BTreeMap<String, u32>,
     /// Hosts excluded for the rest of the run (`--max-node-failures`).
     pub excluded: BTreeSet<String>,
+    /// How many participants the round had when it completed (0 while it
+    /// is incomplete). A complete round with fewer has lost a member: it
+    /// is no longer one to run in, and a node still joining it leaves and
+    /// joins the next instead of running in a world with a hole.
+    pub world: u32,
+    /// Evicted nodes, most recent last (at most [`FENCED_KEPT`]): an
+    /// evicted node is never admitted again under the same identity, and
+    /// nothing it still writes (a join, a leave, a failure) changes a round.
+    /// It learns of its eviction and joins again as a new node.
+    pub fenced: Vec<Node>,
+    /// Who is to blame for the running round's failure, decided when the
+    /// round ends (see [`Blame`]).
+    pub blame: Option<Blame>,
 }
+
+/// The evidence of what broke a running round, kept until the round ends,
+/// when every node of it has left or been evicted (a dead node is a
+/// participant until it is evicted, so the round cannot end before). Only
+/// then is a failure counted against a host: the
+/// hosts of evicted participants if there are any (a node that died, froze
+/// past the window or was cut off is the cause; its peers' workers failing
+/// on a reset connection are the consequence), else the first node that
+/// reported the round's failure.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Blame {
+    pub round: u64,
+    /// The first node to report the round's failure (store order: the
+    /// request log's).
+    pub first: Option<Node>,
+    /// Hosts of the round's participants evicted while it ran.
+    pub lost: BTreeSet<String>,
+}
+
+/// How many evicted identities the state remembers. An identity older than
+/// this that sends a request is not refused; its requests can only come
+/// from a launcher frozen across this many evictions.
+pub const FENCED_KEPT: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Settings {
@@ -137,7 +173,13 @@ pub fn join_action(s: &State, node: &Node, now: f64, join_deadline: f64, cfg: &S
         return Action::RemoveFromRedundancyList;
     }
     if s.complete && is_participant {
-        return Action::Finish;
+        // A round that lost a member since it completed is left, and the
+        // next one joined: its world has a hole.
+        return if is_whole(s) {
+            Action::Finish
+        } else {
+            Action::RemoveFromParticipants
+        };
     }
     if now > join_deadline {
         let rollback = now <= join_deadline + ROLLBACK_WINDOW;
@@ -169,6 +211,11 @@ pub fn join_action(s: &State, node: &Node, now: f64, join_deadline: f64, cfg: &S
         return Action::AddToParticipants;
     }
     keep_alive_or_sync(s, node, now, cfg)
+}
+
+/// Whether a complete round still has every participant it completed with.
+pub fn is_whole(s: &State) -> bool {
+    s.complete && s.participants.len() as u32 == s.world
 }
 
 fn keep_alive_or_sync(s: &State, node: &Node, now: f64, cfg: &Settings) -> Action {
@@ -282,9 +329,39 @@ fn mark_complete(s: &mut State) {
     s.complete = true;
     s.deadline = None;
     s.expected = None;
+    s.world = s.participants.len() as u32;
     for (rank, r) in s.participants.values_mut().enumerate() {
         *r = rank as u32;
     }
+}
+
+/// Counts the failure of the round that just ended, now that every node of
+/// it has left or was evicted (the round moves on only then): excludes a
+/// host at `--max-node-failures`.
+fn resolve_blame(s: &mut State, cfg: &Settings) {
+    let Some(b) = s.blame.take_if(|b| b.round < s.round) else {
+        return;
+    };
+    let hosts: Vec<String> = if b.lost.is_empty() {
+        b.first.map(|n| n.addr).into_iter().collect()
+    } else {
+        b.lost.into_iter().collect()
+    };
+    for host in hosts {
+        count_failure(s, &host, cfg);
+    }
+}
+
+/// The blame record of the running round (made on first use).
+fn blame_of_round(s: &mut State) -> &mut Blame {
+    let round = s.round;
+    if s.blame.as_ref().is_none_or(|b| b.round != round) {
+        s.blame = Some(Blame {
+            round,
+            ..Blame::default()
+        });
+    }
+    s.blame.get_or_insert_with(Blame::default)
 }
 
 /// An emptied complete round starts the next one; an incomplete round that
@@ -292,7 +369,11 @@ fn mark_complete(s: &mut State) {
 fn after_participant_loss(s: &mut State, cfg: &Settings) {
     if s.complete && s.participants.is_empty() {
         s.complete = false;
+        s.world = 0;
         s.round += 1;
+        // Every node of the round left or was evicted: what broke it is
+        // known now.
+        resolve_blame(s, cfg);
     } else if !s.complete && (s.participants.len() as u32) < cfg.min_nodes {
         s.deadline = None;
     }
@@ -390,6 +471,10 @@ pub fn drain(s: &mut State, log: &[u8], now: f64, cfg: &Settings) -> Vec<Request
 /// join table allows without waiting, a leave leaves the round, a quit
 /// leaves every list.
 pub fn apply_request(s: &mut State, req: Request, now: f64, cfg: &Settings) {
+    if s.fenced.contains(req.tag().1) {
+        // From an evicted identity: it joins again under a new one.
+        return;
+    }
     match req {
         Request::Join(n) if s.excluded.contains(&n.addr) => {}
         Request::Join(n) => admit(s, &n, now, cfg),
@@ -406,15 +491,15 @@ pub fn apply_request(s: &mut State, req: Request, now: f64, cfg: &Settings) {
                 s.restarts += 1;
                 s.failed_round = Some(s.round);
                 // The first to report the round's failure is its root
-                // cause: its own worker failed, the others' failed after.
-                if count_failure(s, &n, cfg) {
-                    return;
-                }
+                // cause unless a member was lost meanwhile; decided when
+                // the round ends.
+                blame_of_round(s).first = Some(n.clone());
             }
             apply_request(s, Request::Leave(n), now, cfg);
         }
         Request::CheckFailed(n) => {
-            if count_failure(s, &n, cfg) {
+            // A failed check is this node's own: counted at once.
+            if count_failure(s, &n.addr, cfg) {
                 return;
             }
             // Out of the round it was in (the check runs between rounds).
@@ -423,15 +508,18 @@ pub fn apply_request(s: &mut State, req: Request, now: f64, cfg: &Settings) {
     }
 }
 
-/// Counts one failure against `n`'s host; at `--max-node-failures` the
-/// host is excluded and `n` leaves for good (a spare may take its place).
-/// Returns whether it was excluded.
-fn count_failure(s: &mut State, n: &Node, cfg: &Settings) -> bool {
-    let count = s.node_failures.entry(n.addr.clone()).or_default();
+/// Counts one failure against `host`; at `--max-node-failures` the host is
+/// excluded and every node of it leaves for good (a spare may take its
+/// place). Returns whether it was excluded.
+fn count_failure(s: &mut State, host: &str, cfg: &Settings) -> bool {
+    let count = s.node_failures.entry(host.to_string()).or_default();
     *count += 1;
     if cfg.max_node_failures.is_some_and(|k| *count >= k) {
-        s.excluded.insert(n.addr.clone());
-        remove_for_good(s, n, cfg);
+        s.excluded.insert(host.to_string());
+        let on_host: Vec<Node> = s.nodes().filter(|n| n.addr == host).cloned().collect();
+        for n in on_host {
+            remove_for_good(s, &n, cfg);
+        }
         return true;
     }
     false
@@ -503,16 +591,18 @@ pub fn failure_line(timestamp: u64, seq: u64, text: &str) -> String {
     format!("{timestamp} {seq}\t{}\n", text.replace('\n', " "))
 }
 
-/// The job's root cause among the nodes' shared lines: the earliest.
-pub fn first_failure<'a>(lines: impl Iterator<Item = &'a str>) -> Option<String> {
-    lines
-        .filter_map(|l| {
-            let (key, text) = l.split_once('\t')?;
-            let (ts, seq) = key.split_once(' ')?;
-            Some(((ts.parse::<u64>().ok()?, seq.parse::<u64>().ok()?), text))
-        })
-        .min_by_key(|(k, _)| *k)
-        .map(|(_, text)| text.trim_end().to_string())
+/// The job's root cause among the nodes' shared lines, given in the order
+/// the store took them (a c10d store's append order, etcd's revisions):
+/// the first. Not by timestamp: nodes' clocks differ, and two failures in
+/// one second would be ordered by each node's own counter.
+pub fn first_failure<'a>(mut lines: impl Iterator<Item = &'a str>) -> Option<String> {
+    lines.find_map(|l| {
+        let (key, text) = l.split_once('\t')?;
+        let (ts, seq) = key.split_once(' ')?;
+        ts.parse::<u64>().ok()?;
+        seq.parse::<u64>().ok()?;
+        Some(text.trim_end().to_string())
+    })
 }
 
 /// Whether `n`'s check failure, posted when its host had `before`
@@ -539,15 +629,7 @@ fn admit(s: &mut State, n: &Node, now: f64, cfg: &Settings) {
 /// After any change: nodes waiting for a round (and spares, when the round
 /// has room) move in, and a round that has everyone it expects completes.
 pub fn settle(s: &mut State, now: f64, cfg: &Settings) {
-    let waiting: Vec<Node> = s
-        .wait_list
-        .iter()
-        .chain(&s.redundancy_list)
-        .cloned()
-        .collect();
-    for n in &waiting {
-        admit(s, n, now, cfg);
-    }
+    admit_waiting(s, now, cfg);
     let n = s.participants.len() as u32;
     if !s.complete
         && !s.closed
@@ -556,6 +638,19 @@ pub fn settle(s: &mut State, now: f64, cfg: &Settings) {
         && (s.expected.is_some_and(|e| n >= e) || s.deadline.is_some_and(|d| now >= d))
     {
         mark_complete(s);
+    }
+}
+
+/// Nodes waiting for a round, and spares when the round has room, move in.
+fn admit_waiting(s: &mut State, now: f64, cfg: &Settings) {
+    let waiting: Vec<Node> = s
+        .wait_list
+        .iter()
+        .chain(&s.redundancy_list)
+        .cloned()
+        .collect();
+    for n in &waiting {
+        admit(s, n, now, cfg);
     }
 }
 
@@ -569,8 +664,36 @@ pub fn sanitize(s: &mut State, now: f64, cfg: &Settings) -> Vec<Node> {
         .map(|(n, _)| n.clone())
         .collect();
     dead.into_iter()
-        .filter(|n| remove_for_good(s, n, cfg))
+        .filter(|n| evict(s, n, cfg, true))
         .collect()
+}
+
+/// Evicts `n` (dead, frozen past the window, cut off): out of every list
+/// for good, its identity fenced where the backend gives a returning node
+/// a new identity (`fence`), and, if it ran in a running round, its host is
+/// that round's cause. Returns whether it was a participant.
+pub fn evict(s: &mut State, n: &Node, cfg: &Settings, fence_it: bool) -> bool {
+    if !in_any_list(s, n) {
+        return false;
+    }
+    let running = s.complete && s.participants.contains_key(n);
+    if running {
+        blame_of_round(s).lost.insert(n.addr.clone());
+    }
+    if fence_it {
+        fence(s, n);
+    }
+    remove_for_good(s, n, cfg)
+}
+
+/// Remembers `n` as evicted (see [`State::fenced`]).
+pub fn fence(s: &mut State, n: &Node) {
+    if !s.fenced.contains(n) {
+        s.fenced.push(n.clone());
+        if s.fenced.len() > FENCED_KEPT {
+            s.fenced.remove(0);
+        }
+    }
 }
 
 /// Takes a node that will not come back (dead, or quitting) out of every
@@ -615,7 +738,7 @@ pub fn node_parse(text: &str) -> Option<Node> {
 }
 
 /// First line of an encoded state; a format change gets a new tag.
-const STATE_TAG: &str = "torchrun-rs-rdzv/3";
+const STATE_TAG: &str = "torchrun-rs-rdzv/4";
 
 impl State {
     /// Every node the state lists: participants, wait list, spares.
@@ -633,7 +756,7 @@ impl State {
         use std::fmt::Write;
         let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
         let mut out = format!(
-            "{STATE_TAG} round={} complete={} closed={} deadline={} expected={} epoch={} applied={} restarts={} failed={}\n",
+            "{STATE_TAG} round={} complete={} closed={} deadline={} expected={} epoch={} applied={} restarts={} failed={} world={} blame={}\n",
             self.round,
             u8::from(self.complete),
             u8::from(self.closed),
@@ -643,6 +766,8 @@ impl State {
             self.applied,
             self.restarts,
             opt(self.failed_round.map(|r| r.to_string())),
+            self.world,
+            opt(self.blame.as_ref().map(|b| b.round.to_string())),
         );
         for (n, r) in &self.participants {
             let _ = writeln!(out, "P {r} {}", node_text(n));
@@ -658,6 +783,17 @@ impl State {
         }
         for addr in &self.excluded {
             let _ = writeln!(out, "E {addr}");
+        }
+        for n in &self.fenced {
+            let _ = writeln!(out, "T {}", node_text(n));
+        }
+        if let Some(b) = &self.blame {
+            if let Some(n) = &b.first {
+                let _ = writeln!(out, "BF {}", node_text(n));
+            }
+            for addr in &b.lost {
+                let _ = writeln!(out, "BL {addr}");
+            }
         }
         out
     }
@@ -683,11 +819,19 @@ impl State {
                 "applied" => s.applied = v.parse().ok()?,
                 "restarts" => s.restarts = v.parse().ok()?,
                 "failed" => s.failed_round = if opt { Some(v.parse().ok()?) } else { None },
+                "world" => s.world = v.parse().ok()?,
+                "blame" if opt => {
+                    s.blame = Some(Blame {
+                        round: v.parse().ok()?,
+                        ..Blame::default()
+                    })
+                }
+                "blame" => s.blame = None,
                 _ => return None,
             }
             seen += 1;
         }
-        if seen != 9 {
+        if seen != 11 {
             return None;
         }
         for line in lines {
@@ -710,6 +854,11 @@ impl State {
                 }
                 "E" => {
                     s.excluded.insert(rest.to_string());
+                }
+                "T" => s.fenced.push(node_parse(rest)?),
+                "BF" => s.blame.as_mut()?.first = Some(node_parse(rest)?),
+                "BL" => {
+                    s.blame.as_mut()?.lost.insert(rest.to_string());
                 }
                 _ => return None,
             }
@@ -749,6 +898,9 @@ mod tests {
             s.last_heartbeats.insert((*n).clone(), now);
         }
         s.complete = complete;
+        if complete {
+            s.world = nodes.len() as u32;
+        }
         s
     }
 
@@ -1275,5 +1427,132 @@ mod tests {
         s.expected = Some(2);
         settle(&mut s, NOW, &c);
         assert!(s.complete);
+    }
+
+    #[test]
+    fn a_survivor_whose_workers_fail_after_a_peer_died_is_not_blamed() {
+        let mut c = cfg(2, 3);
+        c.max_node_failures = Some(1);
+        let (a, b, x) = (node("a", 1), node("b", 1), node("x", 1));
+        // b's failure reaches the state before x's eviction, and after it.
+        for fail_first in [true, false] {
+            let mut s = with_participants(&[&a, &b, &x], true, NOW);
+            let evict_x = |s: &mut State| {
+                s.last_heartbeats.insert(a.clone(), NOW);
+                s.last_heartbeats.insert(b.clone(), NOW);
+                s.last_heartbeats.insert(x.clone(), NOW - 16.0);
+                assert_eq!(sanitize(s, NOW, &c), vec![x.clone()]);
+            };
+            if fail_first {
+                apply_request(&mut s, Request::Fail(b.clone()), NOW, &c);
+                evict_x(&mut s);
+            } else {
+                evict_x(&mut s);
+                apply_request(&mut s, Request::Fail(b.clone()), NOW, &c);
+            }
+            apply_request(&mut s, Request::Leave(a.clone()), NOW, &c);
+            assert_eq!(s.round, 1, "the round ended");
+            assert_eq!(s.node_failures.get("b"), None, "fail_first={fail_first}");
+            assert_eq!(s.node_failures.get("x"), Some(&1));
+            assert!(s.excluded.contains("x") && !s.excluded.contains("b"));
+            // The failed round still counts one restart.
+            assert_eq!(s.restarts, 1);
+            for n in [&a, &b] {
+                apply_request(&mut s, Request::Join(n.clone()), NOW, &c);
+            }
+            settle(&mut s, NOW, &c);
+            assert!(s.complete && s.participants.len() == 2);
+        }
+    }
+
+    #[test]
+    fn the_first_to_fail_is_blamed_only_once_the_round_has_ended() {
+        let mut c = cfg(2, 3);
+        c.max_node_failures = Some(1);
+        let (a, b) = (node("a", 1), node("b", 1));
+        let mut s = with_participants(&[&a, &b], true, NOW);
+        apply_request(&mut s, Request::Fail(a.clone()), NOW, &c);
+        // b has not left yet: it may still turn out that it died first.
+        assert!(s.node_failures.is_empty());
+        apply_request(&mut s, Request::Fail(b.clone()), NOW, &c);
+        assert_eq!(s.node_failures.get("a"), Some(&1));
+        assert!(s.excluded.contains("a"));
+        assert_eq!(s.restarts, 1);
+    }
+
+    #[test]
+    fn an_evicted_identity_is_never_admitted_again() {
+        let c = cfg(1, 3);
+        let (a, x) = (node("a", 1), node("x", 1));
+        let mut s = with_participants(&[&a, &x], true, NOW);
+        s.last_heartbeats.insert(a.clone(), NOW);
+        s.last_heartbeats.insert(x.clone(), NOW - 16.0);
+        sanitize(&mut s, NOW, &c);
+        assert_eq!(s.fenced, vec![x.clone()]);
+        // What the evicted identity still sends changes nothing.
+        for r in [
+            Request::Join(x.clone()),
+            Request::Fail(x.clone()),
+            Request::CheckFailed(x.clone()),
+        ] {
+            apply_request(&mut s, r, NOW, &c);
+            assert!(!in_any_list(&s, &x));
+        }
+        assert!(s.node_failures.get("x").is_none_or(|&n| n <= 1));
+        // The same launcher under a new identity is a newcomer.
+        let x2 = Node {
+            local_id: 7,
+            ..x.clone()
+        };
+        apply_request(&mut s, Request::Join(x2.clone()), NOW, &c);
+        assert!(in_any_list(&s, &x2));
+        // Only the most recent evictions are remembered.
+        for i in 0..(FENCED_KEPT as u32 + 5) {
+            fence(&mut s, &node("y", i));
+        }
+        assert_eq!(s.fenced.len(), FENCED_KEPT);
+        assert!(!s.fenced.contains(&x));
+    }
+
+    #[test]
+    fn a_round_that_lost_a_member_since_it_completed_is_left_not_run() {
+        let c = cfg(2, 3);
+        let (a, b, x) = (node("a", 1), node("b", 1), node("x", 1));
+        let mut s = with_participants(&[&a, &b, &x], true, NOW);
+        assert_eq!(join_action(&s, &a, NOW, JOIN_DEADLINE, &c), Action::Finish);
+        remove_for_good(&mut s, &x, &c);
+        // a was still joining: it must not run in a world with a hole.
+        assert_eq!(
+            join_action(&s, &a, NOW, JOIN_DEADLINE, &c),
+            Action::RemoveFromParticipants
+        );
+    }
+
+    #[test]
+    fn the_first_failure_is_the_first_the_store_took_whatever_the_clocks_say() {
+        let lines = ["1700000005 0\tnode b failed", "1700000004 9\tnode a failed"];
+        assert_eq!(
+            first_failure(lines.iter().copied()).as_deref(),
+            Some("node b failed")
+        );
+        assert_eq!(
+            first_failure(["torn", "1 2\tok"].iter().copied()).as_deref(),
+            Some("ok")
+        );
+    }
+
+    #[test]
+    fn fencing_and_blame_round_trip_through_the_encoding() {
+        let c = cfg(2, 3);
+        let (a, b, x) = (node("a", 1), node("b b", 2), node("x", 3));
+        let mut s = with_participants(&[&a, &b, &x], true, NOW);
+        apply_request(&mut s, Request::Fail(a.clone()), NOW, &c);
+        s.last_heartbeats.insert(x.clone(), NOW - 16.0);
+        sanitize(&mut s, NOW, &c);
+        s.last_heartbeats.clear();
+        let back = State::decode(&s.encode()).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.world, 3);
+        assert!(back.blame.as_ref().unwrap().lost.contains("x"));
     }
 }

@@ -276,8 +276,20 @@ impl EtcdRdzv {
     /// and the failure counts towards its exclusion. Returns the host's
     /// failures in this run; `Excluded` once they reach the limit.
     pub async fn report_check_failure(&mut self) -> Result<u32, RendezvousError> {
-        self.op_deadline = now() + self.join_timeout;
+        let deadline = now() + self.join_timeout;
+        self.op_deadline = deadline;
         self.read().await?;
+        if std::mem::take(&mut self.after_failure)
+            && self.state.participants.contains_key(&self.node)
+        {
+            // This node's workers failed before its check did: the round's
+            // failure counts (once for the job) before the check's.
+            let fail = Request::Fail(self.node.clone());
+            self.run_op(Some(fail), move |s, n, t| {
+                dynamic::exit_action(s, n, t, deadline)
+            })
+            .await?;
+        }
         self.joined = None;
         let before = self
             .state
@@ -864,7 +876,10 @@ impl EtcdRdzv {
 
     /// The job's root cause, as the nodes that ended in failure shared it.
     pub async fn job_failure(&mut self) -> Result<Option<String>, RendezvousError> {
-        let (kvs, _) = self.etcd.range(&self.keys.failures_prefix(), true).await?;
+        let (mut kvs, _) = self.etcd.range(&self.keys.failures_prefix(), true).await?;
+        // In the order etcd took them: the first node to share its failure
+        // is the job's root cause on every node.
+        kvs.sort_by_key(|kv| (kv.create_revision, kv.mod_revision));
         let lines: Vec<String> = kvs
             .iter()
             .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
@@ -902,7 +917,9 @@ fn evict_dead(s: &mut State, dead: &HashSet<Vec<u8>>, cfg: &Settings) -> Vec<Nod
         .cloned()
         .collect();
     dead.into_iter()
-        .filter(|n| dynamic::remove_for_good(s, n, cfg))
+        // (etcd: a node whose lease expired registers again under its own
+        // identity, with a new lease; it is not fenced here.)
+        .filter(|n| dynamic::evict(s, n, cfg, false))
         .collect()
 }
 

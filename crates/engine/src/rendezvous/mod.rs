@@ -79,6 +79,14 @@ pub enum RendezvousError {
     JobFailed(String),
     #[error("timed out joining the rendezvous (join_timeout in --rdzv-conf)")]
     JoinTimeout,
+    /// This node was evicted under its identity (within a backend: it
+    /// joins again as a new node).
+    #[error("this node was evicted from the rendezvous")]
+    Fenced,
+    /// The round lost a member as it formed (within a backend: the next
+    /// round is joined).
+    #[error("the rendezvous round lost a member as it formed")]
+    RoundBroken,
     #[error("the rendezvous store at {addr} did not answer for {timeout:?} (join_timeout): the node that hosted it is gone. A store that outlives any one node: a standalone torchrun-rs-store on a node that does not train (--rdzv-conf=is_host=false), or --rdzv-backend=etcd-v3")]
     StoreLost { addr: String, timeout: Duration },
     #[error("this node is excluded from the run: it was the first to fail in as many rounds as --max-node-failures allows; the job goes on without it (a waiting spare takes its place)")]

@@ -25,7 +25,7 @@ enum Command {
     /// failed, or not): answered by [`RdzvEvent::Round`].
     NextRound { after_failure: bool },
     /// This node's `--node-check` failed.
-    CheckFailed,
+    CheckFailed { after_failure: bool },
     /// Whether the group must re-form: answered by [`RdzvEvent::Membership`].
     CheckMembership,
     /// The job ended here (exit barrier on success, then close): answered
@@ -100,8 +100,10 @@ impl RendezvousTask {
     pub fn next_round(&self, after_failure: bool) {
         self.send(Command::NextRound { after_failure });
     }
-    pub fn check_failed(&self) {
-        self.send(Command::CheckFailed);
+    /// `after_failure`: this node's workers failed in the round it is
+    /// leaving (the failed round counts before the check does).
+    pub fn check_failed(&self, after_failure: bool) {
+        self.send(Command::CheckFailed { after_failure });
     }
     pub fn check_membership(&self) {
         self.send(Command::CheckMembership);
@@ -195,7 +197,12 @@ async fn run<B: RendezvousBackend>(
             };
             Some(RdzvEvent::Round(round))
         }
-        Command::CheckFailed => Some(RdzvEvent::CheckCounted(rdzv.report_check_failure().await)),
+        Command::CheckFailed { after_failure } => {
+            if after_failure {
+                rdzv.note_failure();
+            }
+            Some(RdzvEvent::CheckCounted(rdzv.report_check_failure().await))
+        }
         Command::CheckMembership => {
             let changed = rdzv.membership_changed().await;
             Some(RdzvEvent::Membership(changed, rdzv.take_evicted()))
