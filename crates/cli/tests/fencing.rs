@@ -30,7 +30,22 @@ fn worker(dir: &Path) -> PathBuf {
     w
 }
 
+const WINDOW_3S: &str =
+    "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=120";
+
 fn agent(n: u8, port: u16, run_id: &str, dir: &Path, extra: &[&str]) -> Child {
+    agent_with(n, port, run_id, dir, WINDOW_3S, "0.1", extra)
+}
+
+fn agent_with(
+    n: u8,
+    port: u16,
+    run_id: &str,
+    dir: &Path,
+    conf: &str,
+    monitor_interval: &str,
+    extra: &[&str],
+) -> Child {
     Command::new(BIN)
         .args([
             "--nnodes=2:3",
@@ -40,9 +55,12 @@ fn agent(n: u8, port: u16, run_id: &str, dir: &Path, extra: &[&str]) -> Child {
             &format!("--rdzv-endpoint=127.0.0.2:{port}"),
             &format!("--rdzv-id={run_id}"),
             &format!("--local-addr=127.0.0.{n}"),
-            "--rdzv-conf=last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=120",
-            &format!("--events-file={}", dir.join(format!("events.{n}")).display()),
-            "--monitor-interval=0.1",
+            &format!("--rdzv-conf={conf}"),
+            &format!(
+                "--events-file={}",
+                dir.join(format!("events.{n}")).display()
+            ),
+            &format!("--monitor-interval={monitor_interval}"),
             "--no-python",
         ])
         .args(extra)
@@ -216,4 +234,48 @@ fn a_survivor_whose_workers_fail_after_a_peers_death_is_not_blamed() {
     // The dead node's host is the cause, and is counted.
     let (_, err) = &codes[0];
     assert!(err.contains("host 127.0.0.4 is excluded"), "{err}");
+}
+
+/// The timestamps (ms) of `event` in node `n`'s events file.
+fn event_times(dir: &Path, n: u8, event: &str) -> Vec<f64> {
+    std::fs::read_to_string(dir.join(format!("events.{n}")))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == event)
+        .filter_map(|e| e["ts"].as_f64())
+        .collect()
+}
+
+#[test]
+fn a_worker_failure_reaches_the_other_nodes_through_the_store_not_their_poll() {
+    // Default heartbeats (5 s) and a 5 s monitor interval: the others poll
+    // their membership every 2.5 s. The store wakes them instead.
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let conf = "last_call_timeout=1,join_timeout=120";
+    let agents: Vec<Child> = (2..5)
+        .map(|n| agent_with(n, port, "wake", d, conf, "5", &[]))
+        .collect();
+    wait_for(Duration::from_secs(60), "a world of 3", || {
+        one_world(d, &[2, 3, 4], 0)
+    });
+    let before = starts(d).len();
+    std::fs::write(d.join("crash.3"), b"").unwrap();
+    wait_for(Duration::from_secs(60), "a world of 3 again", || {
+        one_world(d, &[2, 3, 4], before)
+    });
+    let codes = stop_all(d, agents);
+    for (code, err) in &codes {
+        assert_eq!(*code, Some(0), "{err}");
+    }
+    let failed_at = event_times(d, 3, "worker_exited")[0];
+    for n in [2, 4] {
+        let stopping = event_times(d, n, "group_stopping")[0];
+        let after = stopping - failed_at;
+        eprintln!("node {n} stopped its workers {after:.1} ms after the failure on node 3");
+        // Well under the 2.5 s poll, with room for a busy machine.
+        assert!(after < 1000.0, "node {n}: {after:.1} ms");
+    }
 }

@@ -139,6 +139,11 @@ pub struct DynamicRdzv {
     fenced: Arc<AtomicBool>,
     /// The heartbeat task's key (it changes with this node's identity).
     beat_key: tokio::sync::watch::Sender<String>,
+    /// Notified when the round this node runs in changes (see
+    /// [`Self::watch_round`]).
+    pub change: Arc<tokio::sync::Notify>,
+    /// The task blocked on the running round's change key.
+    round_watch: Option<tokio::task::JoinHandle<()>>,
     /// The job's restart count, failing and excluded hosts as this node last
     /// knew them, after the state vanished from the store: written into the
     /// first state this node writes there.
@@ -294,6 +299,9 @@ impl Drop for DynamicRdzv {
         if let Some(h) = self.heartbeat.take() {
             h.abort();
         }
+        if let Some(h) = self.round_watch.take() {
+            h.abort();
+        }
     }
 }
 
@@ -353,6 +361,8 @@ impl DynamicRdzv {
             evicted: Vec::new(),
             fenced,
             beat_key,
+            change: Arc::new(tokio::sync::Notify::new()),
+            round_watch: None,
             carried: None,
             #[cfg(test)]
             fail_before_seats: false,
@@ -472,6 +482,51 @@ impl DynamicRdzv {
             .ok_or(RendezvousError::BadAssignment(format!(
                 "master address {raw:?}"
             )))
+    }
+
+    /// Set by the writer whose write changed a running round (a member
+    /// left, failed or was evicted, a node waits, the rendezvous closed).
+    fn changed_key(&self, round: u64) -> String {
+        format!("{}.changed.{round}", self.key)
+    }
+
+    /// While this node runs in `round`: a task of its own, on a connection of
+    /// its own, blocks on the round's change key and notifies
+    /// [`Self::change`] when it is set. A worker failure on another node thus
+    /// reaches this one through the store at once, not at its next poll.
+    fn watch_round(&mut self, round: u64) {
+        if let Some(h) = self.round_watch.take() {
+            h.abort();
+        }
+        let Ok(peer) = self.client.peer_addr() else {
+            return;
+        };
+        let key = self.changed_key(round);
+        let notify = self.change.clone();
+        self.round_watch = Some(tokio::spawn(async move {
+            let opts = tcpstore::ConnectOptions {
+                timeout: Duration::from_secs(3600),
+                ..Default::default()
+            };
+            let Ok(mut client) = Client::connect(&peer.ip().to_string(), peer.port(), opts).await
+            else {
+                // The poll still sees the change.
+                return;
+            };
+            loop {
+                match client
+                    .wait(&[key.as_str()], Duration::from_secs(3600))
+                    .await
+                {
+                    Ok(()) => {
+                        notify.notify_one();
+                        return;
+                    }
+                    Err(ClientError::WaitTimeout { .. }) => {}
+                    Err(_) => return,
+                }
+            }
+        }));
     }
 
     fn wake_key(&self, round: u64) -> String {
@@ -797,6 +852,20 @@ impl DynamicRdzv {
         for v in [version - 1, version - 2] {
             let claim = format!("{}.writing.{v}", self.key);
             self.client.delete_key(&claim).await?;
+        }
+        let s = &self.state;
+        let running_changed = old.complete
+            && (s.round != old.round
+                || s.participants != old.participants
+                || s.wait_list.len() > old.wait_list.len()
+                || s.closed);
+        if running_changed {
+            let k = self.changed_key(old.round);
+            self.client.set(&k, b"1").await?;
+            if let Some(r) = old.round.checked_sub(2) {
+                let k = self.changed_key(r);
+                self.client.delete_key(&k).await?;
+            }
         }
         let mut wake = Vec::new();
         let s = &self.state;
@@ -1399,6 +1468,7 @@ impl DynamicRdzv {
         self.client.delete_key(&seat).await?;
         let (master_addr, master_port) = self.master_of(&rank0).await?;
         self.ranked_once = true;
+        self.watch_round(self.state.round);
         Ok(Joined {
             round: self.state.round,
             rank,
@@ -1423,6 +1493,7 @@ impl DynamicRdzv {
         self.watched = seat.watched;
         let (master_addr, master_port) = self.master_of(&seat.rank0).await?;
         self.ranked_once = true;
+        self.watch_round(round);
         Ok(Joined {
             round,
             rank: seat.rank,

@@ -153,6 +153,10 @@ impl RendezvousBackend for C10dBackend {
         Some(self.poll_interval)
     }
 
+    fn change_signal(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        Some(self.dynamic.change.clone())
+    }
+
     /// Joins the next round and assigns ranks. The assignment waits on the
     /// round's other nodes (their role infos, rank 0's answer): a node that
     /// dies or is evicted meanwhile must not hold the others until the

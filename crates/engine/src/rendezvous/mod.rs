@@ -131,6 +131,13 @@ pub trait RendezvousBackend: Send + 'static {
         None
     }
 
+    /// Notified when the store says the running round changed (a member
+    /// left, failed or was evicted; a node waits to join): the membership is
+    /// checked at once, not at the next poll.
+    fn change_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
+
     /// Joins the next round and assigns this node's ranks.
     fn next_round(
         &mut self,

@@ -74,7 +74,8 @@ impl RendezvousTask {
         let poll_interval = rdzv.poll_interval();
         let store_stats = rdzv.store_stats();
         let (commands, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(serve(rdzv, config, rx, events));
+        let changed = rdzv.change_signal();
+        let task = tokio::spawn(serve(rdzv, config, rx, events, changed));
         RendezvousTask {
             commands,
             task,
@@ -133,15 +134,23 @@ async fn serve<B: RendezvousBackend>(
     config: Arc<LaunchConfig>,
     mut commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<RdzvEvent>,
+    changed: Option<Arc<tokio::sync::Notify>>,
 ) {
     let mut queue: VecDeque<Command> = VecDeque::new();
     let mut open = true;
+    let changed = changed.unwrap_or_default();
     loop {
         let command = match queue.pop_front() {
             Some(c) => c,
-            None if open => match commands.recv().await {
-                Some(c) => c,
-                None => break,
+            None if open => tokio::select! {
+                c = commands.recv() => match c {
+                    Some(c) => c,
+                    None => break,
+                },
+                // The store says the running round changed: the agent
+                // hears of it now (it takes a membership answer at any
+                // time while its workers run).
+                () = changed.notified() => Command::CheckMembership,
             },
             None => break,
         };
