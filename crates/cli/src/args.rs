@@ -99,7 +99,7 @@ static SPECS: &[Spec] = &[
     v("on_hang", &["--on-hang", "--on_hang"], "torchrun-rs: after a hang report: report (default), fail, or restart"),
     v("restart_backoff", &["--restart-backoff", "--restart_backoff"], "torchrun-rs: wait before each restart after a failure: MIN or MIN:MAX (10, 30s, 5m), doubling up to MAX, plus up to 25 % jitter (default 0)"),
     v("fatal_exit_codes", &["--fatal-exit-codes", "--fatal_exit_codes"], "torchrun-rs: worker exit codes that end the job at once, without a restart, e.g. 2,64"),
-    v("max_node_failures", &["--max-node-failures", "--max_node_failures"], "torchrun-rs: exclude a node for the rest of the run once it is the first to fail in this many rounds (c10d, etcd-v3; default: never)"),
+    v("max_node_failures", &["--max-node-failures", "--max_node_failures"], "torchrun-rs: exclude a node for the rest of the run once it has caused this many failed rounds (its workers failed first, or it died or was evicted) (c10d, etcd-v3; default: never)"),
     v("node_check", &["--node-check", "--node_check"], "torchrun-rs: a shell command run before each rendezvous round (a GPU or NIC check); a non-zero exit keeps this node out of the round and counts as one of its failures"),
     Spec { dest: "gpus", names: &["--gpus"], kind: Kind::Value, pet: false, help: "torchrun-rs: run on these GPUs only, e.g. 0,2,5 or 0-3 (sets CUDA_VISIBLE_DEVICES; gpu and auto count them)" },
     Spec { dest: "no_auto_config", names: &["--no-auto-config", "--no_auto_config"], kind: Kind::Flag, pet: false, help: "torchrun-rs: do not derive unset values from a Slurm or Kubernetes environment (also TORCHRUN_RS_NO_AUTO_CONFIG=1)" },

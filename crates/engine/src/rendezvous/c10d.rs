@@ -144,6 +144,9 @@ pub struct DynamicRdzv {
     pub change: Arc<tokio::sync::Notify>,
     /// The task blocked on the running round's change key.
     round_watch: Option<tokio::task::JoinHandle<()>>,
+    /// The job is ending here (exit barrier, close): other launchers that
+    /// finish first and go are not deaths to judge or evict.
+    finishing: bool,
     /// The job's restart count, failing and excluded hosts as this node last
     /// knew them, after the state vanished from the store: written into the
     /// first state this node writes there.
@@ -363,6 +366,7 @@ impl DynamicRdzv {
             beat_key,
             change: Arc::new(tokio::sync::Notify::new()),
             round_watch: None,
+            finishing: false,
             carried: None,
             #[cfg(test)]
             fail_before_seats: false,
@@ -772,7 +776,9 @@ impl DynamicRdzv {
             })?
         };
         self.token = raw;
-        self.watched = watched_by(&sorted_nodes(&self.state), &self.node);
+        if !self.finishing {
+            self.watched = watched_by(&sorted_nodes(&self.state), &self.node);
+        }
         Ok(())
     }
 
@@ -939,6 +945,9 @@ impl DynamicRdzv {
     /// sweeping). Returns whether one of them has not moved for the
     /// dead-node window, by the monotonic clock.
     async fn check_liveness(&mut self) -> Result<bool, RendezvousError> {
+        if self.finishing {
+            return Ok(false);
+        }
         // Once this node has run in a round: a job's first rendezvous has
         // no launcher to lose yet, and thousands of arriving agents need not
         // connect to each other while they rank.
@@ -1678,8 +1687,18 @@ impl DynamicRdzv {
     /// The job is ending here: other launchers that finish first and go
     /// are not deaths to report.
     pub fn stop_watching_peers(&mut self) {
+        // For good: a state read while closing must not start it again
+        // (the launchers that passed the exit barrier first are gone, and
+        // a thousand nodes evicting them at once would contend to write).
+        self.finishing = true;
         self.peers.retain(&[]);
         self.watched.clear();
+        // Nor does it need to hear of its round's changes: a job of a
+        // thousand nodes closing must not wake a thousand finished agents
+        // into reading the state.
+        if let Some(h) = self.round_watch.take() {
+            h.abort();
+        }
     }
 
     /// Shares this node's root cause with the job (before it closes).

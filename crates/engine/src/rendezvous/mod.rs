@@ -89,7 +89,7 @@ pub enum RendezvousError {
     RoundBroken,
     #[error("the rendezvous store at {addr} did not answer for {timeout:?} (join_timeout): the node that hosted it is gone. A store that outlives any one node: a standalone torchrun-rs-store on a node that does not train (--rdzv-conf=is_host=false), or --rdzv-backend=etcd-v3")]
     StoreLost { addr: String, timeout: Duration },
-    #[error("this node is excluded from the run: it was the first to fail in as many rounds as --max-node-failures allows; the job goes on without it (a waiting spare takes its place)")]
+    #[error("this node is excluded from the run: it caused as many failed rounds as --max-node-failures allows (its workers failed first, or it died or was evicted); the job goes on without it (a waiting spare takes its place)")]
     Excluded,
     /// This node was a spare and the job ended: not an error for the user.
     #[error("the job ended while this node waited as a spare")]
