@@ -240,16 +240,29 @@ def _launch(argv, name, python=None):
     if code == 0:
         return {r: None for r in ranks}
     child_failed, process_failure = _failure_classes()
+    # The last attempt's failures only, as torch reports the final
+    # attempt's (earlier ones were restarted from).
+    failed = [e for e in facts if e.get("event") == "worker_exited" and e.get("reason") == "failed"]
+    final = max((e.get("attempt", 0) for e in failed), default=0)
     failures = {}
-    for e in facts:
-        if e.get("event") == "worker_exited" and e.get("reason") == "failed":
-            exitcode = e["exit_code"] if e.get("exit_code") is not None else -int(e.get("signal") or 0)
-            failures[e["rank"]] = process_failure(e["local_rank"], e["pid"], exitcode, "")
+    for e in failed:
+        if e.get("attempt", 0) != final:
+            continue
+        exitcode = e["exit_code"] if e.get("exit_code") is not None else -int(_signal_number(e.get("signal")))
+        failures[e["rank"]] = process_failure(e["local_rank"], e["pid"], exitcode, "")
     if not failures:
         # The launcher itself failed (a usage error, the rendezvous):
         # what it said is on stderr; the rank is unknown.
         failures[-1] = process_failure(-1, -1, code, "")
     raise child_failed(name, failures)
+
+
+def _signal_number(name):
+    """``SIGKILL`` (the events file's spelling) or a number → the number."""
+    if isinstance(name, int):
+        return name
+    sig = getattr(signal, str(name or ""), None)
+    return int(sig) if sig is not None else 0
 
 
 def launch_agent(config, entrypoint, args):
