@@ -235,3 +235,160 @@ fn the_command_line_agrees_with_torchs_parser_argument_for_argument() {
     eprintln!("{}", err.lines().next().unwrap_or(""));
     assert!(out.status.success(), "{err}");
 }
+
+/// A Python program that calls `torchrun_rs.run.main([...])` (as Lightning
+/// Fabric does) on two workers of worker.py's `record die` mode: each
+/// writes the signals it gets to `signals.<rank>` and then exits. Its
+/// stderr goes to a file: a launcher that outlived the caller must not keep
+/// the test waiting on a pipe.
+struct Caller {
+    child: std::process::Child,
+    out: tempfile::TempDir,
+    launcher: i32,
+    workers: [i32; 2],
+}
+
+fn parent_of(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let (_, rest) = stat.rsplit_once(')').unwrap();
+    rest.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+impl Caller {
+    fn start() -> Caller {
+        let out = tempfile::tempdir().unwrap();
+        let err = std::fs::File::create(out.path().join("caller.err")).unwrap();
+        let child = Command::new(testkit::torch_python())
+            .args([
+                "-c",
+                "import sys, torchrun_rs.run as r; r.main(sys.argv[1:])",
+                "--nproc-per-node=2",
+            ])
+            .arg(testkit::cli_helper("worker.py"))
+            .arg("record")
+            .arg(out.path())
+            .arg("die")
+            .env("PYTHONPATH", package_dir())
+            .env("TORCHRUN_RS_BIN", BIN)
+            .env("PYTHON_EXEC", "python3")
+            .env("TMPDIR", out.path())
+            .env_remove("OMP_NUM_THREADS")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        let pid = |r: usize| {
+            let p = out.path().join(format!("pid.{r}"));
+            testkit::wait_for(Duration::from_secs(60), "a worker's pid", || {
+                std::fs::read_to_string(&p).ok()?.trim().parse::<i32>().ok()
+            })
+        };
+        let workers = [pid(0), pid(1)];
+        let launcher = parent_of(workers[0]);
+        assert_ne!(launcher, child.id() as i32, "workers are the launcher's");
+        assert_eq!(parent_of(launcher), child.id() as i32);
+        Caller {
+            child,
+            out,
+            launcher,
+            workers,
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: a signal to the caller this test started.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// The caller's exit status and stderr (within 60 s).
+    fn finish(&mut self) -> (std::process::ExitStatus, String) {
+        let status = testkit::wait_for(Duration::from_secs(60), "the caller to exit", || {
+            self.child.try_wait().unwrap()
+        });
+        let err = std::fs::read_to_string(self.out.path().join("caller.err")).unwrap();
+        (status, err)
+    }
+
+    fn signals_seen(&self, rank: usize) -> String {
+        std::fs::read_to_string(self.out.path().join(format!("signals.{rank}")))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+
+    fn all_gone(&self) -> bool {
+        !testkit::pid_alive(self.launcher) && self.workers.iter().all(|&p| !testkit::pid_alive(p))
+    }
+}
+
+impl Drop for Caller {
+    fn drop(&mut self) {
+        // A failed test leaves nothing running: the launcher this test's
+        // caller started (its guardian then stops the workers).
+        let ours = std::fs::read(format!("/proc/{}/cmdline", self.launcher))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).starts_with(BIN));
+        if ours && testkit::pid_alive(self.launcher) {
+            // SAFETY: a signal to the launcher this test's caller started.
+            unsafe { libc::kill(self.launcher, libc::SIGKILL) };
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// SIGTERM or SIGINT at a Python caller reaches the workers through the
+/// launcher, with their grace (their handlers run), and the caller ends as
+/// torch's agent does: `SignalException`, once nothing of the job is left.
+fn a_signal_at_the_caller_stops_the_job_with_grace(sig: i32, name: &str) {
+    let mut c = Caller::start();
+    c.signal(sig);
+    let (status, err) = c.finish();
+    assert!(
+        c.all_gone(),
+        "the launcher or a worker outlived the caller: {err}"
+    );
+    assert_eq!(status.code(), Some(1), "{status:?}: {err}");
+    assert!(
+        err.contains("SignalException") && err.contains("got signal"),
+        "{err}"
+    );
+    for r in 0..2 {
+        assert_eq!(c.signals_seen(r), name, "rank {r}'s handler: {err}");
+    }
+}
+
+#[test]
+fn sigterm_at_a_python_caller_stops_the_workers_with_grace_and_raises_signal_exception() {
+    a_signal_at_the_caller_stops_the_job_with_grace(libc::SIGTERM, "SIGTERM");
+}
+
+#[test]
+fn sigint_at_a_python_caller_reaches_the_workers_handlers_not_sigkill() {
+    a_signal_at_the_caller_stops_the_job_with_grace(libc::SIGINT, "SIGINT");
+}
+
+#[test]
+fn a_sigkilled_python_caller_takes_its_launcher_and_workers_with_it() {
+    let mut c = Caller::start();
+    c.signal(libc::SIGKILL);
+    let (status, _) = c.finish();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+    let t0 = std::time::Instant::now();
+    testkit::wait_for(
+        Duration::from_secs(20),
+        "the launcher and its workers to end with their caller",
+        || c.all_gone().then_some(()),
+    );
+    eprintln!(
+        "launcher and workers gone {:?} after the caller",
+        t0.elapsed()
+    );
+    // Stopped as a SIGTERM of the launcher stops them: handlers ran.
+    for r in 0..2 {
+        assert_eq!(c.signals_seen(r), "SIGTERM", "rank {r}");
+    }
+}
