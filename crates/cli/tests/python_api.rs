@@ -51,7 +51,9 @@ fn torchs_test_run_cases_and_the_api_beside_torchs() {
 /// into its site-packages, never into the shared torch venv.
 struct Venv {
     _dir: tempfile::TempDir,
+    root: PathBuf,
     python: PathBuf,
+    site: PathBuf,
     tmp: PathBuf,
 }
 
@@ -86,9 +88,29 @@ fn fresh_venv() -> Venv {
     std::fs::create_dir(&tmp).unwrap();
     Venv {
         _dir: dir,
+        root: venv,
         python,
+        site,
         tmp,
     }
+}
+
+/// A fresh venv that sees the torch venv, with a copy of the torchrun_rs
+/// package in its own site-packages (as pip installs it, and as `pip
+/// uninstall` removes it).
+fn venv_with_the_package_installed() -> Venv {
+    let v = fresh_venv();
+    let torch_site = std::fs::read_to_string(v.site.join("beside.pth")).unwrap();
+    let torch_site = torch_site.lines().next().unwrap().to_string();
+    std::fs::write(v.site.join("beside.pth"), format!("{torch_site}\n")).unwrap();
+    let st = Command::new("cp")
+        .arg("-r")
+        .arg(package_dir().join("torchrun_rs"))
+        .arg(&v.site)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    v
 }
 
 impl Venv {
@@ -391,4 +413,91 @@ fn a_sigkilled_python_caller_takes_its_launcher_and_workers_with_it() {
     for r in 0..2 {
         assert_eq!(c.signals_seen(r), "SIGTERM", "rank {r}");
     }
+}
+
+/// A job script that writes `OUT/ran.<RANK>`: whether it ran under
+/// torchrun-rs (its marker) and its Python's `sys.prefix`.
+fn marker_script(dir: &std::path::Path) -> PathBuf {
+    let script = dir.join("job.py");
+    std::fs::write(
+        &script,
+        "import json, os, sys\n\
+         json.dump({'torchrun_rs': 'TORCHRUN_RS_JOB' in os.environ, 'prefix': sys.prefix},\n\
+         \x20         open(os.path.join(sys.argv[1], 'ran.' + os.environ['RANK']), 'w'))\n",
+    )
+    .unwrap();
+    script
+}
+
+fn ran(out: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("ran.0")).unwrap()).unwrap()
+}
+
+#[test]
+fn with_the_package_uninstalled_the_hooks_pth_line_leaves_torchs_launcher_working() {
+    let v = venv_with_the_package_installed();
+    v.ok(v.cmd().args(["-m", "torchrun_rs.shim", "--in-process"]));
+    // What pip uninstall does: the package goes, the .pth file (which pip
+    // does not know) stays.
+    std::fs::remove_dir_all(v.site.join("torchrun_rs")).unwrap();
+    assert!(v.site.join("torchrun_rs_in_process.pth").exists());
+    let out = tempfile::tempdir().unwrap();
+    let err = v.ok(v
+        .cmd()
+        .args(["-m", "torch.distributed.run", "--nproc-per-node=1"])
+        .arg(marker_script(out.path()))
+        .arg(out.path()));
+    assert!(!err.contains("Traceback"), "{err}");
+    assert_eq!(ran(out.path())["torchrun_rs"], false, "{err}");
+    // The in-process API too: torch's own, without a word.
+    let api = v
+        .cmd()
+        .args([
+            "-c",
+            "import torch.distributed.run as r, torch.distributed.launcher.api as a\n\
+             assert not hasattr(r, '_torchrun_rs') and not hasattr(a, '_torchrun_rs')\n\
+             r.get_args_parser()",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&api.stderr);
+    assert!(api.status.success(), "{err}");
+    assert!(!err.contains("torchrun-rs"), "{err}");
+}
+
+#[test]
+fn with_the_launcher_missing_the_hook_falls_back_to_torchs_functions_with_one_warning() {
+    let v = fresh_venv();
+    v.ok(v.cmd().args(["-m", "torchrun_rs.shim", "--in-process"]));
+    let out = tempfile::tempdir().unwrap();
+    let job = v
+        .cmd()
+        .args([
+            "-c",
+            "import sys, torch.distributed.run as r\n\
+             p = r.get_args_parser()\n\
+             r.get_args_parser()\n\
+             print(type(p._actions[1]).__module__)\n\
+             r.main(['--nproc-per-node=1', *sys.argv[1:]])",
+        ])
+        .arg(marker_script(out.path()))
+        .arg(out.path())
+        .env("TORCHRUN_RS_BIN", out.path().join("no-such-torchrun-rs"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&job.stderr);
+    assert!(job.status.success(), "{err}");
+    // torch's parser (its own env action), and torch's launcher ran the job.
+    assert_eq!(
+        String::from_utf8_lossy(&job.stdout).trim(),
+        "torch.distributed.argparse_util",
+        "{err}"
+    );
+    assert_eq!(ran(out.path())["torchrun_rs"], false, "{err}");
+    let warnings: Vec<&str> = err.lines().filter(|l| l.contains("torchrun-rs")).collect();
+    assert_eq!(warnings.len(), 1, "{err}");
+    assert!(
+        warnings[0].contains("cannot be run") && warnings[0].contains("torch's own launcher"),
+        "{err}"
+    );
 }
