@@ -501,3 +501,45 @@ fn with_the_launcher_missing_the_hook_falls_back_to_torchs_functions_with_one_wa
         "{err}"
     );
 }
+
+#[test]
+fn python_m_torchrun_rs_and_a_venvs_launcher_run_by_path_use_that_venvs_python() {
+    let v = fresh_venv();
+    let want = v.root.canonicalize().unwrap();
+    let prefix = |mut c: Command| {
+        let out = tempfile::tempdir().unwrap();
+        let o = c
+            .args(["--nproc-per-node=1"])
+            .arg(marker_script(out.path()))
+            .arg(out.path())
+            .env("TMPDIR", &v.tmp)
+            .env_remove("OMP_NUM_THREADS")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        PathBuf::from(ran(out.path())["prefix"].as_str().unwrap())
+            .canonicalize()
+            .unwrap()
+    };
+    // The venv is not active (PATH's python3 is another Python): workers
+    // still run on the Python that ran `python -m torchrun_rs`.
+    let mut c = v.cmd();
+    c.args(["-m", "torchrun_rs"])
+        .env_remove("PYTHON_EXEC")
+        .env_remove("VIRTUAL_ENV");
+    assert_eq!(prefix(c), want);
+    // An explicit PYTHON_EXEC still wins.
+    let mut c = v.cmd();
+    c.args(["-m", "torchrun_rs"])
+        .env("PYTHON_EXEC", testkit::torch_python())
+        .env_remove("VIRTUAL_ENV");
+    assert_ne!(prefix(c), want);
+    // <venv>/bin/torchrun-rs called by path, as a Slurm script does.
+    let installed = v.root.join("bin/torchrun-rs");
+    if std::fs::hard_link(BIN, &installed).is_err() {
+        std::fs::copy(BIN, &installed).unwrap();
+    }
+    let mut c = Command::new(&installed);
+    c.env_remove("PYTHON_EXEC").env_remove("VIRTUAL_ENV");
+    assert_eq!(prefix(c), want);
+}
