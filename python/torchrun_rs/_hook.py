@@ -9,8 +9,10 @@ the module as usual and then points its entry points at torchrun-rs:
 (a Python callable as entrypoint, ``--run-path``, a ``--logs-specs``
 plugin) goes to torch's own code, with one notice.
 ``TORCHRUN_RS_IN_PROCESS=0`` turns the hook off for one run (the ``.pth``
-line checks it). torch's
-installed files are never touched.
+line checks it). torch's installed files are never touched, and torch is
+never worse off for the hook: with this package gone (``pip uninstall``
+does not know the ``.pth`` file) the line does nothing, and when the
+launcher cannot be run torch's own functions run, with one warning.
 """
 
 import os
@@ -18,6 +20,28 @@ import sys
 
 _TARGETS = ("torch.distributed.run", "torch.distributed.launcher.api")
 _noticed = set()
+_usable = None
+
+
+def _launcher_usable(error=None):
+    """Whether the launcher can be run (its flag table is read once per
+    process). When it cannot (the binary removed, not executable, broken),
+    torch's own functions run instead, with one warning: the hook never
+    makes torch worse than without it. ``error``: a launch that could not
+    start the binary."""
+    global _usable
+    if error is None and _usable is None:
+        try:
+            import torchrun_rs.run as ours
+
+            ours._flag_table()
+            _usable = True
+        except Exception as e:  # whatever it is, torch's launcher still works
+            error = e
+    if error is not None and _usable is not False:
+        _usable = False
+        print(f"torchrun-rs: the launcher cannot be run ({error}); torch's own launcher is used", file=sys.stderr)
+    return _usable
 
 
 def _notice(what):
@@ -29,15 +53,25 @@ def _notice(what):
 def _patch_run(module):
     torch_run = module.run
 
+    torch_get_args_parser = module.get_args_parser
+
     def run(args):
         if getattr(args, "run_path", False) or getattr(args, "logs_specs", None):
             _notice("--run-path" if getattr(args, "run_path", False) else "a --logs-specs plugin")
             return torch_run(args)
+        if not _launcher_usable():
+            return torch_run(args)
         import torchrun_rs.run as ours
 
-        return ours.run(args)
+        try:
+            return ours.run(args)
+        except OSError as e:  # the binary could not be started: nothing ran
+            _launcher_usable(e)
+            return torch_run(args)
 
     def get_args_parser():
+        if not _launcher_usable():
+            return torch_get_args_parser()
         import torchrun_rs.run as ours
 
         return ours.get_args_parser()
@@ -55,9 +89,15 @@ def _patch_launcher(module):
         if not isinstance(entrypoint, str):
             _notice("a Python callable as entrypoint")
             return torch_launch_agent(config, entrypoint, args, *rest, **kwargs)
+        if not _launcher_usable():
+            return torch_launch_agent(config, entrypoint, args, *rest, **kwargs)
         from torchrun_rs.launcher.api import launch_agent as ours
 
-        return ours(config, entrypoint, args)
+        try:
+            return ours(config, entrypoint, args)
+        except OSError as e:  # the binary could not be started: nothing ran
+            _launcher_usable(e)
+            return torch_launch_agent(config, entrypoint, args, *rest, **kwargs)
 
     module.launch_agent = launch_agent
     module._torchrun_rs = True

@@ -306,7 +306,8 @@ def run(args):
     tail = list(getattr(args, "training_script_args", []) or [])
     # Workers run under the caller's Python, as torch's (PYTHON_EXEC wins).
     python = None if getattr(args, "no_python", False) else os.getenv("PYTHON_EXEC", sys.executable)
-    _launch(argv_from_args(args) + [script, *tail], name=script, python=python)
+    signals = getattr(args, "signals_to_handle", None) or "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+    _launch(argv_from_args(args) + [script, *tail], name=script, python=python, signals_to_handle=signals)
 
 
 def main(args=None):

@@ -12,7 +12,9 @@ the active environment use torchrun-rs.
   start-up (see ``torchrun_rs._hook``). ``TORCHRUN_RS_IN_PROCESS=0`` turns it
   off for one run.
 - ``--remove``: takes away whatever this command installed (pip does not
-  know of either).
+  know of either: run it before ``pip uninstall torchrun-rs``). A ``.pth``
+  line left behind does nothing once the package is gone; delete the file
+  by hand then.
 """
 
 import os
@@ -25,13 +27,18 @@ PTH = "torchrun_rs_in_process.pth"
 # One line that site runs at every start: a finder that does nothing until
 # one of torch's two launcher modules is imported (then torchrun_rs._hook
 # does the work). Defined inline: importing a package here would cost every
-# Python start a few milliseconds.
+# Python start a few milliseconds. pip uninstall leaves this file behind, so
+# the line must survive the package's absence: the hook is imported inside
+# a try, and when it cannot be, torch loads its modules untouched.
 PTH_LINE = (
     "import os, sys; os.environ.get('TORCHRUN_RS_IN_PROCESS', '1') == '0' or exec("
     "\"class _TorchrunRsFinder:\\n _torchrun_rs = True\\n"
     " def find_spec(self, name, path=None, target=None):\\n"
     "  if name not in ('torch.distributed.run', 'torch.distributed.launcher.api'): return None\\n"
-    "  import torchrun_rs._hook as h\\n"
+    "  try:\\n"
+    "   import torchrun_rs._hook as h\\n"
+    "  except Exception:\\n"
+    "   return None\\n"
     "  return h._Finder().find_spec(name, path, target)\\n"
     "sys.meta_path.insert(0, _TorchrunRsFinder())\")"
 )

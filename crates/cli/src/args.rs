@@ -51,7 +51,15 @@ const fn f(dest: &'static str, names: &'static [&'static str], help: &'static st
     }
 }
 
-/// Every flag of torchrun 2.15 (spec §1.3), plus `--forward-signals`.
+/// Every flag of torchrun 2.15 (spec §1.3), then torchrun-rs's own.
+///
+/// `PET_<DEST>` only gives a default to a flag that configures a launch:
+/// torch's, and torchrun-rs's own launch options (the Python API, whose
+/// parser has torch's options only, reaches those through their `PET_*`
+/// variables). A flag that turns the command into something other than a
+/// launch (`--status`, `--watch`, `--dry-run`, `--print-completion`,
+/// `--version`) never reads one: a variable left in a job's environment
+/// must not stop the job from starting.
 static SPECS: &[Spec] = &[
     Spec { dest: "help", names: &["-h", "--help"], kind: Kind::Help, pet: false, help: "show this help message and exit" },
     v("nnodes", &["--nnodes"], "Number of nodes, or MIN_SIZE:MAX_SIZE (default 1:1)"),
@@ -93,8 +101,8 @@ static SPECS: &[Spec] = &[
     f("require_same_nodes", &["--require-same-nodes", "--require_same_nodes"], "torchrun-rs: stop every node before its workers start when the nodes of a round differ in script, torchrun-rs, Python or torch version, or NCCL_/TORCH_/CUDA_/OMP_... variables (without it, node 0 prints what differs)"),
     f("dedup_output", &["--dedup-output", "--dedup_output"], "torchrun-rs: print a line that several local ranks print alike once, as [default0-7]:line (implies --tee 3 unless -t is given; log files keep every line; also TORCHRUN_RS_DEDUP_OUTPUT=1)"),
     f("open_stacks", &["--open-stacks", "--open_stacks"], "torchrun-rs: serve /stacks (every worker's stack and command line) to any client of the metrics port, not only to this machine's"),
-    v("status", &["--status"], "torchrun-rs: print the state of the launcher whose metrics port is ADDR:PORT (phase, restarts, each rank's pid, memory, CPU, last line) and exit"),
-    f("watch", &["--watch"], "torchrun-rs: with --status, refresh the table every second until interrupted"),
+    Spec { dest: "status", names: &["--status"], kind: Kind::Value, pet: false, help: "torchrun-rs: print the state of the launcher whose metrics port is ADDR:PORT (phase, restarts, each rank's pid, memory, CPU, last line) and exit" },
+    Spec { dest: "watch", names: &["--watch"], kind: Kind::Flag, pet: false, help: "torchrun-rs: with --status, refresh the table every second until interrupted" },
     v("hang_timeout", &["--hang-timeout", "--hang_timeout"], "torchrun-rs: when no rank writes any output for this long (300, 90s, 5m, 1h), dump every rank's stack (py-spy) and report where each is"),
     v("on_hang", &["--on-hang", "--on_hang"], "torchrun-rs: after a hang report: report (default), fail, or restart"),
     v("restart_backoff", &["--restart-backoff", "--restart_backoff"], "torchrun-rs: wait before each restart after a failure: MIN or MIN:MAX (10, 30s, 5m), doubling up to MAX, plus up to 25 % jitter (default 0)"),
@@ -620,6 +628,17 @@ mod tests {
         assert_eq!(r.get("nproc_per_node"), Some("5"), "command line wins");
         assert!(r.flag("standalone"));
         assert!(!r.flag("no_python"));
+        // torchrun-rs's query flags are not launch options: their PET_
+        // names are not read (torch has no such flags either).
+        let query = |k: &str| match k {
+            "PET_STATUS" => Some("localhost:1".to_string()),
+            "PET_WATCH" => Some("1".to_string()),
+            "PET_DRY_RUN" => Some("1".to_string()),
+            _ => None,
+        };
+        let r = parse(&a, &query).unwrap();
+        assert_eq!(r.get("status"), None);
+        assert!(!r.flag("watch") && !r.flag("dry_run"));
         let bad = |k: &str| (k == "PET_STANDALONE").then(|| "true".to_string());
         let e = parse(&a, &bad).unwrap_err();
         assert!(e.0.contains("PET_STANDALONE"), "{e}");

@@ -2,6 +2,7 @@
 //! argparse, [`resolve`] turns them into a launch configuration and command.
 
 pub mod args;
+pub mod caller;
 pub mod cluster;
 pub mod completions;
 pub mod dry_run;

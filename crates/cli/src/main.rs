@@ -25,6 +25,9 @@ fn main() -> ExitCode {
     // them once its handlers are in place.
     signals::block(signals::EARLY_BLOCKED);
     init_logging();
+    // Started by torchrun's Python API: end with the caller (a SIGTERM,
+    // held like the others until the agent handles it).
+    cli::caller::tie_to_caller();
     // First thing, while this process has a single thread: the guardian is
     // forked, and every child of the process becomes the launcher's.
     let supervisor = engine::Supervisor::for_launcher();

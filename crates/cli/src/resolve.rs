@@ -2,7 +2,7 @@
 //! torch 2.15's `run.py` (spec §1.4–§1.7, §6.1).
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use engine::config::{parse_nnodes, parse_rdzv_conf, ConfigError, LaunchConfig, StdSpec};
@@ -213,8 +213,14 @@ fn determine_nproc(v: &str, cuda_visible: Option<&str>) -> Result<u32, UsageErro
 }
 
 /// The Python interpreter for workers: `PYTHON_EXEC`, else the active
-/// virtualenv's, else `python3`, else `python` on PATH.
+/// virtualenv's, else the Python environment this launcher is installed in
+/// (see [`installed_beside`]), else `python3`, else `python` on PATH.
 pub fn python_interpreter(env: &dyn Fn(&str) -> Option<String>) -> String {
+    python_interpreter_for(env, std::env::current_exe().ok().as_deref())
+}
+
+/// [`python_interpreter`] for a launcher at `exe`.
+fn python_interpreter_for(env: &dyn Fn(&str) -> Option<String>, exe: Option<&Path>) -> String {
     if let Some(p) = env("PYTHON_EXEC").filter(|p| !p.is_empty()) {
         return p;
     }
@@ -224,11 +230,29 @@ pub fn python_interpreter(env: &dyn Fn(&str) -> Option<String>) -> String {
             return p.display().to_string();
         }
     }
+    if let Some(p) = exe.and_then(installed_beside) {
+        return p.display().to_string();
+    }
     if engine::process::find_program("python3").is_some() {
         "python3".to_string()
     } else {
         "python".to_string()
     }
+}
+
+/// The `python` of the environment whose `bin/` holds the launcher at
+/// `exe` (pip installs it there), as torchrun runs workers with its own
+/// interpreter: `<venv>/bin/torchrun-rs` called by path, without
+/// activating the venv (a Slurm script), runs that venv's Python, not
+/// whichever `python3` comes first on PATH. Only in a virtualenv or conda
+/// environment (`pyvenv.cfg` or `conda-meta/` beside `bin/`): a `python`
+/// next to a launcher in `/usr/bin` may be another Python altogether.
+fn installed_beside(exe: &Path) -> Option<PathBuf> {
+    let bin = exe.parent()?;
+    let root = bin.parent()?;
+    let python = bin.join("python");
+    let is_env = root.join("pyvenv.cfg").is_file() || root.join("conda-meta").is_dir();
+    (is_env && python.is_file()).then_some(python)
 }
 
 /// Splits a duplicate-filter list on `,`, with `,,` standing for a comma.
@@ -661,6 +685,36 @@ mod tests {
         assert_eq!(x.entrypoint, "/usr/bin/python3");
         assert_eq!(x.args, vec!["-u", "t.py", "a"]);
         assert!(x.set_omp_threads);
+    }
+
+    #[test]
+    fn workers_python_exec_then_venv_then_the_launchers_own_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let (venv, active) = (dir.path().join("venv"), dir.path().join("active"));
+        for d in [&venv, &active] {
+            std::fs::create_dir_all(d.join("bin")).unwrap();
+            std::fs::write(d.join("bin/python"), "").unwrap();
+        }
+        std::fs::write(venv.join("pyvenv.cfg"), "").unwrap();
+        let exe = venv.join("bin/torchrun-rs");
+        let none = |_: &str| None;
+        let beside = venv.join("bin/python").display().to_string();
+        // Called by path from a venv that is not active: that venv's Python.
+        assert_eq!(python_interpreter_for(&none, Some(&exe)), beside);
+        // The active venv and PYTHON_EXEC come first, as documented.
+        let active_env = |k: &str| (k == "VIRTUAL_ENV").then(|| active.display().to_string());
+        assert_eq!(
+            python_interpreter_for(&active_env, Some(&exe)),
+            active.join("bin/python").display().to_string()
+        );
+        let explicit = |k: &str| (k == "PYTHON_EXEC").then(|| "/opt/py".to_string());
+        assert_eq!(python_interpreter_for(&explicit, Some(&exe)), "/opt/py");
+        // A launcher outside any Python environment (a bin/ without
+        // pyvenv.cfg or conda-meta beside it): the PATH's Python.
+        std::fs::remove_file(venv.join("pyvenv.cfg")).unwrap();
+        assert_ne!(python_interpreter_for(&none, Some(&exe)), beside);
+        std::fs::create_dir(venv.join("conda-meta")).unwrap();
+        assert_eq!(python_interpreter_for(&none, Some(&exe)), beside);
     }
 
     #[test]

@@ -1211,3 +1211,21 @@ fn the_grafana_dashboards_queries_use_metrics_the_launcher_exports() {
     }
     assert!(used >= 10);
 }
+
+#[test]
+fn pet_status_and_pet_watch_in_the_environment_do_not_turn_a_launch_into_a_query() {
+    // torchrun-rs's --status/--watch are not torch's options: a PET_ name
+    // for them (left in a job's environment) is not read.
+    let (done, dir) = start_with(&["--standalone", "--nproc-per-node=2"], "env", &[], |c| {
+        c.env("PET_STATUS", "localhost:1").env("PET_WATCH", "1");
+    })
+    .finish();
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    for r in 0..2 {
+        assert!(
+            dir.path().join(format!("env.{r}.0.json")).exists(),
+            "rank {r} did not run: {}",
+            done.stderr
+        );
+    }
+}

@@ -7,8 +7,11 @@
 it sets ``TORCHELASTIC_SIGNALS_TO_HANDLE`` in the caller's environment as
 torch does, returns ``{global rank: None}`` for this node's workers on
 success, and raises ``ChildFailedError`` (torch's own class when torch is
-installed, else one of the same shape) on failure. A Python callable as
-entrypoint needs torch's launcher: it is refused with one line.
+installed, else one of the same shape) on failure. While the launcher
+runs, the caller's ``signals_to_handle`` are forwarded to it (it stops the
+workers with their grace period) and ``SignalException`` is raised once it
+is gone, as torch's agent does; the launcher dies with the caller. A Python
+callable as entrypoint needs torch's launcher: it is refused with one line.
 """
 
 import dataclasses
@@ -18,12 +21,15 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid
 from typing import Any, Dict, List, Optional
 
 from torchrun_rs import find_bin
 
-__all__ = ["LaunchConfig", "launch_agent", "elastic_launch", "ChildFailedError", "DefaultLogsSpecs"]
+__all__ = ["LaunchConfig", "launch_agent", "elastic_launch", "ChildFailedError", "SignalException", "DefaultLogsSpecs"]
+
+_DEFAULT_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
 
 
 class DefaultLogsSpecs:
@@ -133,6 +139,8 @@ def __getattr__(name):
     ours. Resolved on use: importing this module never imports torch."""
     if name == "ChildFailedError":
         return _failure_classes()[0]
+    if name == "SignalException":
+        return _signal_exception()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -215,17 +223,126 @@ def _entrypoint_argv(entrypoint, args):
     return ["--no-python"], [entrypoint, *args], None
 
 
-def _launch(argv, name, python=None):
+class _SignalException(Exception):
+    """The shape of torch's ``SignalException``: the caller got one of
+    ``signals_to_handle`` while a launch ran (``sigval``)."""
+
+    def __init__(self, msg, sigval):
+        super().__init__(msg)
+        self.sigval = sigval
+
+
+def _signal_exception():
+    """torch's ``SignalException`` when torch is installed, else ours."""
+    try:
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+
+        return SignalException
+    except Exception:  # torch missing or broken
+        return _SignalException
+
+
+def _signals(names):
+    """The catchable signals of a ``signals_to_handle`` list (torch skips
+    unknown names too; SIGKILL and SIGSTOP cannot be caught)."""
+    out = []
+    for name in (names or "").split(","):
+        sig = getattr(signal, name.strip(), None)
+        if isinstance(sig, signal.Signals) and sig not in (signal.SIGKILL, signal.SIGSTOP) and sig not in out:
+            out.append(sig)
+    return out
+
+
+class _Forwarder:
+    """While a launch runs, the caller's handled signals go to the launcher.
+
+    torch's agent lives in the caller: its handlers for ``signals_to_handle``
+    raise ``SignalException``, and the agent stops the workers with that
+    signal and the grace period. Here the agent is the launcher process, so
+    the caller's handlers forward the signal to it, keep waiting while it
+    stops the workers, and ``SignalException`` is raised once it is gone.
+    Handlers can only be set from the main thread: elsewhere the default
+    dispositions stay (torch warns and goes on too), and the launcher still
+    dies with its caller.
+    """
+
+    def __init__(self, names):
+        self.received = None
+        self._proc = None
+        self._old = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in _signals(names):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except (OSError, ValueError, RuntimeError):
+                pass
+
+    def _handle(self, signum, _frame):
+        if self.received is None:
+            self.received = signum
+        if self._proc is not None:
+            try:
+                os.kill(self._proc.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def started(self, proc):
+        self._proc = proc
+        if self.received is not None:
+            # Arrived between the handlers and the launcher's start: the
+            # launcher holds signals from its first instruction on.
+            self._handle(self.received, None)
+
+    def restore(self):
+        for sig, old in self._old.items():
+            if old is not None:  # None: set outside Python, cannot be put back
+                signal.signal(sig, old)
+        self._old = {}
+
+
+def _wait(proc):
+    """Waits for the launcher. Whatever interrupts the wait (a signal the
+    caller does not forward, e.g. Ctrl-C with SIGINT left out of
+    ``signals_to_handle``) stops it first, with the workers' grace, as
+    torch's agent shuts its workers down when it unwinds: the caller never
+    goes on while its launcher runs."""
+    try:
+        return proc.wait()
+    except BaseException:
+        while True:
+            try:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                proc.wait()
+                break
+            except BaseException:  # a second interrupt: SIGTERM again (the launcher's "now")
+                continue
+        raise
+
+
+def _launch(argv, name, python=None, signals_to_handle=_DEFAULT_SIGNALS):
     """Runs the launcher with ``argv``; on failure raises
-    ``ChildFailedError`` built from its events file. Returns
-    ``{global rank: None}`` for this node's workers."""
+    ``ChildFailedError`` built from its events file, on one of
+    ``signals_to_handle`` (forwarded to the launcher) ``SignalException``.
+    Returns ``{global rank: None}`` for this node's workers."""
     fd, events = tempfile.mkstemp(prefix="torchrun-rs-events-", suffix=".jsonl")
     os.close(fd)
     env = dict(os.environ)
-    if python:
+    if python and not env.get("PYTHON_EXEC"):
         env["PYTHON_EXEC"] = python
+    # The launcher ends (SIGTERM: it stops the workers) when this process
+    # dies, SIGKILL included.
+    env["TORCHRUN_RS_CALLER_PID"] = str(os.getpid())
+    forwarder = _Forwarder(signals_to_handle)
     try:
-        code = subprocess.call([find_bin(), f"--events-file={events}", *argv], env=env)
+        # A process group of its own: a terminal's Ctrl-C reaches the
+        # caller only, which forwards it once (a second SIGINT at the
+        # launcher would skip the workers' grace).
+        group = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
+        proc = subprocess.Popen([find_bin(), f"--events-file={events}", *argv], env=env, **group)
+        forwarder.started(proc)
+        code = _wait(proc)
         facts = []
         with open(events, encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -234,22 +351,39 @@ def _launch(argv, name, python=None):
                 except ValueError:
                     pass
     finally:
+        forwarder.restore()
         os.unlink(events)
+    if forwarder.received is not None:
+        sigval = signal.Signals(forwarder.received)
+        raise _signal_exception()(f"Process {os.getpid()} got signal: {sigval}", sigval=sigval)
     last_attempt = max((e.get("attempt", 0) for e in facts if e.get("event") == "worker_started"), default=0)
     ranks = sorted({e["rank"] for e in facts if e.get("event") == "worker_started" and e.get("attempt", 0) == last_attempt})
     if code == 0:
         return {r: None for r in ranks}
     child_failed, process_failure = _failure_classes()
+    # The last attempt's failures only, as torch reports the final
+    # attempt's (earlier ones were restarted from).
+    failed = [e for e in facts if e.get("event") == "worker_exited" and e.get("reason") == "failed"]
+    final = max((e.get("attempt", 0) for e in failed), default=0)
     failures = {}
-    for e in facts:
-        if e.get("event") == "worker_exited" and e.get("reason") == "failed":
-            exitcode = e["exit_code"] if e.get("exit_code") is not None else -int(e.get("signal") or 0)
-            failures[e["rank"]] = process_failure(e["local_rank"], e["pid"], exitcode, "")
+    for e in failed:
+        if e.get("attempt", 0) != final:
+            continue
+        exitcode = e["exit_code"] if e.get("exit_code") is not None else -int(_signal_number(e.get("signal")))
+        failures[e["rank"]] = process_failure(e["local_rank"], e["pid"], exitcode, "")
     if not failures:
-        # The launcher itself failed (a usage error, the rendezvous):
-        # what it said is on stderr; the rank is unknown.
-        failures[-1] = process_failure(-1, -1, code, "")
+        # The launcher itself failed (a usage error, the rendezvous) or was
+        # killed: what it said is on stderr; the rank is unknown.
+        failures[-1] = process_failure(-1, proc.pid, code, "")
     raise child_failed(name, failures)
+
+
+def _signal_number(name):
+    """``SIGKILL`` (the events file's spelling) or a number → the number."""
+    if isinstance(name, int):
+        return name
+    sig = getattr(signal, str(name or ""), None)
+    return int(sig) if sig is not None else 0
 
 
 def launch_agent(config, entrypoint, args):
@@ -275,7 +409,7 @@ def launch_agent(config, entrypoint, args):
     else:
         options = _config_argv(config)
     name = script[0] if python else entrypoint
-    return _launch(options + flags + script, name=name, python=python)
+    return _launch(options + flags + script, name=name, python=python, signals_to_handle=config.signals_to_handle)
 
 
 class elastic_launch:

@@ -163,6 +163,36 @@ class AgainstTorch(unittest.TestCase):
 
         self.assertIs(api.ChildFailedError, ChildFailedError)
 
+    def test_after_a_restart_the_error_names_the_last_attempts_failure(self):
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+        # Attempt 0: rank 0 exits 3; attempt 1: rank 1 exits 5. torch reports
+        # the final attempt's failures, as the launcher's summary does.
+        script = dummy_script(
+            "import os, sys, time\n"
+            "attempt, rank = int(os.environ['TORCHELASTIC_RESTART_COUNT']), int(os.environ['RANK'])\n"
+            "if (attempt, rank) == (0, 0): sys.exit(3)\n"
+            "if (attempt, rank) == (1, 1): sys.exit(5)\n"
+            "time.sleep(60)"
+        )
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, rdzv_backend="c10d",
+                              rdzv_endpoint="localhost:0", max_restarts=1)
+        with self.assertRaises(ChildFailedError) as e:
+            elastic_launch(config, script)()
+        self.assertEqual({r: f.exitcode for r, f in e.exception.failures.items()}, {1: 5})
+        self.assertEqual(e.exception.get_first_failure()[0], 1)
+
+    def test_a_worker_killed_by_a_signal_fails_with_minus_the_signal(self):
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+        script = dummy_script("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=1, rdzv_backend="c10d",
+                              rdzv_endpoint="localhost:0", max_restarts=0)
+        with self.assertRaises(ChildFailedError) as e:
+            elastic_launch(config, script)()
+        f = e.exception.failures[0]
+        self.assertEqual((f.exitcode, f.signal_name()), (-9, "SIGKILL"))
+
     def test_a_successful_launch_returns_this_nodes_ranks(self):
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, rdzv_backend="c10d",
                               rdzv_endpoint="localhost:0")
