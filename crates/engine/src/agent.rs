@@ -758,6 +758,16 @@ impl<'a> Agent<'a> {
                     self.restart_count = r;
                 }
                 self.note_node_failures(&a.node_failures);
+                if let Some((restarts, excluded)) = a.state_lost {
+                    // Said in one line by the rendezvous; recorded here.
+                    self.journal.record(
+                        "rendezvous_state_lost",
+                        &[
+                            ("restarts_carried", V::U(restarts.into())),
+                            ("excluded_carried", V::U(excluded as u64)),
+                        ],
+                    );
+                }
                 // Ranks are assigned within the round here: its time is the
                 // rendezvous's, the assignment's is not told apart.
                 let took = self.round_asked.elapsed().as_secs_f64() * 1000.0;

@@ -232,6 +232,7 @@ impl RoundStore {
             master_port: self.master_port,
             restarts: None,
             node_failures: Default::default(),
+            state_lost: None,
         })
     }
 

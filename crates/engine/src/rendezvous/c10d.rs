@@ -151,6 +151,8 @@ pub struct DynamicRdzv {
     /// knew them, after the state vanished from the store: written into the
     /// first state this node writes there.
     carried: Option<(u32, BTreeMap<String, u32>, BTreeSet<String>)>,
+    /// What was carried over since the last round, for the events file.
+    pub state_lost: Option<(u32, usize)>,
     /// Tests: this agent's write that completes a round stops before the
     /// seats, as a completer killed at that moment would.
     #[cfg(test)]
@@ -368,6 +370,7 @@ impl DynamicRdzv {
             round_watch: None,
             finishing: false,
             carried: None,
+            state_lost: None,
             #[cfg(test)]
             fail_before_seats: false,
         }
@@ -804,6 +807,7 @@ impl DynamicRdzv {
             *e = (*e).max(*c);
         }
         excluded.extend(s.excluded.iter().cloned());
+        self.state_lost = Some((restarts, excluded.len()));
         self.carried = Some((restarts, failures, excluded));
     }
 
@@ -2197,6 +2201,8 @@ mod tests {
             .unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&raw)));
         assert_eq!(stored.restarts, 2, "the job's restart count was lost");
         assert!(stored.excluded.contains("bad-host"));
+        // Said in the events file with the next round.
+        assert_eq!(a.state_lost, Some((2, 1)));
         server.shutdown().await;
     }
 

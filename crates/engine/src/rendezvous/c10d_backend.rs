@@ -185,6 +185,7 @@ impl RendezvousBackend for C10dBackend {
                 Some(mut a) => {
                     a.restarts = Some(restarts);
                     a.node_failures = failures;
+                    a.state_lost = dynamic.state_lost.take();
                     return Ok(a);
                 }
                 None => tracing::warn!(

@@ -116,6 +116,10 @@ pub struct Assignment {
     pub restarts: Option<u32>,
     /// Failing and excluded hosts, where the rendezvous keeps them.
     pub node_failures: dynamic::NodeFailures,
+    /// The rendezvous state was found gone from its store since the last
+    /// round (a store restarted empty): the restart count and the number of
+    /// excluded hosts this node carried over from its memory.
+    pub state_lost: Option<(u32, usize)>,
 }
 
 /// What the agent needs of a rendezvous backend. Each call runs in the
