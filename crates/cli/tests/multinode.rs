@@ -1749,8 +1749,9 @@ fn health_port(
 }
 
 /// Two nodes, `--max-restarts=0`: node `bad`'s worker fails after 2 s, the
-/// other's waits. Both stop; what each printed.
-fn spent_budget(bad: u8) -> [(Option<i32>, String); 2] {
+/// other's waits. Both stop; what each printed, and the job's root cause
+/// its events file recorded.
+fn spent_budget(bad: u8) -> [(Option<i32>, String, String); 2] {
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let agent = |n: u8| {
@@ -1764,6 +1765,10 @@ fn spent_budget(bad: u8) -> [(Option<i32>, String); 2] {
             "--rdzv-id=spent",
             &format!("--local-addr=127.0.0.{n}"),
             &format!("--rdzv-conf={FAST}"),
+            &format!(
+                "--events-file={}",
+                dir.path().join(format!("events.{n}")).display()
+            ),
         ])
         .arg(helper("worker.py"))
         .arg("fail-if-env")
@@ -1784,7 +1789,16 @@ fn spent_budget(bad: u8) -> [(Option<i32>, String); 2] {
         (code, err)
     });
     assert!(t0.elapsed() < Duration::from_secs(40), "{:?}", t0.elapsed());
-    out
+    let mut n = 1;
+    out.map(|(code, err)| {
+        n += 1;
+        let recorded = events_of(dir.path(), n)
+            .iter()
+            .find(|e| e["event"] == "job_finished")
+            .and_then(|e| e["job_root_cause"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        (code, err, recorded)
+    })
 }
 
 /// The job's root cause as a launcher's last words name it.
@@ -1798,11 +1812,15 @@ fn job_root_cause(err: &str) -> &str {
 #[test]
 fn when_the_budget_is_spent_every_node_names_the_same_root_cause() {
     for bad in [3, 2] {
-        let [(code_a, err_a), (code_b, err_b)] = spent_budget(bad);
+        let [(code_a, err_a, ev_a), (code_b, err_b, ev_b)] = spent_budget(bad);
         assert_eq!(code_a, Some(1), "{err_a}");
         assert_eq!(code_b, Some(1), "{err_b}");
         let (ra, rb) = (job_root_cause(&err_a), job_root_cause(&err_b));
         assert_eq!(ra, rb, "node 2: {err_a}\nnode 3: {err_b}");
+        // The events file (which the Python API's ChildFailedError reads)
+        // names the same one on both nodes.
+        assert!(!ev_a.is_empty() && ev_a == ev_b, "{ev_a:?} {ev_b:?}");
+        assert!(ra.ends_with(&ev_a), "{ra} / {ev_a}");
         assert!(
             ra.contains(&format!("on 127.0.0.{bad} exited with code 1")),
             "{ra}"

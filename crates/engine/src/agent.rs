@@ -424,6 +424,12 @@ impl<'a> Agent<'a> {
                 ("result", V::S(outcome.to_string())),
                 ("detail", detail),
                 ("restarts", V::U(restarts.into())),
+                // The same line on every node (the first failure the
+                // rendezvous's store took), where the job shares one.
+                (
+                    "job_root_cause",
+                    self.job_root_cause.clone().map_or(V::Null, V::S),
+                ),
             ],
         );
         self.phase = Phase::Between;
@@ -1534,6 +1540,11 @@ impl<'a> Agent<'a> {
 
     /// The events file's record of a rendezvous that ended this node.
     fn note_rendezvous_error(&mut self, e: &RendezvousError) {
+        if let RendezvousError::JobFailed(line) = e {
+            // The job failed on another node: its root cause is this
+            // node's too (the events file's `job_finished` says it).
+            self.job_root_cause = Some(line.clone());
+        }
         if matches!(e, RendezvousError::Excluded) {
             let node = self.node_name();
             self.journal.record(

@@ -371,11 +371,22 @@ def _launch(argv, name, python=None, signals_to_handle=_DEFAULT_SIGNALS):
             continue
         exitcode = e["exit_code"] if e.get("exit_code") is not None else -int(_signal_number(e.get("signal")))
         failures[e["rank"]] = process_failure(e["local_rank"], e["pid"], exitcode, "")
+    # The job's root cause, the same on every node (multi-node c10d and
+    # etcd-v3): named by the exception on each of them.
+    job_root_cause = next(
+        (e.get("job_root_cause") for e in facts if e.get("event") == "job_finished" and e.get("job_root_cause")),
+        None,
+    )
     if not failures:
-        # The launcher itself failed (a usage error, the rendezvous) or was
-        # killed: what it said is on stderr; the rank is unknown.
+        # The launcher itself failed (a usage error, the rendezvous, the
+        # job failing on another node) or was killed: what it said is on
+        # stderr; the rank is unknown.
         failures[-1] = process_failure(-1, proc.pid, code, "")
-    raise child_failed(name, failures)
+        if job_root_cause:
+            name = f"{name} (the job's root cause: {job_root_cause})"
+    err = child_failed(name, failures)
+    err.job_root_cause = job_root_cause
+    raise err
 
 
 def _signal_number(name):
