@@ -23,18 +23,27 @@ def addr(i):
 
 
 def run(args_of):
+    """(time to every worker running, time to the last launcher's exit,
+    lines of the first launcher's stderr saying a peer is gone), or None."""
     with tempfile.TemporaryDirectory() as out:
         env = dict(os.environ, BENCH_OUT=out)
         devnull = os.open(os.devnull, os.O_WRONLY)
+        err0 = os.open(os.path.join(out, "stderr.0"), os.O_WRONLY | os.O_CREAT, 0o600)
         fa = [(os.POSIX_SPAWN_DUP2, devnull, 1), (os.POSIX_SPAWN_DUP2, devnull, 2)]
+        fa0 = [(os.POSIX_SPAWN_DUP2, devnull, 1), (os.POSIX_SPAWN_DUP2, err0, 2)]
         t0 = time.time_ns()
-        pids = [os.posix_spawn(bin_, ["torchrun-rs", *args_of(i)], env, file_actions=fa)
+        pids = [os.posix_spawn(bin_, ["torchrun-rs", *args_of(i)], env,
+                               file_actions=fa0 if i == 0 else fa)
                 for i in range(n)]
         codes = [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids]
-        stamps = [os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)]
+        ended = time.time_ns()
+        with open(os.path.join(out, "stderr.0"), errors="replace") as f:
+            gone = sum("is gone" in line for line in f)
+        stamps = [os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)
+                  if f != "stderr.0"]
         if any(codes) or len(stamps) != n:
             return None
-        return (max(stamps) - t0) / 1e9
+        return (max(stamps) - t0) / 1e9, (ended - t0) / 1e9, gone
 
 
 s = socket.socket()
@@ -47,6 +56,9 @@ c10d = run(lambda i: [f"--nnodes={n}", "--nproc-per-node=1", "--rdzv-backend=c10
                       f"--local-addr={addr(i)}", "--no-python", "sh", "-c", stamp])
 bare = run(lambda i: ["--standalone", "--nproc-per-node=1", "--no-python", "sh", "-c",
                       f": > \"$BENCH_OUT/{i}\""])
-show = lambda t: f"{t:.2f} s" if t is not None else "failed"
-print(f"{n} real c10d agents, every worker running with its rank: {show(c10d)}")
-print(f"{n} standalone launchers (no rendezvous), every worker running: {show(bare)}")
+show = lambda r, i: f"{r[i]:.2f} s" if r is not None else "failed"
+print(f"{n} real c10d agents, every worker running with its rank: {show(c10d, 0)}; "
+      f"the last launcher exited: {show(c10d, 1)}; peers reported gone by the store's host: "
+      f"{c10d[2] if c10d else '-'}")
+print(f"{n} standalone launchers (no rendezvous), every worker running: {show(bare, 0)}; "
+      f"the last launcher exited: {show(bare, 1)}")

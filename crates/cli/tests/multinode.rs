@@ -309,7 +309,7 @@ fn a_killed_agent_is_seen_at_once_and_a_gloo_job_re_forms_without_the_heartbeat_
     let took = re_form_after_killing(dir.path(), 2, |n| {
         loop_agent(n, &endpoint, "killed", "last_call_timeout=1", dir.path())
     });
-    eprintln!("agent killed -> survivors' new workers started in {took:?}");
+    eprintln!("agent killed -> survivors re-formed in {took:?}");
     assert!(
         took < Duration::from_secs(10),
         "{took:?}: the heartbeat window (15 s) was waited out"
@@ -331,12 +331,16 @@ fn re_form_after_killing(
         running.push((i, r, seen));
     }
     let mut dead = agents.remove(victim);
-    let t0 = std::time::Instant::now();
+    let killed_at = wall_ms();
     // SAFETY: a plain system call on a child of this test.
     unsafe { libc::kill(dead.id() as i32, libc::SIGKILL) };
     dead.wait().unwrap();
     wait_for_new_workers(dir);
-    let took = t0.elapsed();
+    // Timed on the survivors' own events, not on torch's start.
+    let survivors_at: Vec<u8> = (2..=4u8)
+        .filter(|n| usize::from(*n) - 2 != victim)
+        .collect();
+    let took = re_formed_after(dir, &survivors_at, 2, killed_at);
     let survivors: Vec<Running> = agents
         .into_iter()
         .zip(running.into_iter().filter(|(i, _, _)| *i != victim))
@@ -372,12 +376,14 @@ fn a_frozen_node_is_evicted_within_its_heartbeat_window() {
         .parse()
         .unwrap();
     let t0 = std::time::Instant::now();
+    let frozen_at = wall_ms();
     for pid in [c.id() as i32, worker] {
         // SAFETY: a plain system call on processes this test started.
         unsafe { libc::kill(pid, libc::SIGSTOP) };
     }
     wait_for_new_workers(dir.path());
-    let took = t0.elapsed();
+    let workers_took = t0.elapsed();
+    let took = re_formed_after(dir.path(), &[2, 3], 2, frozen_at);
     for pid in [c.id() as i32, worker] {
         // SAFETY: as above.
         unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -385,8 +391,11 @@ fn a_frozen_node_is_evicted_within_its_heartbeat_window() {
     let _ = c.wait();
     let all = kill_finish(vec![(a, ra, seen_a), (b, rb, seen_b)]);
     assert!(all.contains("rank 1 world 2"), "{all}");
-    eprintln!("node frozen -> survivors' new workers started in {took:?} (window 3 s)");
-    // The window, a second for the checks, a second for the rest.
+    eprintln!(
+        "node frozen -> survivors re-formed in {took:?} (window 3 s), their new workers ran {workers_took:?} after it"
+    );
+    // The window, a second for the checks, a second for the rest (timed on
+    // the launchers' events: torch's start is not the recovery).
     assert!(took < Duration::from_secs(6), "{took:?}");
 }
 
@@ -541,6 +550,10 @@ fn loop_agent(n: u8, endpoint: &str, run_id: &str, conf: &str, dir: &std::path::
             &format!("--rdzv-id={run_id}"),
             &format!("--local-addr=127.0.0.{n}"),
             &format!("--rdzv-conf={conf}"),
+            &format!(
+                "--events-file={}",
+                dir.join(format!("events.{n}")).display()
+            ),
         ])
         .arg(helper("allreduce_loop.py"))
         .arg(dir)
@@ -550,6 +563,33 @@ fn loop_agent(n: u8, endpoint: &str, run_id: &str, conf: &str, dir: &std::path::
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
+}
+
+/// Milliseconds since the epoch, as the events file stamps them.
+fn wall_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        * 1000.0
+}
+
+/// How long after `t0` (wall, ms) the nodes `nodes` of a `loop_agent` job
+/// completed a round of `world` nodes, by their own events: the launcher's
+/// recovery, without the workers' (torch's) start.
+fn re_formed_after(dir: &std::path::Path, nodes: &[u8], world: u32, t0: f64) -> Duration {
+    let last = nodes
+        .iter()
+        .map(|n| {
+            events_of(dir, *n)
+                .iter()
+                .filter(|e| e["event"] == "rendezvous_completed" && e["group_world_size"] == world)
+                .filter_map(|e| e["ts"].as_f64())
+                .find(|&ts| ts > t0)
+                .unwrap_or_else(|| panic!("node {n} completed no round of {world} after the fault"))
+        })
+        .fold(t0, f64::max);
+    Duration::from_secs_f64((last - t0) / 1000.0)
 }
 
 /// How many workers of group rank `g` have started (`allreduce_loop.py`).

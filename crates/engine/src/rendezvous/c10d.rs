@@ -479,9 +479,24 @@ impl DynamicRdzv {
     /// round formed: the round is broken, and the next one is joined.
     async fn master_of(&mut self, n: &Node) -> Result<(String, u16), RendezvousError> {
         let k = self.master_key(n);
-        let raw = self.client.get_now(&k).await?;
+        let mut raw = self.client.get_now(&k).await?;
         if raw.is_empty() {
-            return Err(RendezvousError::RoundBroken);
+            // Not there yet: a node that came back to a store restarted
+            // empty publishes it again at once; an evicted one never will
+            // (its heartbeat counter reads as fenced).
+            let hb = self.client.get_now(&hb_key(&self.key, n)).await?;
+            if hb.first() == Some(&b'-') {
+                return Err(RendezvousError::RoundBroken);
+            }
+            match self
+                .client
+                .wait(&[k.as_str()], Duration::from_secs(5))
+                .await
+            {
+                Ok(()) => raw = self.client.get_now(&k).await?,
+                Err(ClientError::WaitTimeout { .. }) => return Err(RendezvousError::RoundBroken),
+                Err(e) => return Err(e.into()),
+            }
         }
         let raw = String::from_utf8_lossy(&raw).into_owned();
         raw.rsplit_once(':')
@@ -1372,7 +1387,11 @@ impl DynamicRdzv {
                         );
                     }
                     tokio::time::sleep(Duration::from_millis(250)).await;
-                    // Whatever comes back there knows nothing of us.
+                    // Whatever comes back there knows nothing of us: the
+                    // job's count goes into the state we write there.
+                    if !self.token.is_empty() {
+                        self.remember_for_a_new_store();
+                    }
                     self.token.clear();
                     self.state = State::default();
                     self.version = 0;
