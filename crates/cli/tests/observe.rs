@@ -1,0 +1,141 @@
+//! What an operator sees of a running launcher: `--status` (and its
+//! `--watch`), `/status`, `/healthz` and `/stacks`, with real launchers,
+//! real workers and real HTTP clients.
+
+use std::io::{BufRead, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_torchrun-rs");
+
+/// `torchrun-rs --metrics-port=0 ARGS` with stdin and stdout null (so that
+/// the workers' stdout is not a terminal), and the port it serves on. The
+/// rest of its stderr is read by a thread (returned).
+fn start_served(
+    args: &[&str],
+    tweak: impl FnOnce(&mut Command),
+) -> (Child, u16, std::thread::JoinHandle<String>) {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--metrics-port=0")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    tweak(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let port = loop {
+        let mut line = String::new();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "no health port line: {seen}"
+        );
+        seen.push_str(&line);
+        if let Some(rest) = line
+            .trim()
+            .strip_prefix("torchrun-rs: health and metrics on http://")
+        {
+            break rest.rsplit(':').next().unwrap().parse().unwrap();
+        }
+    };
+    let rest = std::thread::spawn(move || {
+        let mut s = seen;
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    (child, port, rest)
+}
+
+/// One HTTP/1.0 GET on a new connection: the whole answer, headers included.
+fn get(port: u16, path: &str) -> String {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    c.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut body = String::new();
+    let _ = c.read_to_string(&mut body);
+    body
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the process did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A Python worker that runs `body`, then writes OUT/ready.RANK and waits
+/// for OUT/go.
+fn python_worker(out: &Path, body: &str) -> String {
+    let path = out.join("worker.py");
+    std::fs::write(
+        &path,
+        format!(
+            "import os, sys, time\n\
+             out = sys.argv[1]\n\
+             rank = os.environ['RANK']\n\
+             {body}\n\
+             open(os.path.join(out, 'ready.' + rank), 'w').close()\n\
+             while not os.path.exists(os.path.join(out, 'go')):\n    time.sleep(0.01)\n"
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+fn send(child: &Child, sig: i32) {
+    // SAFETY: kill on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+#[test]
+fn status_watch_ends_on_sigint_and_sigterm() {
+    let out = tempfile::tempdir().unwrap();
+    let worker = python_worker(out.path(), "");
+    let (mut launcher, port, _) = start_served(
+        &[
+            "--nproc-per-node=1",
+            "--no-python",
+            "python3",
+            &worker,
+            &out.path().display().to_string(),
+        ],
+        |c| {
+            c.env("TMPDIR", out.path());
+        },
+    );
+    let addr = format!("127.0.0.1:{port}");
+    for (sig, code) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
+        let mut watch = Command::new(BIN)
+            .args(["--status", &addr, "--watch"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Once the table is shown, the signal can only reach a running
+        // watch loop.
+        let (mut rest, _) = testkit::read_until_line(watch.stdout.take().unwrap(), "last line");
+        let drain = std::thread::spawn(move || std::io::copy(&mut rest, &mut std::io::sink()));
+        send(&watch, sig);
+        assert_eq!(
+            wait_exit(&mut watch, Duration::from_secs(10)),
+            Some(code),
+            "signal {sig}"
+        );
+        let _ = drain.join();
+    }
+    std::fs::write(out.path().join("go"), "").unwrap();
+    assert_eq!(wait_exit(&mut launcher, Duration::from_secs(30)), Some(0));
+}
