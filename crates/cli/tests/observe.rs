@@ -8,6 +8,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use testkit::wait_for;
+
 const BIN: &str = env!("CARGO_BIN_EXE_torchrun-rs");
 
 /// `torchrun-rs --metrics-port=0 ARGS` with stdin and stdout null (so that
@@ -75,6 +77,12 @@ fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
     }
 }
 
+/// Writes `text` as an executable file.
+fn script(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
 /// A Python worker that runs `body`, then writes OUT/ready.RANK and waits
 /// for OUT/go.
 fn python_worker(out: &Path, body: &str) -> String {
@@ -135,6 +143,89 @@ fn status_watch_ends_on_sigint_and_sigterm() {
             "signal {sig}"
         );
         let _ = drain.join();
+    }
+    std::fs::write(out.path().join("go"), "").unwrap();
+    assert_eq!(wait_exit(&mut launcher, Duration::from_secs(30)), Some(0));
+}
+
+#[test]
+fn stacks_requests_during_a_long_capture_share_it_and_captures_are_a_second_apart() {
+    let out = tempfile::tempdir().unwrap();
+    let bin = out.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let log = out.path().join("spy.log");
+    // A py-spy that takes 0.8 s per rank (a stand-in: the real one's speed
+    // is not ours to set): a capture of two ranks takes over a second.
+    script(
+        &bin.join("py-spy"),
+        &format!(
+            "#!/bin/sh\necho \"start $(date +%s.%N)\" >> {0}\nsleep 0.8\necho \"end $(date +%s.%N)\" >> {0}\n\
+             printf 'Thread 1 (idle): \"MainThread\"\\n    wait (worker.py:9)\\n'\n",
+            log.display()
+        ),
+    );
+    let worker = python_worker(out.path(), "");
+    let (mut launcher, port, _) = start_served(
+        &[
+            "--nproc-per-node=2",
+            "--no-python",
+            "python3",
+            &worker,
+            &out.path().display().to_string(),
+        ],
+        |c| {
+            c.env("TMPDIR", out.path())
+                .env("PATH", format!("{}:/usr/bin:/bin", bin.display()));
+        },
+    );
+    wait_for(Duration::from_secs(30), "the workers", || {
+        (out.path().join("ready.0").exists() && out.path().join("ready.1").exists()).then_some(())
+    });
+    let answers: Vec<String> = (0..5)
+        .map(|_| std::thread::spawn(move || get(port, "/stacks")))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    let read_log = || -> Vec<(String, f64)> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                let (what, at) = l.split_once(' ').unwrap();
+                (what.to_string(), at.parse().unwrap())
+            })
+            .collect()
+    };
+    for a in &answers {
+        assert!(a.starts_with("HTTP/1.0 200"), "{a}");
+        assert!(a.contains("wait (worker.py:9)"), "{a}");
+    }
+    let starts = read_log().iter().filter(|(w, _)| w == "start").count();
+    assert_eq!(
+        starts, 2,
+        "five requests at once: one capture of two ranks, not {starts} ranks' worth"
+    );
+    // More requests, back to back, for a while: each capture starts at
+    // least a second after the previous one ended.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(4) {
+        assert!(get(port, "/stacks").starts_with("HTTP/1.0 200"));
+    }
+    let entries = read_log();
+    // Captures are sequential (two ranks each): start, end, start, end.
+    let captures: Vec<(f64, f64)> = entries
+        .chunks(4)
+        .filter(|c| c.len() == 4)
+        .map(|c| (c[0].1, c[3].1))
+        .collect();
+    assert!(captures.len() >= 2, "{entries:?}");
+    for pair in captures.windows(2) {
+        let pause = pair[1].0 - pair[0].1;
+        assert!(
+            pause >= 0.99,
+            "a capture started {pause:.2} s after the previous one ended: {entries:?}"
+        );
     }
     std::fs::write(out.path().join("go"), "").unwrap();
     assert_eq!(wait_exit(&mut launcher, Duration::from_secs(30)), Some(0));

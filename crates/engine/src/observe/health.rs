@@ -102,11 +102,12 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// `/stacks` runs py-spy on every worker (pausing it): at most one capture
-/// per this interval; later requests get the last one.
+/// `/stacks` runs py-spy on every worker (pausing it): a new capture starts
+/// at least this long after the previous one ended (a capture of many ranks
+/// may take longer than this); requests in between get the last one.
 const STACKS_EVERY: Duration = Duration::from_secs(1);
 
-/// The last `/stacks` capture and when it began.
+/// The last `/stacks` capture and when it ended.
 type StacksCache = Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, String)>>>;
 
 /// Binds `addr` and serves; `pings` reach the agent's loop. `/stacks`
@@ -237,7 +238,6 @@ async fn respond(
                         return text.clone();
                     }
                 }
-                let started = tokio::time::Instant::now();
                 let running: Vec<(u32, i32)> = lock(&observed)
                     .workers
                     .iter()
@@ -252,7 +252,9 @@ async fn respond(
                         Err(e) => out.push_str(&format!("no stack: {e}\n")),
                     }
                 }
-                *last = Some((started, out.clone()));
+                // Measured from the end: however long a capture takes, the
+                // workers run undisturbed for a second before the next.
+                *last = Some((tokio::time::Instant::now(), out.clone()));
                 out
             })
             .await
