@@ -148,6 +148,82 @@ fn status_watch_ends_on_sigint_and_sigterm() {
     assert_eq!(wait_exit(&mut launcher, Duration::from_secs(30)), Some(0));
 }
 
+/// A client that sends a request's first bytes and then one more byte
+/// every 200 ms, never ending its headers.
+fn slow_loris(port: u16) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) else {
+            return;
+        };
+        if c.write_all(b"GET /healthz HTTP/1.1\r\nX-Slow: ").is_err() {
+            return;
+        }
+        for _ in 0..100 {
+            std::thread::sleep(Duration::from_millis(200));
+            if c.write_all(b"a").is_err() {
+                return;
+            }
+        }
+    })
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn healthz_answers_while_hundreds_of_clients_sit_idle_or_trickle() {
+    let out = tempfile::tempdir().unwrap();
+    let worker = python_worker(out.path(), "");
+    let (mut launcher, port, _) = start_served(
+        &[
+            "--nproc-per-node=1",
+            "--no-python",
+            "python3",
+            &worker,
+            &out.path().display().to_string(),
+        ],
+        |c| {
+            c.env("TMPDIR", out.path());
+        },
+    );
+    wait_for(Duration::from_secs(30), "the worker", || {
+        out.path().join("ready.0").exists().then_some(())
+    });
+    assert!(get(port, "/healthz").starts_with("HTTP/1.0 200"));
+    let fds_before = open_fds(launcher.id());
+    let idle: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let loris: Vec<_> = (0..60).map(|_| slow_loris(port)).collect();
+    // A liveness probe, five times over the next seconds: each answered
+    // within a bound far below the 10 s an idle client may hold on.
+    for probe in 0..5 {
+        let t0 = Instant::now();
+        let answer = get(port, "/healthz");
+        let took = t0.elapsed();
+        assert!(
+            answer.starts_with("HTTP/1.0 200"),
+            "probe {probe}: {answer}"
+        );
+        assert!(took < Duration::from_secs(3), "probe {probe} took {took:?}");
+        let fds = open_fds(launcher.id());
+        assert!(
+            fds <= fds_before + 34,
+            "the launcher holds {fds} descriptors (had {fds_before} before the clients came)"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    drop(idle);
+    for l in loris {
+        let _ = l.join();
+    }
+    std::fs::write(out.path().join("go"), "").unwrap();
+    assert_eq!(wait_exit(&mut launcher, Duration::from_secs(30)), Some(0));
+}
+
 #[test]
 fn stacks_requests_during_a_long_capture_share_it_and_captures_are_a_second_apart() {
     let out = tempfile::tempdir().unwrap();

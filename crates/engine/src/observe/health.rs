@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -86,15 +87,19 @@ impl Drop for HealthServer {
     }
 }
 
-/// How many HTTP connections are served at once. Further clients wait in
-/// the listen backlog: the server never takes more descriptors than this,
-/// since the launcher needs its own for pipes, log files and the store.
+/// How many HTTP connections are open at once: the server never takes
+/// more descriptors than this (and one being accepted), since the launcher
+/// needs its own for pipes, log files and the store. When all are taken, a
+/// new client takes the place of the oldest one that has not sent a whole
+/// request yet (see [`Connections`]), so that idle or slow clients, however
+/// many, never keep a liveness probe out.
 const MAX_CONNECTIONS: usize = 32;
 
-/// A client must send a request's headers within this time, the first
-/// request's and, on a kept-alive connection, the next one's (hyper starts
-/// the timer whenever the connection is idle): an idle client cannot hold
-/// a slot for ever, while a long `/stacks` is not cut short.
+/// A client must send its request's headers within this time: an idle
+/// client does not hold a descriptor for ever even when nobody needs it,
+/// while a long `/stacks` is not cut short. Each connection serves one
+/// request (no keep-alive), so a connection is either waiting for its
+/// request or answering it.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The pause after a failed accept (out of descriptors, say), doubling up
@@ -121,14 +126,14 @@ pub async fn start(
 ) -> std::io::Result<HealthServer> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let conns = Arc::new(Connections::default());
     let stacks: StacksCache = Arc::default();
     let task = tokio::spawn(async move {
         let mut backoff = ACCEPT_BACKOFF;
         loop {
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                return;
-            };
+            // Every connection is answering a request (each bounded in
+            // time): wait for one to end, clients wait in the backlog.
+            conns.room().await;
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => {
                     backoff = ACCEPT_BACKOFF;
@@ -145,27 +150,131 @@ pub async fn start(
             // Stacks and command lines are for this machine's users only,
             // unless the operator opened them.
             let may_see_stacks = open_stacks || peer.ip().to_canonical().is_loopback();
+            conns.make_room();
+            let conn = conns.open();
+            let open = Open(conns.clone(), conn.clone());
             // A connection's panic ends that connection, not the job.
             crate::background::spawn(async move {
-                let _slot = slot;
+                let _open = open;
+                let answering = conn.clone();
                 let service = hyper::service::service_fn(move |req| {
                     let (observed, pings, stacks) =
                         (observed.clone(), pings.clone(), stacks.clone());
+                    // From here on, never shed (a lost race: it is
+                    // being shed and the answer is dropped with it).
+                    let _ = answering.state.compare_exchange(
+                        WAITING,
+                        ANSWERING,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
                     async move {
                         let stacks = may_see_stacks.then_some(&stacks);
                         Ok::<_, Infallible>(respond(req, &observed, &pings, stacks).await)
                     }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new()
+                let serve = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT)
-                    .serve_connection(io, service)
-                    .await;
+                    .keep_alive(false)
+                    .serve_connection(io, service);
+                // Dropping the connection closes it.
+                tokio::select! {
+                    _ = serve => {}
+                    _ = conn.shed.notified() => {
+                        tracing::debug!("health server: closed an idle connection from {peer} for a new client");
+                    }
+                }
             });
         }
     });
     Ok(HealthServer { addr, task })
+}
+
+/// A connection waits for its request, answers it, or is being shed.
+const WAITING: u8 = 0;
+const ANSWERING: u8 = 1;
+const SHED: u8 = 2;
+
+/// One open connection.
+#[derive(Default)]
+struct Conn {
+    state: AtomicU8,
+    /// Told to close, for a newer client.
+    shed: tokio::sync::Notify,
+}
+
+/// The open connections, oldest first. At [`MAX_CONNECTIONS`], the oldest
+/// one still waiting for its request is closed when a new client comes: a
+/// client that sends its request at once (a probe, a scraper) is answered
+/// however many others sit idle or trickle bytes, and the descriptors stay
+/// bounded.
+#[derive(Default)]
+struct Connections {
+    open: Mutex<std::collections::VecDeque<Arc<Conn>>>,
+    /// A connection ended.
+    ended: tokio::sync::Notify,
+}
+
+impl Connections {
+    fn list(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Arc<Conn>>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Returns once a new connection may be accepted: below the limit, or
+    /// at it with one connection that may be shed for the new one (and
+    /// none being shed already: one descriptor over the limit, briefly,
+    /// never more).
+    async fn room(&self) {
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            // Registered before looking: an end in between is not missed.
+            ended.as_mut().enable();
+            {
+                let open = self.list();
+                let state = |s| open.iter().any(|c| c.state.load(Ordering::Acquire) == s);
+                if open.len() < MAX_CONNECTIONS || !state(SHED) && state(WAITING) {
+                    return;
+                }
+            }
+            ended.await;
+        }
+    }
+
+    /// A new connection came: at the limit, the oldest one still waiting
+    /// for its request is closed. It leaves the list as its task ends.
+    fn make_room(&self) {
+        let open = self.list();
+        if open.len() < MAX_CONNECTIONS {
+            return;
+        }
+        let oldest_waiting = open.iter().find(|c| {
+            c.state
+                .compare_exchange(WAITING, SHED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        });
+        if let Some(c) = oldest_waiting {
+            c.shed.notify_one();
+        }
+    }
+
+    fn open(&self) -> Arc<Conn> {
+        let c = Arc::new(Conn::default());
+        self.list().push_back(c.clone());
+        c
+    }
+}
+
+/// Removes its connection from the list when the connection's task ends.
+struct Open(Arc<Connections>, Arc<Conn>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.list().retain(|c| !Arc::ptr_eq(c, &self.1));
+        self.0.ended.notify_waiters();
+    }
 }
 
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
