@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use testkit::wait_for;
 
 const BIN: &str = env!("CARGO_BIN_EXE_torchrun-rs");
@@ -60,6 +61,12 @@ fn get(port: u16, path: &str) -> String {
     let mut body = String::new();
     let _ = c.read_to_string(&mut body);
     body
+}
+
+fn status(port: u16) -> Value {
+    let answer = get(port, "/status");
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"))
 }
 
 fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
@@ -304,5 +311,123 @@ fn stacks_requests_during_a_long_capture_share_it_and_captures_are_a_second_apar
         );
     }
     std::fs::write(out.path().join("go"), "").unwrap();
+    assert_eq!(wait_exit(&mut launcher, Duration::from_secs(30)), Some(0));
+}
+
+/// A tqdm-like bar: 300 states after carriage returns, coloured, on the
+/// given stream, the last state `100%|####|`.
+const BAR: &str = "s = getattr(sys, sys.argv[2])\n\
+s.write('\\x1b[1mtraining\\x1b[0m\\n')\n\
+for i in range(301):\n    s.write('\\r\\x1b[32m%3d%%|%s|\\x1b[0m' % (i // 3, '#' * (i // 75)))\n    s.flush()\n";
+
+fn status_line_under(flags: &[&str], stream: &str) {
+    let out = tempfile::tempdir().unwrap();
+    let worker = python_worker(out.path(), BAR);
+    let outdir = out.path().display().to_string();
+    let mut args = vec!["--nproc-per-node=2"];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--no-python", "python3", &worker, &outdir, stream]);
+    let (mut launcher, port, _) = start_served(&args, |c| {
+        c.env("TMPDIR", out.path());
+    });
+    wait_for(Duration::from_secs(30), "the workers", || {
+        (out.path().join("ready.0").exists() && out.path().join("ready.1").exists()).then_some(())
+    });
+    let workers = wait_for(Duration::from_secs(10), "both last lines", || {
+        let v = status(port);
+        let w = v["workers"].as_array().unwrap().clone();
+        w.iter().all(|w| w["last_line"].is_string()).then_some(w)
+    });
+    for w in &workers {
+        assert_eq!(w["last_line"], "100%|####|", "{flags:?} {stream}: {w}");
+        let quiet = w["seconds_since_output"].as_f64();
+        assert!(
+            quiet.is_some_and(|s| (0.0..60.0).contains(&s)),
+            "{flags:?} {stream}: {w}"
+        );
+    }
+    // The table, too, is plain text.
+    let table = Command::new(BIN)
+        .args(["--status", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert_eq!(table.status.code(), Some(0));
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(table.contains("100%|####|"), "{table}");
+    assert!(
+        !table.chars().any(|c| c.is_control() && c != '\n'),
+        "control characters in the table: {table:?}"
+    );
+    std::fs::write(out.path().join("go"), "").unwrap();
+    assert_eq!(wait_exit(&mut launcher, Duration::from_secs(30)), Some(0));
+}
+
+#[test]
+fn status_shows_a_progress_bar_printed_to_stdout_under_tee() {
+    status_line_under(&["--tee=3"], "stdout");
+}
+
+#[test]
+fn status_shows_a_progress_bar_printed_to_stdout_under_redirects() {
+    status_line_under(&["--redirects=3"], "stdout");
+}
+
+#[test]
+fn status_shows_a_progress_bar_passed_through_as_plain_text() {
+    // Neither -t nor -r, the launcher's stdout and stderr not terminals.
+    status_line_under(&[], "stderr");
+    status_line_under(&[], "stdout");
+}
+
+#[test]
+fn status_counts_the_memory_and_cpu_of_a_workers_children() {
+    let out = tempfile::tempdir().unwrap();
+    // The worker forks a child (as a DataLoader does) that uses 1.5 s of
+    // CPU and 256 MiB of memory, then waits.
+    let worker = python_worker(
+        out.path(),
+        "if os.fork() == 0:\n    \
+             t = time.process_time()\n    \
+             while time.process_time() - t < 1.5: pass\n    \
+             data = b'\\x01' * (256 << 20)\n    \
+             open(os.path.join(out, 'child.' + rank), 'w').close()\n    \
+             time.sleep(120)\n    \
+             os._exit(0)\n\
+         while not os.path.exists(os.path.join(out, 'child.' + rank)):\n    time.sleep(0.01)",
+    );
+    let (mut launcher, port, _) = start_served(
+        &[
+            "--nproc-per-node=1",
+            "--no-python",
+            "python3",
+            &worker,
+            &out.path().display().to_string(),
+        ],
+        |c| {
+            c.env("TMPDIR", out.path());
+        },
+    );
+    wait_for(Duration::from_secs(60), "the worker and its child", || {
+        out.path().join("ready.0").exists().then_some(())
+    });
+    let w = status(port)["workers"][0].clone();
+    assert_eq!(w["processes"], 2, "{w}");
+    assert!(
+        w["rss_bytes"].as_f64().unwrap() >= 256.0 * 1048576.0,
+        "the child's memory is the worker's: {w}"
+    );
+    assert!(
+        w["cpu_seconds"].as_f64().unwrap() >= 1.4,
+        "the child's CPU time is the worker's: {w}"
+    );
+    let metrics = get(port, "/metrics");
+    let rss_line = metrics
+        .lines()
+        .find(|l| l.starts_with("torchrun_rs_worker_resident_bytes{"))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    let rss: f64 = rss_line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(rss >= 256.0 * 1048576.0, "{rss_line}");
+    std::fs::write(out.path().join("go"), "").unwrap();
+    // The child is in the worker's group: stopped with it at the end.
     assert_eq!(wait_exit(&mut launcher, Duration::from_secs(30)), Some(0));
 }

@@ -9,7 +9,7 @@
 //! - `/metrics`: Prometheus text (torch's metric names, sanitized, and ours);
 //! - `/stacks`: every running local rank's stacks (py-spy).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -26,7 +26,8 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::logs::failure::Json;
-use crate::logs::log_stream::SharedTail;
+use crate::logs::last_line::{Output, Seen};
+use crate::process::proc_stats::Usage;
 
 /// One local worker, as `/status` and `/metrics` show it.
 #[derive(Debug, Clone)]
@@ -38,9 +39,8 @@ pub struct WorkerStatus {
     pub state: &'static str,
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
-    /// The worker's stderr tail, when the launcher keeps one (its last
-    /// output time).
-    pub tail: Option<SharedTail>,
+    /// Where its last output can be read (its last line, its quiet time).
+    pub output: Output,
 }
 
 /// What the agent reports; read by the server.
@@ -322,11 +322,10 @@ async fn respond(
                 )
             }
         }
-        "/status" => reply(
-            StatusCode::OK,
-            "application/json",
-            status_json(&lock(observed)),
-        ),
+        "/status" => reply(StatusCode::OK, "application/json", {
+            let live = live(observed, true);
+            status_json(&lock(observed), &live)
+        }),
         "/stacks" => {
             let Some(cache) = stacks else {
                 return reply(
@@ -373,7 +372,10 @@ async fn respond(
         "/metrics" => reply(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics_text(&lock(observed)),
+            {
+                let live = live(observed, false);
+                metrics_text(&lock(observed), &live)
+            },
         ),
         other => reply(
             StatusCode::NOT_FOUND,
@@ -391,37 +393,48 @@ fn num<T: Into<f64>>(v: Option<T>) -> Json {
     v.map_or(Json::Null, |n| Json::Num(n.into()))
 }
 
-fn seconds_since_output(w: &WorkerStatus) -> Option<f64> {
-    let tail = w.tail.as_ref()?;
-    let at = tail
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .last_output()?;
-    Some(at.elapsed().as_secs_f64())
+/// The workers as `/proc` and their output show them now, read without
+/// holding the observed state, which the agent's loop updates: a log file
+/// on a slow file system must not hold up the loop.
+struct Live {
+    workers: Vec<WorkerStatus>,
+    /// Each running worker's resident memory and CPU seconds, counting its
+    /// whole process group, by pid (an exited one's is not read: its
+    /// group may be another's by now), from one pass over `/proc`.
+    usage: HashMap<i32, Usage>,
+    /// Each worker's quiet time and (when asked for) last line.
+    seen: Vec<Seen>,
 }
 
-/// A running worker's resident memory and CPU seconds (an exited one's
-/// pid is not read: it may belong to another process by now).
-fn usage(w: &WorkerStatus) -> Option<(u64, f64)> {
-    (w.state == "running")
-        .then(|| crate::process::proc_stats::of(w.pid))
-        .flatten()
-}
-
-/// The last line a worker wrote to stderr, when the launcher carries it.
-fn last_line(w: &WorkerStatus) -> Option<String> {
-    let tail = w.tail.as_ref()?;
-    let lines = tail.lock().unwrap_or_else(|p| p.into_inner()).last_lines(1);
-    lines.into_iter().next()
-}
-
-fn status_json(o: &Observed) -> String {
-    let workers = o
-        .workers
+fn live(observed: &SharedObserved, last_lines: bool) -> Live {
+    let workers = lock(observed).workers.clone();
+    let running: Vec<i32> = workers
         .iter()
-        .map(|w| {
-            // One read of /proc/<pid>/stat for both figures.
-            let used = usage(w);
+        .filter(|w| w.state == "running")
+        .map(|w| w.pid)
+        .collect();
+    let usage = crate::process::proc_stats::of_groups(&running);
+    let seen = workers.iter().map(|w| w.output.seen(last_lines)).collect();
+    Live {
+        workers,
+        usage,
+        seen,
+    }
+}
+
+impl Live {
+    fn workers(&self) -> impl Iterator<Item = (&WorkerStatus, Option<&Usage>, &Seen)> {
+        self.workers.iter().zip(&self.seen).map(|(w, seen)| {
+            let used = self.usage.get(&w.pid).filter(|_| w.state == "running");
+            (w, used, seen)
+        })
+    }
+}
+
+fn status_json(o: &Observed, live: &Live) -> String {
+    let workers = live
+        .workers()
+        .map(|(w, used, seen)| {
             Json::Object(vec![
                 ("local_rank".into(), Json::Num(w.local_rank.into())),
                 ("rank".into(), Json::Num(w.rank.into())),
@@ -431,16 +444,18 @@ fn status_json(o: &Observed) -> String {
                 ("signal".into(), num(w.signal)),
                 (
                     "seconds_since_output".into(),
-                    seconds_since_output(w).map_or(Json::Null, Json::Float),
+                    seen.quiet
+                        .map_or(Json::Null, |d| Json::Float(d.as_secs_f64())),
                 ),
-                ("rss_bytes".into(), num(used.map(|u| u.0 as f64))),
+                ("rss_bytes".into(), num(used.map(|u| u.rss_bytes as f64))),
                 (
                     "cpu_seconds".into(),
-                    used.map_or(Json::Null, |u| Json::Float(u.1)),
+                    used.map_or(Json::Null, |u| Json::Float(u.cpu_seconds)),
                 ),
+                ("processes".into(), num(used.map(|u| u.processes))),
                 (
                     "last_line".into(),
-                    last_line(w).map_or(Json::Null, Json::Str),
+                    seen.last_line.clone().map_or(Json::Null, Json::Str),
                 ),
             ])
         })
@@ -500,7 +515,7 @@ fn status_json(o: &Observed) -> String {
         + "\n"
 }
 
-fn metrics_text(o: &Observed) -> String {
+fn metrics_text(o: &Observed, live: &Live) -> String {
     let mut reg = Registry::default();
     let role = vec![("role".to_string(), o.role.clone())];
     // torch's names (group `torchelastic`), sanitized.
@@ -555,35 +570,35 @@ fn metrics_text(o: &Observed) -> String {
     reg.register("torchrun_rs_worker_exits", "Worker exits by reason", exits);
     let quiet =
         Family::<Vec<(String, String)>, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-    for w in &o.workers {
-        if let Some(s) = seconds_since_output(w) {
+    for (w, _, seen) in live.workers() {
+        if let Some(d) = seen.quiet {
             quiet
                 .get_or_create(&vec![("local_rank".into(), w.local_rank.to_string())])
-                .set(s);
+                .set(d.as_secs_f64());
         }
     }
     let rss = Family::<Vec<(String, String)>, Gauge>::default();
     let cpu = Family::<Vec<(String, String)>, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-    for w in &o.workers {
-        if let Some((bytes, secs)) = usage(w) {
+    for (w, used, _) in live.workers() {
+        if let Some(u) = used {
             let labels = vec![("local_rank".into(), w.local_rank.to_string())];
-            rss.get_or_create(&labels).set(bytes as i64);
-            cpu.get_or_create(&labels).set(secs);
+            rss.get_or_create(&labels).set(u.rss_bytes as i64);
+            cpu.get_or_create(&labels).set(u.cpu_seconds);
         }
     }
     reg.register(
         "torchrun_rs_worker_resident_bytes",
-        "Resident memory of each running local rank's process",
+        "Resident memory of each running local rank's processes (its process group, summed)",
         rss,
     );
     reg.register(
         "torchrun_rs_worker_cpu_seconds",
-        "CPU time (user and system) of each running local rank's process",
+        "CPU time (user and system) of each running local rank's processes (its process group, reaped descendants included)",
         cpu,
     );
     reg.register(
         "torchrun_rs_seconds_since_output",
-        "Seconds since each local rank last wrote to stderr (when the launcher carries it)",
+        "Seconds since each local rank last wrote to stdout or stderr (when the launcher carries or logs it)",
         quiet,
     );
     let checks = Gauge::<i64>::default();

@@ -142,7 +142,8 @@ pub fn render(addr: &str, v: &Value) -> String {
         let quiet = w["seconds_since_output"]
             .as_f64()
             .map_or("-".into(), |s| format!("{s:.1}"));
-        let mut last = text(&w["last_line"]);
+        // Only text reaches the terminal, whatever the server sent.
+        let mut last = crate::logs::last_line::sanitize(&text(&w["last_line"]));
         if last.chars().count() > 60 {
             last = last.chars().take(59).collect::<String>() + "…";
         }
@@ -195,5 +196,19 @@ mod tests {
         // Not a /status at all: still a table, nothing panics.
         let t = render("h:1", &Value::Null);
         assert!(t.contains("local"), "{t}");
+    }
+
+    #[test]
+    fn a_last_line_with_control_characters_prints_as_text() {
+        let v: Value = serde_json::from_str(
+            r#"{"workers":[{"local_rank":0,"last_line":"\u001b[31mred\u001b[0m\r 10%|#\u001b]0;t\u0007|"}]}"#,
+        )
+        .unwrap();
+        let t = render("h:1", &v);
+        assert!(
+            !t.contains('\x1b') && !t.contains('\r') && !t.contains('\x07'),
+            "{t:?}"
+        );
+        assert!(t.contains("red 10%|#|"), "{t:?}");
     }
 }
