@@ -314,6 +314,8 @@ impl<'a> Agent<'a> {
                 hostname: crate::process::host::hostname(),
                 // SAFETY: isatty only reads the descriptor's state.
                 tail_stderr: unsafe { libc::isatty(2) } == 0,
+                // SAFETY: isatty only reads the descriptor's kind.
+                carry_stdout: unsafe { libc::isatty(1) } == 0,
                 watch_output: config.hang_timeout.is_some(),
             },
             trap,
@@ -832,7 +834,7 @@ impl<'a> Agent<'a> {
                                 state: "running",
                                 exit_code: None,
                                 signal: None,
-                                tail: w.stderr_tail(),
+                                output: w.output(),
                             })
                             .collect();
                         *self.watched.lock().unwrap_or_else(|p| p.into_inner()) =

@@ -10,9 +10,10 @@ use crate::config::worker_env::{self, GroupInfo, WorkerRanks};
 use crate::config::LaunchConfig;
 use crate::error::AgentError;
 use crate::logs::failure::ProcessFailure;
+use crate::logs::last_line::{Output, Source};
 use crate::logs::log_dir::LogDir;
 use crate::logs::log_stream::{
-    self, Activity, Console, LineFilter, PassThrough, SharedTail, TeeHandle, TeeTargets,
+    self, Activity, Console, LineFilter, PassThrough, SharedTail, Tail, TeeHandle, TeeTargets,
 };
 use crate::process::lifeline;
 use crate::process::supervisor::Supervisor;
@@ -35,6 +36,8 @@ pub struct Worker {
     error_file: Option<PathBuf>,
     stderr_file: Option<PathBuf>,
     stderr_tail: Option<SharedTail>,
+    /// Where its recent output can be read, for the status.
+    output: Output,
     /// When it last wrote (where the launcher carries its output).
     pub activity: Activity,
 }
@@ -45,9 +48,9 @@ impl Worker {
         self.error_file.as_ref()?.parent().map(Path::to_path_buf)
     }
 
-    /// The worker's stderr tail, when the launcher keeps one.
-    pub fn stderr_tail(&self) -> Option<SharedTail> {
-        self.stderr_tail.clone()
+    /// Where the status reads what the worker wrote last.
+    pub fn output(&self) -> Output {
+        self.output.clone()
     }
 
     pub fn exit_status(&self) -> Option<ExitStatus> {
@@ -157,6 +160,10 @@ pub struct Launch<'a> {
     /// not a terminal (a cluster job's log), where a pipe changes nothing a
     /// user sees.
     pub tail_stderr: bool,
+    /// Carry stdout through a pipe, so that the status sees what workers
+    /// print: true when the launcher's stdout is not a terminal, where a
+    /// pipe changes nothing a user sees.
+    pub carry_stdout: bool,
     /// Carry stdout too, to see when workers write (`--hang-timeout`).
     pub watch_output: bool,
 }
@@ -191,6 +198,8 @@ struct Stream {
     tee: Option<TeeHandle>,
     /// A stream to pass through, by the group's one pass-through thread.
     pass: Option<PassThrough>,
+    /// Where the status reads the stream's recent output.
+    record: Option<Source>,
 }
 
 impl Stream {
@@ -199,6 +208,7 @@ impl Stream {
             stdio,
             tee: None,
             pass: None,
+            record: None,
         }
     }
 }
@@ -274,24 +284,42 @@ impl Launch<'_> {
                 stdio: Stdio::Fd(w),
                 tee: Some(handle),
                 pass: None,
+                // The tee thread writes the file as the bytes come: the
+                // status reads it back, adding nothing to the tee's path.
+                record: file_path.map(Source::File),
             });
         }
-        if let Some(p) = &file_path {
-            let fd = process::create_file(p).map_err(streams_err)?;
-            return Ok(Stream::plain(Stdio::Fd(fd)));
+        if let Some(p) = file_path {
+            let fd = process::create_file(&p).map_err(streams_err)?;
+            return Ok(Stream {
+                record: Some(Source::File(p)),
+                ..Stream::plain(Stdio::Fd(fd))
+            });
         }
         let discarded = teed && rank_dir.is_none();
-        if (!is_out && self.tail_stderr || self.watch_output) && !discarded {
+        let carried = if is_out {
+            self.carry_stdout
+        } else {
+            self.tail_stderr
+        };
+        if (carried || self.watch_output) && !discarded {
             let (r, w) = log_stream::small_pipe().map_err(streams_err)?;
+            // stderr's tail also serves the failure report.
+            let tail = if is_out {
+                Tail::small()
+            } else {
+                SharedTail::default()
+            };
             return Ok(Stream {
                 stdio: Stdio::Fd(w),
                 tee: None,
                 pass: Some(PassThrough {
                     read: r,
                     console: shown.then_some(console),
-                    tail: SharedTail::default(),
+                    tail: tail.clone(),
                     activity: Some(activity.clone()),
                 }),
+                record: Some(Source::Tail(tail)),
             });
         }
         if !shown || discarded {
@@ -429,6 +457,10 @@ impl Launch<'_> {
         )?;
         group.tees.extend(err.tee);
         let stderr_tail = err.pass.as_ref().map(|p| p.tail.clone());
+        let output = Output {
+            stdout: out.record,
+            stderr: err.record,
+        };
         passed.extend(out.pass);
         passed.extend(err.pass);
         let redirected_stderr =
@@ -458,6 +490,7 @@ impl Launch<'_> {
             error_file,
             stderr_file,
             stderr_tail,
+            output,
             activity,
         })
     }

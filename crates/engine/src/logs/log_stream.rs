@@ -258,31 +258,68 @@ fn emit<'a>(
     }
 }
 
-/// The last bytes a stream carried (at most [`Tail::CAPACITY`]).
-#[derive(Debug, Default)]
+/// The last bytes a stream carried (at most [`Tail::CAPACITY`], or
+/// [`Tail::SMALL`]).
+#[derive(Debug)]
 pub struct Tail {
     buf: std::collections::VecDeque<u8>,
+    capacity: usize,
+    /// Whether bytes were dropped to stay within the capacity.
+    dropped: bool,
     /// When the stream last carried bytes.
     last: Option<Instant>,
+}
+
+impl Default for Tail {
+    fn default() -> Tail {
+        Tail::with_capacity(Tail::CAPACITY)
+    }
 }
 
 /// A [`Tail`] shared between the thread that fills it and the report.
 pub type SharedTail = Arc<Mutex<Tail>>;
 
 impl Tail {
+    /// Enough for the failure report's last lines.
     pub const CAPACITY: usize = 64 * 1024;
+    /// Enough for the status's last line.
+    pub const SMALL: usize = 4096;
+
+    pub fn with_capacity(capacity: usize) -> Tail {
+        Tail {
+            buf: std::collections::VecDeque::new(),
+            capacity,
+            dropped: false,
+            last: None,
+        }
+    }
+
+    /// A shared tail of [`Tail::SMALL`] bytes.
+    pub fn small() -> SharedTail {
+        Arc::new(Mutex::new(Tail::with_capacity(Tail::SMALL)))
+    }
 
     /// When the stream last carried bytes.
     pub fn last_output(&self) -> Option<Instant> {
         self.last
     }
 
-    fn push(&mut self, data: &[u8]) {
+    pub(crate) fn push(&mut self, data: &[u8]) {
         self.last = Some(Instant::now());
-        let data = &data[data.len().saturating_sub(Self::CAPACITY)..];
-        let over = (self.buf.len() + data.len()).saturating_sub(Self::CAPACITY);
+        let kept = &data[data.len().saturating_sub(self.capacity)..];
+        let over = (self.buf.len() + kept.len()).saturating_sub(self.capacity);
+        self.dropped |= over > 0 || kept.len() < data.len();
         self.buf.drain(..over);
-        self.buf.extend(data);
+        self.buf.extend(kept);
+    }
+
+    /// The last `n` bytes at most, and whether earlier bytes are missing.
+    pub fn last_bytes(&self, n: usize) -> (Vec<u8>, bool) {
+        let skip = self.buf.len().saturating_sub(n);
+        (
+            self.buf.iter().skip(skip).copied().collect(),
+            self.dropped || skip > 0,
+        )
     }
 
     /// The last `n` lines (a first line cut by the capacity is dropped).
@@ -290,7 +327,7 @@ impl Tail {
         let bytes: Vec<u8> = self.buf.iter().copied().collect();
         let text = String::from_utf8_lossy(&bytes);
         let mut lines: Vec<&str> = text.lines().collect();
-        if self.buf.len() == Self::CAPACITY && !lines.is_empty() {
+        if self.dropped && !lines.is_empty() {
             lines.remove(0);
         }
         let skip = lines.len().saturating_sub(n);
@@ -385,6 +422,7 @@ mod tests {
         }
         t.push(b"last words");
         assert_eq!(t.buf.len(), Tail::CAPACITY);
+        assert!(t.dropped);
         let lines = t.last_lines(3);
         assert_eq!(lines.len(), 3);
         assert_eq!(lines[2], "last words");

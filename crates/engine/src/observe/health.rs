@@ -9,9 +9,10 @@
 //! - `/metrics`: Prometheus text (torch's metric names, sanitized, and ours);
 //! - `/stacks`: every running local rank's stacks (py-spy).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,7 +26,8 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::logs::failure::Json;
-use crate::logs::log_stream::SharedTail;
+use crate::logs::last_line::{Output, Seen};
+use crate::process::proc_stats::Usage;
 
 /// One local worker, as `/status` and `/metrics` show it.
 #[derive(Debug, Clone)]
@@ -37,9 +39,8 @@ pub struct WorkerStatus {
     pub state: &'static str,
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
-    /// The worker's stderr tail, when the launcher keeps one (its last
-    /// output time).
-    pub tail: Option<SharedTail>,
+    /// Where its last output can be read (its last line, its quiet time).
+    pub output: Output,
 }
 
 /// What the agent reports; read by the server.
@@ -86,15 +87,19 @@ impl Drop for HealthServer {
     }
 }
 
-/// How many HTTP connections are served at once. Further clients wait in
-/// the listen backlog: the server never takes more descriptors than this,
-/// since the launcher needs its own for pipes, log files and the store.
+/// How many HTTP connections are open at once: the server never takes
+/// more descriptors than this (and one being accepted), since the launcher
+/// needs its own for pipes, log files and the store. When all are taken, a
+/// new client takes the place of the oldest one that has not sent a whole
+/// request yet (see [`Connections`]), so that idle or slow clients, however
+/// many, never keep a liveness probe out.
 const MAX_CONNECTIONS: usize = 32;
 
-/// A client must send a request's headers within this time, the first
-/// request's and, on a kept-alive connection, the next one's (hyper starts
-/// the timer whenever the connection is idle): an idle client cannot hold
-/// a slot for ever, while a long `/stacks` is not cut short.
+/// A client must send its request's headers within this time: an idle
+/// client does not hold a descriptor for ever even when nobody needs it,
+/// while a long `/stacks` is not cut short. Each connection serves one
+/// request (no keep-alive), so a connection is either waiting for its
+/// request or answering it.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The pause after a failed accept (out of descriptors, say), doubling up
@@ -102,11 +107,12 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// `/stacks` runs py-spy on every worker (pausing it): at most one capture
-/// per this interval; later requests get the last one.
+/// `/stacks` runs py-spy on every worker (pausing it): a new capture starts
+/// at least this long after the previous one ended (a capture of many ranks
+/// may take longer than this); requests in between get the last one.
 const STACKS_EVERY: Duration = Duration::from_secs(1);
 
-/// The last `/stacks` capture and when it began.
+/// The last `/stacks` capture and when it ended.
 type StacksCache = Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, String)>>>;
 
 /// Binds `addr` and serves; `pings` reach the agent's loop. `/stacks`
@@ -120,14 +126,14 @@ pub async fn start(
 ) -> std::io::Result<HealthServer> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let conns = Arc::new(Connections::default());
     let stacks: StacksCache = Arc::default();
     let task = tokio::spawn(async move {
         let mut backoff = ACCEPT_BACKOFF;
         loop {
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                return;
-            };
+            // Every connection is answering a request (each bounded in
+            // time): wait for one to end, clients wait in the backlog.
+            conns.room().await;
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => {
                     backoff = ACCEPT_BACKOFF;
@@ -144,27 +150,131 @@ pub async fn start(
             // Stacks and command lines are for this machine's users only,
             // unless the operator opened them.
             let may_see_stacks = open_stacks || peer.ip().to_canonical().is_loopback();
+            conns.make_room();
+            let conn = conns.open();
+            let open = Open(conns.clone(), conn.clone());
             // A connection's panic ends that connection, not the job.
             crate::background::spawn(async move {
-                let _slot = slot;
+                let _open = open;
+                let answering = conn.clone();
                 let service = hyper::service::service_fn(move |req| {
                     let (observed, pings, stacks) =
                         (observed.clone(), pings.clone(), stacks.clone());
+                    // From here on, never shed (a lost race: it is
+                    // being shed and the answer is dropped with it).
+                    let _ = answering.state.compare_exchange(
+                        WAITING,
+                        ANSWERING,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
                     async move {
                         let stacks = may_see_stacks.then_some(&stacks);
                         Ok::<_, Infallible>(respond(req, &observed, &pings, stacks).await)
                     }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new()
+                let serve = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT)
-                    .serve_connection(io, service)
-                    .await;
+                    .keep_alive(false)
+                    .serve_connection(io, service);
+                // Dropping the connection closes it.
+                tokio::select! {
+                    _ = serve => {}
+                    _ = conn.shed.notified() => {
+                        tracing::debug!("health server: closed an idle connection from {peer} for a new client");
+                    }
+                }
             });
         }
     });
     Ok(HealthServer { addr, task })
+}
+
+/// A connection waits for its request, answers it, or is being shed.
+const WAITING: u8 = 0;
+const ANSWERING: u8 = 1;
+const SHED: u8 = 2;
+
+/// One open connection.
+#[derive(Default)]
+struct Conn {
+    state: AtomicU8,
+    /// Told to close, for a newer client.
+    shed: tokio::sync::Notify,
+}
+
+/// The open connections, oldest first. At [`MAX_CONNECTIONS`], the oldest
+/// one still waiting for its request is closed when a new client comes: a
+/// client that sends its request at once (a probe, a scraper) is answered
+/// however many others sit idle or trickle bytes, and the descriptors stay
+/// bounded.
+#[derive(Default)]
+struct Connections {
+    open: Mutex<std::collections::VecDeque<Arc<Conn>>>,
+    /// A connection ended.
+    ended: tokio::sync::Notify,
+}
+
+impl Connections {
+    fn list(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Arc<Conn>>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Returns once a new connection may be accepted: below the limit, or
+    /// at it with one connection that may be shed for the new one (and
+    /// none being shed already: one descriptor over the limit, briefly,
+    /// never more).
+    async fn room(&self) {
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            // Registered before looking: an end in between is not missed.
+            ended.as_mut().enable();
+            {
+                let open = self.list();
+                let state = |s| open.iter().any(|c| c.state.load(Ordering::Acquire) == s);
+                if open.len() < MAX_CONNECTIONS || !state(SHED) && state(WAITING) {
+                    return;
+                }
+            }
+            ended.await;
+        }
+    }
+
+    /// A new connection came: at the limit, the oldest one still waiting
+    /// for its request is closed. It leaves the list as its task ends.
+    fn make_room(&self) {
+        let open = self.list();
+        if open.len() < MAX_CONNECTIONS {
+            return;
+        }
+        let oldest_waiting = open.iter().find(|c| {
+            c.state
+                .compare_exchange(WAITING, SHED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        });
+        if let Some(c) = oldest_waiting {
+            c.shed.notify_one();
+        }
+    }
+
+    fn open(&self) -> Arc<Conn> {
+        let c = Arc::new(Conn::default());
+        self.list().push_back(c.clone());
+        c
+    }
+}
+
+/// Removes its connection from the list when the connection's task ends.
+struct Open(Arc<Connections>, Arc<Conn>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.list().retain(|c| !Arc::ptr_eq(c, &self.1));
+        self.0.ended.notify_waiters();
+    }
 }
 
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
@@ -212,11 +322,10 @@ async fn respond(
                 )
             }
         }
-        "/status" => reply(
-            StatusCode::OK,
-            "application/json",
-            status_json(&lock(observed)),
-        ),
+        "/status" => reply(StatusCode::OK, "application/json", {
+            let live = live(observed, true);
+            status_json(&lock(observed), &live)
+        }),
         "/stacks" => {
             let Some(cache) = stacks else {
                 return reply(
@@ -237,7 +346,6 @@ async fn respond(
                         return text.clone();
                     }
                 }
-                let started = tokio::time::Instant::now();
                 let running: Vec<(u32, i32)> = lock(&observed)
                     .workers
                     .iter()
@@ -252,7 +360,9 @@ async fn respond(
                         Err(e) => out.push_str(&format!("no stack: {e}\n")),
                     }
                 }
-                *last = Some((started, out.clone()));
+                // Measured from the end: however long a capture takes, the
+                // workers run undisturbed for a second before the next.
+                *last = Some((tokio::time::Instant::now(), out.clone()));
                 out
             })
             .await
@@ -262,7 +372,10 @@ async fn respond(
         "/metrics" => reply(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics_text(&lock(observed)),
+            {
+                let live = live(observed, false);
+                metrics_text(&lock(observed), &live)
+            },
         ),
         other => reply(
             StatusCode::NOT_FOUND,
@@ -280,37 +393,48 @@ fn num<T: Into<f64>>(v: Option<T>) -> Json {
     v.map_or(Json::Null, |n| Json::Num(n.into()))
 }
 
-fn seconds_since_output(w: &WorkerStatus) -> Option<f64> {
-    let tail = w.tail.as_ref()?;
-    let at = tail
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .last_output()?;
-    Some(at.elapsed().as_secs_f64())
+/// The workers as `/proc` and their output show them now, read without
+/// holding the observed state, which the agent's loop updates: a log file
+/// on a slow file system must not hold up the loop.
+struct Live {
+    workers: Vec<WorkerStatus>,
+    /// Each running worker's resident memory and CPU seconds, counting its
+    /// whole process group, by pid (an exited one's is not read: its
+    /// group may be another's by now), from one pass over `/proc`.
+    usage: HashMap<i32, Usage>,
+    /// Each worker's quiet time and (when asked for) last line.
+    seen: Vec<Seen>,
 }
 
-/// A running worker's resident memory and CPU seconds (an exited one's
-/// pid is not read: it may belong to another process by now).
-fn usage(w: &WorkerStatus) -> Option<(u64, f64)> {
-    (w.state == "running")
-        .then(|| crate::process::proc_stats::of(w.pid))
-        .flatten()
-}
-
-/// The last line a worker wrote to stderr, when the launcher carries it.
-fn last_line(w: &WorkerStatus) -> Option<String> {
-    let tail = w.tail.as_ref()?;
-    let lines = tail.lock().unwrap_or_else(|p| p.into_inner()).last_lines(1);
-    lines.into_iter().next()
-}
-
-fn status_json(o: &Observed) -> String {
-    let workers = o
-        .workers
+fn live(observed: &SharedObserved, last_lines: bool) -> Live {
+    let workers = lock(observed).workers.clone();
+    let running: Vec<i32> = workers
         .iter()
-        .map(|w| {
-            // One read of /proc/<pid>/stat for both figures.
-            let used = usage(w);
+        .filter(|w| w.state == "running")
+        .map(|w| w.pid)
+        .collect();
+    let usage = crate::process::proc_stats::of_groups(&running);
+    let seen = workers.iter().map(|w| w.output.seen(last_lines)).collect();
+    Live {
+        workers,
+        usage,
+        seen,
+    }
+}
+
+impl Live {
+    fn workers(&self) -> impl Iterator<Item = (&WorkerStatus, Option<&Usage>, &Seen)> {
+        self.workers.iter().zip(&self.seen).map(|(w, seen)| {
+            let used = self.usage.get(&w.pid).filter(|_| w.state == "running");
+            (w, used, seen)
+        })
+    }
+}
+
+fn status_json(o: &Observed, live: &Live) -> String {
+    let workers = live
+        .workers()
+        .map(|(w, used, seen)| {
             Json::Object(vec![
                 ("local_rank".into(), Json::Num(w.local_rank.into())),
                 ("rank".into(), Json::Num(w.rank.into())),
@@ -320,16 +444,18 @@ fn status_json(o: &Observed) -> String {
                 ("signal".into(), num(w.signal)),
                 (
                     "seconds_since_output".into(),
-                    seconds_since_output(w).map_or(Json::Null, Json::Float),
+                    seen.quiet
+                        .map_or(Json::Null, |d| Json::Float(d.as_secs_f64())),
                 ),
-                ("rss_bytes".into(), num(used.map(|u| u.0 as f64))),
+                ("rss_bytes".into(), num(used.map(|u| u.rss_bytes as f64))),
                 (
                     "cpu_seconds".into(),
-                    used.map_or(Json::Null, |u| Json::Float(u.1)),
+                    used.map_or(Json::Null, |u| Json::Float(u.cpu_seconds)),
                 ),
+                ("processes".into(), num(used.map(|u| u.processes))),
                 (
                     "last_line".into(),
-                    last_line(w).map_or(Json::Null, Json::Str),
+                    seen.last_line.clone().map_or(Json::Null, Json::Str),
                 ),
             ])
         })
@@ -389,7 +515,7 @@ fn status_json(o: &Observed) -> String {
         + "\n"
 }
 
-fn metrics_text(o: &Observed) -> String {
+fn metrics_text(o: &Observed, live: &Live) -> String {
     let mut reg = Registry::default();
     let role = vec![("role".to_string(), o.role.clone())];
     // torch's names (group `torchelastic`), sanitized.
@@ -444,35 +570,35 @@ fn metrics_text(o: &Observed) -> String {
     reg.register("torchrun_rs_worker_exits", "Worker exits by reason", exits);
     let quiet =
         Family::<Vec<(String, String)>, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-    for w in &o.workers {
-        if let Some(s) = seconds_since_output(w) {
+    for (w, _, seen) in live.workers() {
+        if let Some(d) = seen.quiet {
             quiet
                 .get_or_create(&vec![("local_rank".into(), w.local_rank.to_string())])
-                .set(s);
+                .set(d.as_secs_f64());
         }
     }
     let rss = Family::<Vec<(String, String)>, Gauge>::default();
     let cpu = Family::<Vec<(String, String)>, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-    for w in &o.workers {
-        if let Some((bytes, secs)) = usage(w) {
+    for (w, used, _) in live.workers() {
+        if let Some(u) = used {
             let labels = vec![("local_rank".into(), w.local_rank.to_string())];
-            rss.get_or_create(&labels).set(bytes as i64);
-            cpu.get_or_create(&labels).set(secs);
+            rss.get_or_create(&labels).set(u.rss_bytes as i64);
+            cpu.get_or_create(&labels).set(u.cpu_seconds);
         }
     }
     reg.register(
         "torchrun_rs_worker_resident_bytes",
-        "Resident memory of each running local rank's process",
+        "Resident memory of each running local rank's processes (its process group, summed)",
         rss,
     );
     reg.register(
         "torchrun_rs_worker_cpu_seconds",
-        "CPU time (user and system) of each running local rank's process",
+        "CPU time (user and system) of each running local rank's processes (its process group, reaped descendants included)",
         cpu,
     );
     reg.register(
         "torchrun_rs_seconds_since_output",
-        "Seconds since each local rank last wrote to stderr (when the launcher carries it)",
+        "Seconds since each local rank last wrote to stdout or stderr (when the launcher carries or logs it)",
         quiet,
     );
     let checks = Gauge::<i64>::default();

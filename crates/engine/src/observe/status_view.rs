@@ -7,8 +7,12 @@ use serde_json::Value;
 use std::fmt::Write as _;
 use std::time::Duration;
 
+/// The signals that end a `--status` query (held since `main` began).
+const STOP: &str = "SIGINT,SIGTERM,SIGHUP,SIGQUIT";
+
 /// Fetches and prints the table (again every second with `watch`, until
-/// the launcher goes away or the user interrupts). Returns the exit status.
+/// the launcher goes away or the user interrupts). Returns the exit status:
+/// 128 + the signal's number when a signal ends it, as with a launch.
 pub fn show(addr: &str, watch: bool) -> i32 {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -21,49 +25,65 @@ pub fn show(addr: &str, watch: bool) -> i32 {
         }
     };
     rt.block_on(async {
-        let client = match reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .build()
-        {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("torchrun-rs: error: {e}");
-                return 1;
-            }
-        };
-        let url = format!("http://{addr}/status");
-        let mut shown = false;
-        loop {
-            match fetch(&client, &url).await {
-                Ok(v) => {
-                    let table = render(addr, &v);
-                    if watch {
-                        // Home, clear, redraw: the table stays in place.
-                        print!("\x1b[H\x1b[2J{table}");
-                    } else {
-                        print!("{table}");
-                    }
-                    use std::io::Write;
-                    let _ = std::io::stdout().flush();
-                    shown = true;
+        // The launcher blocks these signals first thing, for its agent to
+        // take over; here nothing else would ever let them through.
+        let (mut trap, _) = crate::process::signals::Trap::install(STOP, "");
+        tokio::select! {
+            sig = trap.next_shutdown() => {
+                if watch {
+                    // The cursor sits after a redrawn table: end its line.
+                    println!();
                 }
-                Err(e) if shown => {
-                    println!("torchrun-rs: the launcher at {addr} no longer answers ({e})");
-                    return 0;
-                }
-                Err(e) => {
-                    eprintln!(
-                        "torchrun-rs: error: no launcher answers at {addr} ({e}); --status reads the port a launcher serves with --metrics-port"
-                    );
-                    return 1;
-                }
+                128 + sig
             }
-            if !watch {
-                return 0;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            code = query(addr, watch) => code,
         }
     })
+}
+
+async fn query(addr: &str, watch: bool) -> i32 {
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("torchrun-rs: error: {e}");
+            return 1;
+        }
+    };
+    let url = format!("http://{addr}/status");
+    let mut shown = false;
+    loop {
+        match fetch(&client, &url).await {
+            Ok(v) => {
+                let table = render(addr, &v);
+                if watch {
+                    // Home, clear, redraw: the table stays in place.
+                    print!("\x1b[H\x1b[2J{table}");
+                } else {
+                    print!("{table}");
+                }
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                shown = true;
+            }
+            Err(e) if shown => {
+                println!("torchrun-rs: the launcher at {addr} no longer answers ({e})");
+                return 0;
+            }
+            Err(e) => {
+                eprintln!(
+                        "torchrun-rs: error: no launcher answers at {addr} ({e}); --status reads the port a launcher serves with --metrics-port"
+                    );
+                return 1;
+            }
+        }
+        if !watch {
+            return 0;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 async fn fetch(client: &reqwest::Client, url: &str) -> Result<Value, String> {
@@ -122,7 +142,8 @@ pub fn render(addr: &str, v: &Value) -> String {
         let quiet = w["seconds_since_output"]
             .as_f64()
             .map_or("-".into(), |s| format!("{s:.1}"));
-        let mut last = text(&w["last_line"]);
+        // Only text reaches the terminal, whatever the server sent.
+        let mut last = crate::logs::last_line::sanitize(&text(&w["last_line"]));
         if last.chars().count() > 60 {
             last = last.chars().take(59).collect::<String>() + "…";
         }
@@ -175,5 +196,19 @@ mod tests {
         // Not a /status at all: still a table, nothing panics.
         let t = render("h:1", &Value::Null);
         assert!(t.contains("local"), "{t}");
+    }
+
+    #[test]
+    fn a_last_line_with_control_characters_prints_as_text() {
+        let v: Value = serde_json::from_str(
+            r#"{"workers":[{"local_rank":0,"last_line":"\u001b[31mred\u001b[0m\r 10%|#\u001b]0;t\u0007|"}]}"#,
+        )
+        .unwrap();
+        let t = render("h:1", &v);
+        assert!(
+            !t.contains('\x1b') && !t.contains('\r') && !t.contains('\x07'),
+            "{t:?}"
+        );
+        assert!(t.contains("red 10%|#|"), "{t:?}");
     }
 }
