@@ -1423,8 +1423,15 @@ impl<'a> Agent<'a> {
         self.observe(|o| o.phase = "node_check");
         self.phase = Phase::Joining;
         let tx = self.node_check_tx.clone();
+        // Started here, on the thread workers are forked from: the check
+        // dies with it, as they do.
+        let check = crate::node_check::start(&cmd, self.launch.supervisor.marker());
         self.node_check = Some(crate::background::spawn(async move {
-            let _ = tx.send(crate::node_check::run(&cmd, crate::node_check::TIMEOUT).await);
+            let outcome = match check {
+                Ok(running) => running.finish(crate::node_check::TIMEOUT).await,
+                Err(outcome) => outcome,
+            };
+            let _ = tx.send(outcome);
         }));
     }
 

@@ -441,6 +441,7 @@ impl Launch<'_> {
             program: &self.program,
             args: &args,
             env: &env,
+            stdin: Stdio::Inherit,
             stdout: out.stdio,
             stderr: err.stdio,
             cpus: self.cpus.get(local_rank as usize).copied(),
