@@ -1296,6 +1296,9 @@ impl<'a> Agent<'a> {
         group.release(std::time::Instant::now() + PIPE_DRAIN);
         match then {
             AfterStop::Failed(mut failures) => {
+                // The failures seen while the group ran come first; the
+                // siblings this launcher stopped are added after them.
+                let own = failures.len();
                 self.collect_terminated(&group, &mut failures);
                 for f in &mut failures {
                     if let Some(top) = self.stuck.remove(&f.pid) {
@@ -1304,7 +1307,10 @@ impl<'a> Agent<'a> {
                 }
                 self.stuck.clear();
                 let max = self.launch.config.max_restarts;
-                let fatal = failures
+                // Only a worker's own failure can be fatal: a sibling
+                // stopped by the launcher exits with whatever its handler
+                // of the stop signal chose (Lightning exits 1 on SIGTERM).
+                let fatal = failures[..own]
                     .iter()
                     .find(|f| self.launch.config.fatal_exit_codes.contains(&f.exitcode()));
                 if let Some(f) = fatal {
