@@ -255,7 +255,10 @@ impl Launch<'_> {
             .as_ref()
             .is_none_or(|f| f.contains(&local_rank));
         let file_path = rank_dir.filter(|_| redirected).map(|d| d.join(name));
-        if teed && rank_dir.is_some() {
+        // With `--log-dir /dev/null` there is no file to tee into, and torch
+        // then lets the worker write to the console itself; `--dedup-output`
+        // still needs the tee's pipe to merge the console lines.
+        if teed && (rank_dir.is_some() || cfg.dedup_output) {
             let (r, w) = log_stream::pipe().map_err(streams_err)?;
             let file = match &file_path {
                 Some(p) => Some(crate::logs::log_dir::create_file(p).map_err(streams_err)?),
@@ -280,8 +283,7 @@ impl Launch<'_> {
             let fd = process::create_file(p).map_err(streams_err)?;
             return Ok(Stream::plain(Stdio::Fd(fd)));
         }
-        let discarded = teed && rank_dir.is_none();
-        if (!is_out && self.tail_stderr || self.watch_output) && !discarded {
+        if !is_out && self.tail_stderr || self.watch_output {
             let (r, w) = log_stream::small_pipe().map_err(streams_err)?;
             return Ok(Stream {
                 stdio: Stdio::Fd(w),
@@ -294,8 +296,8 @@ impl Launch<'_> {
                 }),
             });
         }
-        if !shown || discarded {
-            // Filtered out of the console, or tee'd into /dev/null.
+        if !shown {
+            // Filtered out of the console.
             let null = std::fs::OpenOptions::new()
                 .write(true)
                 .open("/dev/null")
