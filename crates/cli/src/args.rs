@@ -179,7 +179,9 @@ pub fn torch_contract(dest: &str) -> Option<TorchContract> {
         "master_port" | "shutdown_timeout" => c("null", Some("int"), &[]),
         "numa_binding" => c("null", s, &["node", "socket", "exclusive", "core-complex"]),
         "signals_to_handle" => c("\"SIGTERM,SIGINT,SIGHUP,SIGQUIT\"", s, &[]),
-        "print_completion" => c("null", None, &["bash", "zsh", "tcsh"]),
+        // The shells the generator writes (torch's shtab offers tcsh
+        // instead of fish).
+        "print_completion" => c("null", None, crate::completions::SHELLS),
         _ => None,
     }
 }

@@ -613,3 +613,52 @@ fn dedup_output_prints_a_line_of_several_ranks_once_and_the_files_keep_every_lin
         );
     }
 }
+
+#[test]
+fn a_dev_null_log_dir_still_shows_teed_and_deduplicated_output() {
+    // As torch: with `--log-dir /dev/null` a tee has no file to write, and
+    // the workers write to the console themselves.
+    let out = tempfile::tempdir().unwrap();
+    let o = launch(
+        &["--nproc-per-node=2", "--tee", "3", "--log-dir", "/dev/null"],
+        "chorus",
+        &[],
+        out.path(),
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let stdout = text(&o.stdout);
+    let count = |s: &str, want: &str| s.lines().filter(|l| *l == want).count();
+    assert_eq!(count(&stdout, "all say hello"), 2, "{stdout}");
+    assert_eq!(count(&stdout, "only rank 1"), 1, "{stdout}");
+    // `--dedup-output` still merges what the ranks print alike.
+    let o = launch(
+        &[
+            "--nproc-per-node=2",
+            "--dedup-output",
+            "--log-dir",
+            "/dev/null",
+        ],
+        "chorus",
+        &[],
+        out.path(),
+        &[("TORCHRUN_RS_DEDUP_WINDOW_MS", "1000")],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let stdout = text(&o.stdout);
+    assert_eq!(count(&stdout, "[default0,1]:all say hello"), 1, "{stdout}");
+    assert_eq!(count(&stdout, "[default0]:only rank 0"), 1, "{stdout}");
+    assert_eq!(count(&stdout, "[default1]:only rank 1"), 1, "{stdout}");
+    assert_eq!(count(&stdout, "[default0,1]:all say bye"), 1, "{stdout}");
+    let made = std::fs::read_dir(out.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("torchelastic_")
+        })
+        .count();
+    assert_eq!(made, 0, "a log directory was made");
+}

@@ -174,6 +174,95 @@ fn completion_scripts_load_in_their_shells() {
     assert!(text(&o.stderr).contains("choose from 'bash', 'zsh', 'fish'"));
 }
 
+#[test]
+fn every_shell_the_flag_table_offers_gets_its_completion_script() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = launcher(&["--torchrun-rs-flag-table"], &[], tmp.path());
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let table: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let flag = table
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["dest"] == "print_completion")
+        .unwrap();
+    let shells: Vec<&str> = flag["torch"]["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(shells, ["bash", "zsh", "fish"]);
+    for shell in shells {
+        let o = launcher(&["--print-completion", shell], &[], tmp.path());
+        assert_eq!(o.status.code(), Some(0), "{shell}: {}", text(&o.stderr));
+        assert!(text(&o.stdout).contains("nproc-per-node"), "{shell}");
+    }
+    // fish's own form: `complete -c torchrun-rs ... -l nproc-per-node`.
+    let o = launcher(&["--print-completion", "fish"], &[], tmp.path());
+    let script = text(&o.stdout);
+    assert!(
+        script
+            .lines()
+            .any(|l| l.starts_with("complete -c torchrun-rs") && l.contains("-l nproc-per-node")),
+        "{script}"
+    );
+}
+
+#[test]
+fn a_rendezvous_key_torch_reads_is_checked_before_anything_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (backend, conf) in [
+        ("c10d", "heartbeat_timeout=1e20"),
+        ("c10d", "cas_backoff_max_seconds=-1"),
+        ("c10d", "store_type=redis"),
+        ("etcd-v3", "heartbeat_timeout=0"),
+    ] {
+        let o = launcher(
+            &[
+                &format!("--rdzv-backend={backend}"),
+                "--rdzv-endpoint=localhost:29400",
+                "--nnodes=2",
+                &format!("--rdzv-conf={conf}"),
+                "--dry-run",
+                "train.py",
+            ],
+            &[],
+            tmp.path(),
+        );
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{conf}: {err}");
+        let key = conf.split('=').next().unwrap();
+        assert!(
+            err.lines().next().is_some_and(|l| l.contains(key)) && err.lines().count() <= 2,
+            "{conf}: {err}"
+        );
+    }
+    // A valid value is taken; the static backend reads none of these keys.
+    for (backend, conf) in [
+        (
+            "c10d",
+            "heartbeat_timeout=2,cas_backoff_max_seconds=0.5,store_type=tcp",
+        ),
+        ("static", "heartbeat_timeout=1e20,store_type=redis"),
+    ] {
+        let o = launcher(
+            &[
+                &format!("--rdzv-backend={backend}"),
+                "--rdzv-endpoint=localhost:29400",
+                "--nnodes=2",
+                "--node-rank=0",
+                &format!("--rdzv-conf={conf}"),
+                "--dry-run",
+                "train.py",
+            ],
+            &[],
+            tmp.path(),
+        );
+        assert_eq!(o.status.code(), Some(0), "{conf}: {}", text(&o.stderr));
+    }
+}
+
 /// `--dry-run` in a synthetic cluster environment: the report.
 fn dry_run_in(env: &[(&str, &str)], flags: &[&str]) -> String {
     let tmp = tempfile::tempdir().unwrap();

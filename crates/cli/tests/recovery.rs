@@ -127,3 +127,53 @@ fn restart_policy_values_are_checked() {
         );
     }
 }
+
+#[test]
+fn a_sibling_stopped_by_the_launcher_never_matches_a_fatal_exit_code() {
+    // Rank 0 fails with 2; rank 1, stopped by the launcher, exits 1 on
+    // SIGTERM (as Lightning does). 1 is fatal, 2 is not: the job restarts,
+    // and the second attempt succeeds.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("events.jsonl");
+    let script = r#"
+        [ "$TORCHELASTIC_RESTART_COUNT" = 0 ] || exit 0
+        if [ "$LOCAL_RANK" = 0 ]; then
+            while [ ! -e "$OUT/ready" ]; do sleep 0.02; done
+            exit 2
+        fi
+        trap 'exit 1' TERM
+        touch "$OUT/ready"
+        while :; do sleep 0.02; done
+    "#;
+    let o = Command::new(BIN)
+        .args([
+            "--nproc-per-node=2",
+            "--max-restarts=1",
+            "--fatal-exit-codes=1",
+            "--events-file",
+            file.to_str().unwrap(),
+            "--no-python",
+            "sh",
+            "-c",
+            script,
+        ])
+        .env("OUT", dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(!err.contains("one of --fatal-exit-codes"), "{err}");
+    let ev = events(&file);
+    let exit_of = |rank: u64| {
+        ev.iter()
+            .find(|e| e["event"] == "worker_exited" && e["attempt"] == 0 && e["local_rank"] == rank)
+            .unwrap_or_else(|| panic!("no exit of rank {rank}: {ev:?}"))
+            .clone()
+    };
+    assert_eq!(exit_of(0)["exit_code"], 2);
+    assert_eq!(exit_of(0)["reason"], "failed");
+    assert_eq!(exit_of(1)["exit_code"], 1);
+    assert_eq!(exit_of(1)["reason"], "stopped");
+    assert!(ev.iter().any(|e| e["event"] == "restart"), "{ev:?}");
+}

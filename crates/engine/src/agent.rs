@@ -1314,6 +1314,9 @@ impl<'a> Agent<'a> {
         group.release(std::time::Instant::now() + PIPE_DRAIN);
         match then {
             AfterStop::Failed(mut failures) => {
+                // The failures seen while the group ran come first; the
+                // siblings this launcher stopped are added after them.
+                let own = failures.len();
                 self.collect_terminated(&group, &mut failures);
                 for f in &mut failures {
                     if let Some(top) = self.stuck.remove(&f.pid) {
@@ -1322,7 +1325,10 @@ impl<'a> Agent<'a> {
                 }
                 self.stuck.clear();
                 let max = self.launch.config.max_restarts;
-                let fatal = failures
+                // Only a worker's own failure can be fatal: a sibling
+                // stopped by the launcher exits with whatever its handler
+                // of the stop signal chose (Lightning exits 1 on SIGTERM).
+                let fatal = failures[..own]
                     .iter()
                     .find(|f| self.launch.config.fatal_exit_codes.contains(&f.exitcode()));
                 if let Some(f) = fatal {
@@ -1441,8 +1447,15 @@ impl<'a> Agent<'a> {
         self.observe(|o| o.phase = "node_check");
         self.phase = Phase::Joining;
         let tx = self.node_check_tx.clone();
+        // Started here, on the thread workers are forked from: the check
+        // dies with it, as they do.
+        let check = crate::node_check::start(&cmd, self.launch.supervisor.marker());
         self.node_check = Some(crate::background::spawn(async move {
-            let _ = tx.send(crate::node_check::run(&cmd, crate::node_check::TIMEOUT).await);
+            let outcome = match check {
+                Ok(running) => running.finish(crate::node_check::TIMEOUT).await,
+                Err(outcome) => outcome,
+            };
+            let _ = tx.send(outcome);
         }));
     }
 

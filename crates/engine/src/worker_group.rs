@@ -265,7 +265,10 @@ impl Launch<'_> {
             .as_ref()
             .is_none_or(|f| f.contains(&local_rank));
         let file_path = rank_dir.filter(|_| redirected).map(|d| d.join(name));
-        if teed && rank_dir.is_some() {
+        // With `--log-dir /dev/null` there is no file to tee into, and torch
+        // then lets the worker write to the console itself; `--dedup-output`
+        // still needs the tee's pipe to merge the console lines.
+        if teed && (rank_dir.is_some() || cfg.dedup_output) {
             let (r, w) = log_stream::pipe().map_err(streams_err)?;
             let file = match &file_path {
                 Some(p) => Some(crate::logs::log_dir::create_file(p).map_err(streams_err)?),
@@ -296,13 +299,14 @@ impl Launch<'_> {
                 ..Stream::plain(Stdio::Fd(fd))
             });
         }
-        let discarded = teed && rank_dir.is_none();
+        // (With `--log-dir /dev/null` a tee'd stream that is not merged is
+        // the worker's own console: its last line is kept here too.)
         let carried = if is_out {
             self.carry_stdout
         } else {
             self.tail_stderr
         };
-        if (carried || self.watch_output) && !discarded {
+        if carried || self.watch_output {
             let (r, w) = log_stream::small_pipe().map_err(streams_err)?;
             // stderr's tail also serves the failure report.
             let tail = if is_out {
@@ -322,8 +326,8 @@ impl Launch<'_> {
                 record: Some(Source::Tail(tail)),
             });
         }
-        if !shown || discarded {
-            // Filtered out of the console, or tee'd into /dev/null.
+        if !shown {
+            // Filtered out of the console.
             let null = std::fs::OpenOptions::new()
                 .write(true)
                 .open("/dev/null")
@@ -473,6 +477,7 @@ impl Launch<'_> {
             program: &self.program,
             args: &args,
             env: &env,
+            stdin: Stdio::Inherit,
             stdout: out.stdio,
             stderr: err.stdio,
             cpus: self.cpus.get(local_rank as usize).copied(),

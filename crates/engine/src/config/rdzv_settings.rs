@@ -99,6 +99,9 @@ pub struct RdzvSettings {
     pub keep_alive_interval: Duration,
     /// c10d: heartbeats missed before a node is dead (`keep_alive_max_attempt`, 3).
     pub keep_alive_max_attempt: u32,
+    /// c10d: how long one heartbeat may take (`heartbeat_timeout`, 5 s, as
+    /// torch's keep-alive operation's deadline).
+    pub heartbeat_timeout: Duration,
     /// How long a finished node waits for the others (`exit_barrier_timeout`,
     /// 300 s as torch hard-codes it).
     pub exit_barrier_timeout: Duration,
@@ -164,15 +167,33 @@ impl RdzvSettings {
             "c10d" => {
                 let (host, port) = parse_endpoint(&c.rdzv_endpoint, Some(C10D_DEFAULT_PORT))?;
                 let port = port.unwrap_or(C10D_DEFAULT_PORT);
+                // torch's c10d backend reads both, standalone included.
+                let is_host = match conf.get("is_host") {
+                    None => None,
+                    Some(v) => {
+                        Some(parse_bool(v).ok_or_else(|| bad("is_host", v, "true or false"))?)
+                    }
+                };
+                match conf.get("store_type").map(|v| v.trim().to_ascii_lowercase()) {
+                    None => {}
+                    Some(t) if t == "tcp" => {}
+                    Some(t) if t == "file" => {
+                        return Err(ConfigError::new(
+                            "--rdzv-conf",
+                            "store_type=file: torchrun-rs keeps the c10d rendezvous in a TCP store only (expected tcp)",
+                        ))
+                    }
+                    Some(_) => {
+                        return Err(bad(
+                            "store_type",
+                            &conf["store_type"],
+                            "tcp (or torch's file, which torchrun-rs does not offer)",
+                        ))
+                    }
+                }
                 if c.max_nodes == 1 && port == 0 {
                     Backend::Local { port }
                 } else {
-                    let is_host = match conf.get("is_host") {
-                        None => None,
-                        Some(v) => {
-                            Some(parse_bool(v).ok_or_else(|| bad("is_host", v, "true or false"))?)
-                        }
-                    };
                     Backend::C10d {
                         host,
                         port,
@@ -203,6 +224,7 @@ impl RdzvSettings {
             | "join_timeout"
             | "last_call_timeout"
             | "close_timeout"
+            | "heartbeat_timeout"
             | "keep_alive_interval"
             | "keep_alive_max_attempt" => dynamic,
             _ => true,
@@ -223,6 +245,23 @@ impl RdzvSettings {
                 .filter(|&n: &u32| n > 0)
                 .ok_or_else(|| bad("keep_alive_max_attempt", v, "a positive integer"))?,
         };
+        // Read by torch's dynamic rendezvous (its maximum random delay
+        // after a lost state write): checked as torch checks it. torchrun-rs
+        // needs no such delay (a lost write returns the state that won, in
+        // the same round trip), so a valid value changes nothing.
+        if let Some(v) = conf.get("cas_backoff_max_seconds").filter(|_| dynamic) {
+            if !v
+                .trim()
+                .parse::<f64>()
+                .is_ok_and(|d| d.is_finite() && d >= 0.0)
+            {
+                return Err(bad(
+                    "cas_backoff_max_seconds",
+                    v,
+                    "a finite, non-negative number of seconds",
+                ));
+            }
+        }
         let node_index = match conf.get("node_index") {
             None => None,
             Some(v) => Some(
@@ -245,6 +284,7 @@ impl RdzvSettings {
             close_timeout: secs("close_timeout", 30)?,
             keep_alive_interval: secs("keep_alive_interval", 5)?,
             keep_alive_max_attempt,
+            heartbeat_timeout: secs("heartbeat_timeout", 5)?,
             backend,
             exit_barrier_timeout: c.rdzv_secs("exit_barrier_timeout", 300)?,
         })
@@ -422,6 +462,66 @@ mod tests {
         assert!(bad.unwrap_err().to_string().contains("join_timeout=soon"));
         let bad = RdzvSettings::from_config(&cfg("static", "h:1", 2, &[("timeout", "5'")]));
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn every_key_torchs_dynamic_rendezvous_reads_is_checked_and_heartbeat_timeout_is_kept() {
+        let err = |backend: &str, nodes: u32, conf: &[(&str, &str)]| {
+            RdzvSettings::from_config(&cfg(backend, "localhost:29400", nodes, conf))
+                .err()
+                .map(|e| e.to_string())
+        };
+        // torch 2.15's create_handler reads heartbeat_timeout and
+        // cas_backoff_max_seconds; its c10d backend reads store_type.
+        for backend in ["c10d", "etcd-v3", "etcd-v2"] {
+            let e = err(backend, 2, &[("heartbeat_timeout", "1e20")]);
+            assert!(
+                e.as_deref()
+                    .is_some_and(|e| e.contains("heartbeat_timeout=1e20")),
+                "{backend}: {e:?}"
+            );
+            assert!(
+                err(backend, 2, &[("heartbeat_timeout", "0")]).is_some(),
+                "{backend}"
+            );
+            for v in ["-1", "inf", "NaN", "soon"] {
+                let e = err(backend, 2, &[("cas_backoff_max_seconds", v)]);
+                assert!(
+                    e.as_deref()
+                        .is_some_and(|e| e.contains("cas_backoff_max_seconds")),
+                    "{backend} {v}: {e:?}"
+                );
+            }
+            assert_eq!(err(backend, 2, &[("cas_backoff_max_seconds", "0.5")]), None);
+        }
+        // Standalone (c10d on one node) reads them too.
+        let standalone = |conf: &[(&str, &str)]| {
+            RdzvSettings::from_config(&cfg("c10d", "localhost:0", 1, conf)).err()
+        };
+        assert!(standalone(&[("heartbeat_timeout", "1e20")]).is_some());
+        assert!(standalone(&[("is_host", "maybe")]).is_some());
+        assert!(standalone(&[("store_type", "file")]).is_some());
+        for v in ["file", "redis"] {
+            let e = err("c10d", 2, &[("store_type", v)]);
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains("store_type")),
+                "{v}: {e:?}"
+            );
+        }
+        assert_eq!(err("c10d", 2, &[("store_type", " TCP ")]), None);
+        // The static backend reads none of them.
+        let conf = [
+            ("heartbeat_timeout", "1e20"),
+            ("cas_backoff_max_seconds", "-1"),
+            ("store_type", "x"),
+        ];
+        assert_eq!(err("static", 2, &conf).map(|_| ()), None);
+        // A valid value is kept: the heartbeat's deadline.
+        let s = RdzvSettings::from_config(&cfg("c10d", "h:1", 2, &[("heartbeat_timeout", "2")]))
+            .unwrap();
+        assert_eq!(s.heartbeat_timeout, Duration::from_secs(2));
+        let s = RdzvSettings::from_config(&cfg("c10d", "h:1", 2, &[])).unwrap();
+        assert_eq!(s.heartbeat_timeout, Duration::from_secs(5));
     }
 
     #[test]

@@ -81,6 +81,7 @@ async fn capture_to_the_end(pid: i32) -> Result<Stack, String> {
             program: &py_spy,
             args: &args,
             env: &env,
+            stdin: Stdio::Inherit,
             stdout: Stdio::Fd(w),
             stderr: Stdio::Fd(null.into()),
             cpus: None,

@@ -1,4 +1,8 @@
 //! Starting worker processes, learning of their exits, and signalling them.
+//! Every other child the launcher waits for (the node check, the
+//! fingerprint's probe, py-spy) is started here too: in a launcher the
+//! reaper collects every child it does not hold, so a child waited for in
+//! any other way could find its status already taken (`ECHILD`).
 //!
 //! Workers are started with a hand-written fork/exec rather than
 //! `std::process::Command`, because the launcher reaps every child itself
@@ -26,7 +30,7 @@ use std::sync::Mutex;
 
 use tokio::sync::mpsc;
 
-/// Where one of a worker's output streams goes.
+/// Where one of a child's standard streams goes (or, for stdin, comes from).
 #[derive(Debug)]
 pub enum Stdio {
     /// The launcher's own stream (console, no prefix).
@@ -98,6 +102,7 @@ pub struct SpawnSpec<'a> {
     pub program: &'a Path,
     pub args: &'a [OsString],
     pub env: &'a BTreeMap<OsString, OsString>,
+    pub stdin: Stdio,
     pub stdout: Stdio,
     pub stderr: Stdio,
     /// The CPUs the worker may run on (`--numa-binding`), set before exec.
@@ -134,6 +139,10 @@ pub fn spawn(spec: SpawnSpec<'_>, exits: &mpsc::UnboundedSender<Exit>) -> io::Re
         .collect::<io::Result<_>>()?;
     let mut envp: Vec<*const libc::c_char> = env_c.iter().map(|c| c.as_ptr()).collect();
     envp.push(std::ptr::null());
+    let in_fd: RawFd = match &spec.stdin {
+        Stdio::Inherit => 0,
+        Stdio::Fd(f) => f.as_raw_fd(),
+    };
     let out_fd: RawFd = match &spec.stdout {
         Stdio::Inherit => 1,
         Stdio::Fd(f) => f.as_raw_fd(),
@@ -186,6 +195,7 @@ pub fn spawn(spec: SpawnSpec<'_>, exits: &mpsc::UnboundedSender<Exit>) -> io::Re
             libc::close(err_r);
             child_after_fork(
                 parent,
+                in_fd,
                 out_fd,
                 err_fd,
                 prog.as_ptr(),
@@ -212,6 +222,7 @@ pub fn spawn(spec: SpawnSpec<'_>, exits: &mpsc::UnboundedSender<Exit>) -> io::Re
     };
     // SAFETY: the read end is ours.
     unsafe { libc::close(err_r) };
+    drop(spec.stdin);
     drop(spec.stdout);
     drop(spec.stderr);
     if n == 4 {
@@ -241,6 +252,7 @@ pub fn spawn(spec: SpawnSpec<'_>, exits: &mpsc::UnboundedSender<Exit>) -> io::Re
 #[allow(clippy::too_many_arguments)]
 unsafe fn child_after_fork(
     parent: libc::pid_t,
+    in_fd: RawFd,
     out_fd: RawFd,
     err_fd: RawFd,
     prog: *const libc::c_char,
@@ -294,6 +306,9 @@ unsafe fn child_after_fork(
         {
             fail(err_w);
         }
+        if in_fd != 0 && libc::dup2(in_fd, 0) < 0 {
+            fail(err_w);
+        }
         if out_fd != 1 && libc::dup2(out_fd, 1) < 0 {
             fail(err_w);
         }
@@ -321,6 +336,59 @@ unsafe fn child_after_fork(
         libc::execve(prog, argv, envp);
         fail(err_w)
     }
+}
+
+/// Runs a helper program (found on `PATH` as `execvp` would) to its end
+/// and returns its exit and its stdout (stdin and stderr are
+/// `/dev/null`), for short probes of the launcher's
+/// own (the fingerprint's Python). Blocks: call it off async threads, on a
+/// thread that outlives the helper (the helper dies with it).
+///
+/// Started through [`spawn`], so its exit comes back through the reaper:
+/// a launcher's reaper collects every child it does not hold, and a helper
+/// waited for in any other way (`std::process::Command`) would lose that
+/// race and get `ECHILD` instead of its status.
+pub fn output(program: &Path, args: &[OsString]) -> io::Result<(ExitStatus, Vec<u8>)> {
+    use std::io::Read;
+    let (r, w) = pipe()?;
+    let null_in = std::fs::File::open("/dev/null")?;
+    let null_err = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    let env: BTreeMap<OsString, OsString> = std::env::vars_os().collect();
+    let program = find_program(&program.to_string_lossy())
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+    let (tx, mut exits) = mpsc::unbounded_channel();
+    let pid = spawn(
+        SpawnSpec {
+            program: &program,
+            args,
+            env: &env,
+            stdin: Stdio::Fd(null_in.into()),
+            stdout: Stdio::Fd(w),
+            stderr: Stdio::Fd(null_err.into()),
+            cpus: None,
+        },
+        &tx,
+    )?;
+    drop(tx);
+    let mut out = Vec::new();
+    let read = std::fs::File::from(r).read_to_end(&mut out);
+    let exit = exits.blocking_recv();
+    release(pid);
+    read?;
+    let exit = exit.ok_or_else(|| io::Error::other("the helper's exit was not reported"))?;
+    Ok((exit.status, out))
+}
+
+/// A pipe, both ends close-on-exec.
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are new and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// Sends `sig` to a worker's whole process group, unless the worker has
@@ -617,6 +685,78 @@ pub fn create_file(path: &Path) -> io::Result<OwnedFd> {
     Ok(f.into())
 }
 
+/// For tests of children the launcher starts besides its workers.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    /// Runs the test `name` (its full path in this test binary) in a fresh
+    /// copy of the binary whose reaper collects every child that it does
+    /// not hold, as the launcher's does (a setting for the whole process,
+    /// which would disturb the other tests here). Returns `true` in that
+    /// copy, where the caller runs the test's body; `false` in the caller,
+    /// once the copy has passed.
+    pub fn as_a_launcher(name: &str) -> bool {
+        const VAR: &str = "TORCHRUN_RS_TEST_AS_A_LAUNCHER";
+        if std::env::var_os(VAR).is_some_and(|v| v == name) {
+            reap_all_children();
+            return true;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--nocapture", "--test-threads=1"])
+            .env(VAR, name)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 passed"), "the test did not run: {text}");
+        false
+    }
+
+    /// Runs `f` while workers start and exit one after another on another
+    /// thread, so that the reaper is busy all along.
+    pub fn while_workers_come_and_go<T>(f: impl FnOnce() -> T) -> T {
+        let stop = Arc::new(AtomicBool::new(false));
+        let churn = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let env = BTreeMap::new();
+                let mut n = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let (tx, mut rx) = mpsc::unbounded_channel();
+                    let spec = SpawnSpec {
+                        program: Path::new("/bin/true"),
+                        args: &[],
+                        env: &env,
+                        stdin: Stdio::Inherit,
+                        stdout: Stdio::Inherit,
+                        stderr: Stdio::Inherit,
+                        cpus: None,
+                    };
+                    let pid = spawn(spec, &tx).unwrap();
+                    rx.blocking_recv().unwrap();
+                    release(pid);
+                    n += 1;
+                    // Busy, not flooding: the work under test gets its share.
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                n
+            })
+        };
+        let out = f();
+        stop.store(true, Ordering::Relaxed);
+        let started = churn.join().unwrap();
+        assert!(started > 0, "no worker came and went");
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -637,6 +777,7 @@ mod tests {
                 program: Path::new("/bin/sleep"),
                 args: &args,
                 env: &env,
+                stdin: Stdio::Inherit,
                 stdout: Stdio::Inherit,
                 stderr: Stdio::Inherit,
                 cpus: None,
@@ -666,6 +807,28 @@ mod tests {
     }
 
     #[test]
+    fn a_helper_gets_its_own_exit_status_while_the_launchers_reaper_collects_every_child() {
+        if !test_support::as_a_launcher(
+            "process::spawn::tests::a_helper_gets_its_own_exit_status_while_the_launchers_reaper_collects_every_child",
+        ) {
+            return;
+        }
+        let args: Vec<OsString> = vec!["-c".into(), "echo hello; exit 3".into()];
+        let bad = test_support::while_workers_come_and_go(|| {
+            (0..300)
+                .map(|_| output(Path::new("/bin/sh"), &args))
+                .filter(|r| !matches!(r, Ok((ExitStatus::Code(3), out)) if out == b"hello\n"))
+                .map(|r| format!("{r:?}"))
+                .collect::<Vec<_>>()
+        });
+        assert!(
+            bad.is_empty(),
+            "{} of 300 runs lost their status: {bad:?}",
+            bad.len()
+        );
+    }
+
+    #[test]
     fn a_pinned_worker_is_reaped_only_when_its_last_pin_goes() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let env = BTreeMap::new();
@@ -674,6 +837,7 @@ mod tests {
                 program: Path::new("/bin/true"),
                 args: &[],
                 env: &env,
+                stdin: Stdio::Inherit,
                 stdout: Stdio::Inherit,
                 stderr: Stdio::Inherit,
                 cpus: None,

@@ -74,7 +74,9 @@ impl C10dBackend {
         };
         let client = connect_store(&chost, cport, read_timeout).await?;
         let state_client = connect_store(&chost, cport, read_timeout).await?;
-        let heartbeat_client = connect_store(&chost, cport, read_timeout).await?;
+        let mut heartbeat_client = connect_store(&chost, cport, read_timeout).await?;
+        // torch's `heartbeat_timeout`: the deadline of one keep-alive write.
+        heartbeat_client.set_request_timeout(settings.heartbeat_timeout);
         let cfg = dynamic::Settings {
             min_nodes: config.min_nodes,
             max_nodes: config.max_nodes,

@@ -179,15 +179,12 @@ fn python_versions(python: &Path) -> (String, String) {
                  s = u.find_spec('torch')\n\
                  print(sys.version.split()[0])\n\
                  print(s.origin if s and s.origin else '')";
-    let Ok(out) = std::process::Command::new(python)
-        .args(["-c", probe])
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .output()
-    else {
+    // Through the launcher's reaper (it would collect a child waited for
+    // any other way), on the fingerprint's own thread, which waits for it.
+    let Ok((_, stdout)) = crate::process::output(python, &["-c".into(), probe.into()]) else {
         return ("-".into(), "-".into());
     };
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&stdout);
     let mut lines = text.lines();
     let py = lines.next().unwrap_or("-").to_string();
     let torch = lines
@@ -251,6 +248,26 @@ pub fn differences(nodes: &[(u32, String)]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The probe learns the Python version while workers start and exit in
+    /// a process whose reaper collects every child it does not hold (a
+    /// launcher's): it never loses its own exit to the reaper.
+    #[test]
+    fn the_python_probe_answers_while_the_launchers_reaper_collects_every_child() {
+        use crate::process::test_support;
+        if !test_support::as_a_launcher(
+            "rendezvous::fingerprint::tests::the_python_probe_answers_while_the_launchers_reaper_collects_every_child",
+        ) {
+            return;
+        }
+        let python = crate::process::find_program("python3").expect("python3 on PATH");
+        let lost = test_support::while_workers_come_and_go(|| {
+            (0..30)
+                .filter(|_| python_versions(&python).0 == "-")
+                .count()
+        });
+        assert_eq!(lost, 0, "{lost} of 30 probes lost their answer");
+    }
 
     #[test]
     fn the_fingerprint_names_the_script_the_versions_and_the_numerics_variables() {
