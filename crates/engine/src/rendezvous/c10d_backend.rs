@@ -28,6 +28,9 @@ pub struct C10dBackend {
     worker_store: ServerHandle,
     poll_interval: Duration,
     run_id: String,
+    /// This node ended after it was evicted: it neither shares its failure
+    /// nor closes the rendezvous.
+    evicted_out: bool,
 }
 
 impl C10dBackend {
@@ -99,6 +102,9 @@ impl C10dBackend {
             .map_err(|source| RendezvousError::Bind { port: 0, source })?
             .spawn();
         let mut dynamic = dynamic;
+        if server.is_some() {
+            dynamic.announce_hosting().await?;
+        }
         dynamic
             .publish_master(local_addr, worker_store.port())
             .await?;
@@ -113,6 +119,7 @@ impl C10dBackend {
                 .max(Duration::from_millis(200))
                 .min(keep_alive),
             run_id: config.run_id.clone(),
+            evicted_out: false,
         })
     }
 
@@ -202,6 +209,15 @@ impl RendezvousBackend for C10dBackend {
     }
 
     async fn publish_failure(&mut self, line: String) {
+        if self.dynamic.fenced_now().await {
+            // Its workers ran in a round that went on without it: their
+            // failure is not the job's, and it must not end the job.
+            tracing::warn!(
+                "this node was evicted from the rendezvous while its workers ran; their failure is not shared with the job, which goes on without this node"
+            );
+            self.evicted_out = true;
+            return;
+        }
         if let Err(e) = self.dynamic.publish_failure(&line).await {
             tracing::warn!("could not share this node's root cause with the job: {e}");
         }
@@ -231,9 +247,19 @@ impl RendezvousBackend for C10dBackend {
     /// everyone (later joiners fail, spares exit 0).
     async fn finish(&mut self, success: bool) {
         self.dynamic.stop_watching_peers();
+        if self.evicted_out {
+            // Not this node's job to end (see publish_failure).
+            return;
+        }
         self.store.finish(success).await;
         if let Err(e) = self.dynamic.close().await {
-            tracing::warn!("could not close the rendezvous: {e}");
+            if success {
+                // After the exit barrier the store's host may be gone
+                // already: the job is over either way.
+                tracing::debug!("could not close the rendezvous: {e}");
+            } else {
+                tracing::warn!("could not close the rendezvous: {e}");
+            }
         }
         if !success && self.server.is_some() {
             // The others learn of the failure from this node's store.

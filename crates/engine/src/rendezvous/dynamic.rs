@@ -79,6 +79,14 @@ pub struct State {
     /// Who is to blame for the running round's failure, decided when the
     /// round ends (see [`Blame`]).
     pub blame: Option<Blame>,
+    /// A random number given to the state when it is first written to its
+    /// store: a node that finds another one knows the store lost what it
+    /// knew (restarted empty) even when a fresh launcher wrote it first.
+    pub generation: u64,
+    /// The host of the node whose process serves the rendezvous store (c10d
+    /// without a standalone store): never excluded, since the job would go
+    /// with its store. Its failures are still counted.
+    pub store_host: Option<String>,
 }
 
 /// The evidence of what broke a running round, kept until the round ends,
@@ -97,6 +105,11 @@ pub struct Blame {
     pub first: Option<Node>,
     /// Hosts of the round's participants evicted while it ran.
     pub lost: BTreeSet<String>,
+    /// A participant left the running round for good (its launcher was
+    /// stopped by a signal: a preemption, a scale-down): its peers' workers
+    /// failing after it is no fault of theirs, and a quit is no fault of
+    /// its host either. Nobody is blamed unless a member was evicted.
+    pub quit: bool,
 }
 
 /// How many evicted identities the state remembers. An identity older than
@@ -342,10 +355,12 @@ fn resolve_blame(s: &mut State, cfg: &Settings) {
     let Some(b) = s.blame.take_if(|b| b.round < s.round) else {
         return;
     };
-    let hosts: Vec<String> = if b.lost.is_empty() {
-        b.first.map(|n| n.addr).into_iter().collect()
-    } else {
+    let hosts: Vec<String> = if !b.lost.is_empty() {
         b.lost.into_iter().collect()
+    } else if b.quit {
+        Vec::new()
+    } else {
+        b.first.map(|n| n.addr).into_iter().collect()
     };
     for host in hosts {
         count_failure(s, &host, cfg);
@@ -395,6 +410,9 @@ pub enum Request {
     /// The node's `--node-check` failed: it stays out of this round and
     /// the failure counts towards `--max-node-failures`.
     CheckFailed(Node),
+    /// The node serves the rendezvous store in its own process (said once,
+    /// when it starts).
+    Hosting(Node),
 }
 
 impl Request {
@@ -407,6 +425,7 @@ impl Request {
             Request::Quit(n) => ('Q', n),
             Request::Fail(n) => ('F', n),
             Request::CheckFailed(n) => ('C', n),
+            Request::Hosting(n) => ('H', n),
         }
     }
 
@@ -425,6 +444,7 @@ impl Request {
             "Q" => Some(Request::Quit(node)),
             "F" => Some(Request::Fail(node)),
             "C" => Some(Request::CheckFailed(node)),
+            "H" => Some(Request::Hosting(node)),
             _ => None,
         }
     }
@@ -476,6 +496,7 @@ pub fn apply_request(s: &mut State, req: Request, now: f64, cfg: &Settings) {
         return;
     }
     match req {
+        Request::Hosting(n) => s.store_host = Some(n.addr),
         Request::Join(n) if s.excluded.contains(&n.addr) => {}
         Request::Join(n) => admit(s, &n, now, cfg),
         Request::Leave(n) => {
@@ -484,6 +505,9 @@ pub fn apply_request(s: &mut State, req: Request, now: f64, cfg: &Settings) {
             }
         }
         Request::Quit(n) => {
+            if s.complete && s.participants.contains_key(&n) {
+                blame_of_round(s).quit = true;
+            }
             remove_for_good(s, &n, cfg);
         }
         Request::Fail(n) => {
@@ -514,7 +538,8 @@ pub fn apply_request(s: &mut State, req: Request, now: f64, cfg: &Settings) {
 fn count_failure(s: &mut State, host: &str, cfg: &Settings) -> bool {
     let count = s.node_failures.entry(host.to_string()).or_default();
     *count += 1;
-    if cfg.max_node_failures.is_some_and(|k| *count >= k) {
+    let serves_the_store = s.store_host.as_deref() == Some(host);
+    if cfg.max_node_failures.is_some_and(|k| *count >= k) && !serves_the_store {
         s.excluded.insert(host.to_string());
         let on_host: Vec<Node> = s.nodes().filter(|n| n.addr == host).cloned().collect();
         for n in on_host {
@@ -756,7 +781,7 @@ impl State {
         use std::fmt::Write;
         let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
         let mut out = format!(
-            "{STATE_TAG} round={} complete={} closed={} deadline={} expected={} epoch={} applied={} restarts={} failed={} world={} blame={}\n",
+            "{STATE_TAG} round={} complete={} closed={} deadline={} expected={} epoch={} applied={} restarts={} failed={} world={} blame={} gen={}\n",
             self.round,
             u8::from(self.complete),
             u8::from(self.closed),
@@ -768,6 +793,7 @@ impl State {
             opt(self.failed_round.map(|r| r.to_string())),
             self.world,
             opt(self.blame.as_ref().map(|b| b.round.to_string())),
+            self.generation,
         );
         for (n, r) in &self.participants {
             let _ = writeln!(out, "P {r} {}", node_text(n));
@@ -787,12 +813,18 @@ impl State {
         for n in &self.fenced {
             let _ = writeln!(out, "T {}", node_text(n));
         }
+        if let Some(h) = &self.store_host {
+            let _ = writeln!(out, "H {h}");
+        }
         if let Some(b) = &self.blame {
             if let Some(n) = &b.first {
                 let _ = writeln!(out, "BF {}", node_text(n));
             }
             for addr in &b.lost {
                 let _ = writeln!(out, "BL {addr}");
+            }
+            if b.quit {
+                let _ = writeln!(out, "BQ 1");
             }
         }
         out
@@ -827,11 +859,12 @@ impl State {
                     })
                 }
                 "blame" => s.blame = None,
+                "gen" => s.generation = v.parse().ok()?,
                 _ => return None,
             }
             seen += 1;
         }
-        if seen != 11 {
+        if seen != 12 {
             return None;
         }
         for line in lines {
@@ -856,10 +889,12 @@ impl State {
                     s.excluded.insert(rest.to_string());
                 }
                 "T" => s.fenced.push(node_parse(rest)?),
+                "H" => s.store_host = Some(rest.to_string()),
                 "BF" => s.blame.as_mut()?.first = Some(node_parse(rest)?),
                 "BL" => {
                     s.blame.as_mut()?.lost.insert(rest.to_string());
                 }
+                "BQ" => s.blame.as_mut()?.quit = true,
                 _ => return None,
             }
         }
@@ -1554,5 +1589,44 @@ mod tests {
         assert_eq!(back, s);
         assert_eq!(back.world, 3);
         assert!(back.blame.as_ref().unwrap().lost.contains("x"));
+    }
+
+    #[test]
+    fn a_survivor_whose_workers_fail_after_a_peer_quit_is_not_blamed() {
+        let mut c = cfg(2, 3);
+        c.max_node_failures = Some(1);
+        let (a, b, x) = (node("a", 1), node("b", 1), node("x", 1));
+        let mut s = with_participants(&[&a, &b, &x], true, NOW);
+        // x is preempted (SIGTERM: it quits); b's worker fails on the
+        // connection x's worker closed.
+        apply_request(&mut s, Request::Fail(b.clone()), NOW, &c);
+        apply_request(&mut s, Request::Quit(x.clone()), NOW, &c);
+        apply_request(&mut s, Request::Leave(a.clone()), NOW, &c);
+        assert_eq!(s.round, 1);
+        assert!(s.node_failures.is_empty(), "{:?}", s.node_failures);
+        assert!(s.excluded.is_empty());
+        let back = State::decode(&with_blame_quit().encode()).unwrap();
+        assert!(back.blame.unwrap().quit);
+    }
+
+    fn with_blame_quit() -> State {
+        let mut s = with_participants(&[&node("a", 1), &node("x", 1)], true, NOW);
+        apply_request(&mut s, Request::Quit(node("x", 1)), NOW, &cfg(1, 3));
+        s
+    }
+
+    #[test]
+    fn the_host_that_serves_the_store_is_counted_but_never_excluded() {
+        let mut c = cfg(2, 3);
+        c.max_node_failures = Some(1);
+        let (a, b) = (node("a", 1), node("b", 1));
+        let mut s = with_participants(&[&a, &b], true, NOW);
+        apply_request(&mut s, Request::Hosting(a.clone()), NOW, &c);
+        apply_request(&mut s, Request::Fail(a.clone()), NOW, &c);
+        apply_request(&mut s, Request::Fail(b.clone()), NOW, &c);
+        assert_eq!(s.node_failures.get("a"), Some(&1));
+        assert!(s.excluded.is_empty(), "the job would go with its store");
+        let back = State::decode(&s.encode()).unwrap();
+        assert_eq!(back.store_host.as_deref(), Some("a"));
     }
 }

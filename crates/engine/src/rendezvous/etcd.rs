@@ -541,6 +541,7 @@ impl EtcdRdzv {
             Request::Leave(n) | Request::Fail(n) => !s.participants.contains_key(n),
             Request::Quit(n) => !in_any_list(s, n),
             Request::CheckFailed(n) => dynamic::check_failure_counted(s, n, self.check_before),
+            Request::Hosting(_) => true,
         }
     }
 
