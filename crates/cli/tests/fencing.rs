@@ -14,13 +14,18 @@ const BIN: &str = env!("CARGO_BIN_EXE_torchrun-rs");
 /// A worker that records `<node> <group rank> <world> <restart count>` at
 /// its start, then runs until `stop` appears in `dir`; it exits 7 when
 /// `crash.<node>` appears (and takes the file away), as a gloo or NCCL
-/// worker does on a connection its peer reset.
+/// worker does on a connection its peer reset. With `on-term.<node>` in
+/// `dir`, a SIGTERM makes it create the file named there first (its peer's
+/// crash file: the connection it closes).
 const WORKER: &str = r#"
 dir=$1; node=$2
 echo "$node $GROUP_RANK $WORLD_SIZE $TORCHELASTIC_RESTART_COUNT" >> "$dir/starts"
+if [ -e "$dir/on-term.$node" ]; then
+  trap ': > "$(cat "$dir/on-term.$node")"; exit 143' TERM
+fi
 while [ ! -e "$dir/stop" ]; do
   if [ -e "$dir/crash.$node" ]; then rm -f "$dir/crash.$node"; exit 7; fi
-  sleep 0.05
+  sleep 0.01
 done
 "#;
 
@@ -277,5 +282,104 @@ fn a_worker_failure_reaches_the_other_nodes_through_the_store_not_their_poll() {
         eprintln!("node {n} stopped its workers {after:.1} ms after the failure on node 3");
         // Well under the 2.5 s poll, with room for a busy machine.
         assert!(after < 1000.0, "node {n}: {after:.1} ms");
+    }
+}
+
+#[test]
+fn an_evicted_node_whose_stale_worker_failed_does_not_end_the_job() {
+    // --max-restarts=0: node 4's launcher alone stalls past the window (its
+    // worker goes on) and its worker fails meanwhile. That failure belongs
+    // to a round that went on without node 4: the others run on.
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let none = ["--max-restarts=0"];
+    let a = agent(2, port, "stale-failure", d, &none);
+    let b = agent(3, port, "stale-failure", d, &none);
+    let mut c = agent(4, port, "stale-failure", d, &none);
+    wait_for(Duration::from_secs(60), "a world of 3", || {
+        one_world(d, &[2, 3, 4], 0)
+    });
+    let before = starts(d).len();
+    signal(&[c.id() as i32], libc::SIGSTOP);
+    wait_for(
+        Duration::from_secs(30),
+        "the survivors in a world of 2",
+        || one_world(d, &[2, 3], before),
+    );
+    std::fs::write(d.join("crash.4"), b"").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    signal(&[c.id() as i32], libc::SIGCONT);
+    let code = c.wait().unwrap().code();
+    assert_eq!(code, Some(7), "node 4 ends with its own worker's failure");
+    // The others were not told to stop: they still run as two.
+    std::thread::sleep(Duration::from_secs(1));
+    let codes = stop_all(d, vec![a, b]);
+    for (code, err) in &codes {
+        assert_eq!(*code, Some(0), "{err}");
+        assert!(!err.contains("restarts are spent"), "{err}");
+    }
+}
+
+#[test]
+fn a_survivor_whose_workers_fail_after_a_peer_is_preempted_is_not_blamed() {
+    // --max-node-failures=1: node 4 is stopped by SIGTERM (a preemption: it
+    // leaves for good) and node 3's worker fails right after, on the
+    // connection node 4's worker closed. Nobody is at fault.
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let limit = ["--max-node-failures=1"];
+    std::fs::write(d.join("on-term.4"), d.join("crash.3").to_str().unwrap()).unwrap();
+    let a = agent(2, port, "preempted", d, &limit);
+    let b = agent(3, port, "preempted", d, &limit);
+    let mut c = agent(4, port, "preempted", d, &limit);
+    wait_for(Duration::from_secs(60), "a world of 3", || {
+        one_world(d, &[2, 3, 4], 0)
+    });
+    let before = starts(d).len();
+    signal(&[c.id() as i32], libc::SIGTERM);
+    assert_eq!(c.wait().unwrap().code(), Some(143));
+    wait_for(
+        Duration::from_secs(60),
+        "the survivors in a world of 2",
+        || one_world(d, &[2, 3], before),
+    );
+    let codes = stop_all(d, vec![a, b]);
+    for (code, err) in &codes {
+        assert_eq!(*code, Some(0), "{err}");
+        assert!(!err.contains("excluded"), "{err}");
+    }
+    // Node 3's worker did fail in the round node 4 left.
+    let failed = std::fs::read_to_string(d.join("events.3")).unwrap();
+    assert!(
+        failed.contains("\"exit_code\": 7"),
+        "node 3's worker never failed: {failed}"
+    );
+}
+
+#[test]
+fn the_host_serving_the_store_is_never_excluded_and_the_job_goes_on() {
+    // --max-node-failures=1 and the failing node is the one whose launcher
+    // serves the rendezvous store (127.0.0.2, the endpoint): excluding it
+    // would take the store, and the job, with it.
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let limit = ["--max-node-failures=1"];
+    let agents: Vec<Child> = (2..5)
+        .map(|n| agent(n, port, "store-host", d, &limit))
+        .collect();
+    wait_for(Duration::from_secs(60), "a world of 3", || {
+        one_world(d, &[2, 3, 4], 0)
+    });
+    let before = starts(d).len();
+    std::fs::write(d.join("crash.2"), b"").unwrap();
+    wait_for(Duration::from_secs(60), "a world of 3 again", || {
+        one_world(d, &[2, 3, 4], before)
+    });
+    let codes = stop_all(d, agents);
+    for (code, err) in &codes {
+        assert_eq!(*code, Some(0), "{err}");
     }
 }
