@@ -662,3 +662,62 @@ fn a_dev_null_log_dir_still_shows_teed_and_deduplicated_output() {
         .count();
     assert_eq!(made, 0, "a log directory was made");
 }
+
+/// `--dedup-output` with four ranks of `sh -c SCRIPT` and an events file:
+/// the launcher, its stdout read line by line.
+fn dedup_run(script: &str, events: &Path) -> std::process::Child {
+    Command::new(BIN)
+        .args([
+            "--standalone",
+            "--nproc-per-node=4",
+            "--dedup-output",
+            &format!("--events-file={}", events.display()),
+            "--no-python",
+            "sh",
+            "-c",
+            script,
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn dedup_merges_lines_printed_hundreds_of_ms_apart_and_a_rank_lines_ahead() {
+    let out = tempfile::tempdir().unwrap();
+    // Rank 0 prints at once, two lines ahead of the others, which start
+    // 100 to 300 ms later.
+    let script = r#"
+        case $LOCAL_RANK in 0) d=0;; 1) d=0.1;; 2) d=0.3;; 3) d=0.2;; esac
+        sleep $d; echo loading; echo "step 1"; echo "step 2"
+    "#;
+    let c = dedup_run(script, &out.path().join("events"));
+    let o = c.wait_with_output().unwrap();
+    assert!(o.status.success());
+    assert_eq!(
+        text(&o.stdout),
+        "[default0-3]:loading\n[default0-3]:step 1\n[default0-3]:step 2\n"
+    );
+}
+
+#[test]
+fn dedup_prints_a_line_a_rank_never_prints_while_the_workers_still_run() {
+    let out = tempfile::tempdir().unwrap();
+    let events = out.path().join("events");
+    // Rank 3 prints nothing; every rank runs on for 8 s.
+    let script = r#"[ "$LOCAL_RANK" = 3 ] || echo hello; sleep 8"#;
+    let mut c = dedup_run(script, &events);
+    let stdout = c.stdout.take().unwrap();
+    let (_rest, seen) = testkit::read_until_line(stdout, "hello");
+    assert_eq!(seen, "[default0-2]:hello\n");
+    let exits = std::fs::read_to_string(&events)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"worker_exited\""))
+        .count();
+    assert_eq!(exits, 0, "the line came only when the workers ended");
+    let _ = c.kill();
+    let _ = c.wait();
+}

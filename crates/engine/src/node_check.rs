@@ -151,7 +151,7 @@ impl Running {
         let mut pipe = match self
             .output
             .try_clone()
-            .map(|fd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd))
+            .map(tokio::net::unix::pipe::Receiver::from_owned_fd)
         {
             Ok(Ok(p)) => Some(p),
             // Without the reactor's help the output is read once, at the end.

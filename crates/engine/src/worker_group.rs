@@ -373,6 +373,11 @@ impl Launch<'_> {
             )?,
         };
         let mut passed = Vec::new();
+        // Every rank's console lines are waited for from the first rank's
+        // start, though its own streams open later.
+        let _starting = cfg
+            .dedup_output
+            .then(|| crate::logs::dedup::get().starting(nproc));
         for local_rank in 0..nproc {
             let ranks = WorkerRanks {
                 local_rank,

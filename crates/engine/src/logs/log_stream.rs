@@ -121,7 +121,34 @@ const READ_CHUNK: usize = 256 * 1024;
 const MAX_PENDING: usize = 1 << 20;
 
 pub fn start(read: OwnedFd, targets: TeeTargets) -> io::Result<TeeHandle> {
-    TeeHandle::spawn("tee", move || copy_lines(File::from(read), targets))
+    // The deduplicator waits for this rank's lines from now until the
+    // stream ends.
+    let deduped = match (&targets.console, &targets.dedup) {
+        (Some(c), Some((rank, _))) => Some((console_fd(*c), *rank)),
+        _ => None,
+    };
+    if let Some((fd, rank)) = deduped {
+        crate::logs::dedup::get().open(fd, rank);
+    }
+    let handle = TeeHandle::spawn("tee", move || {
+        copy_lines(File::from(read), targets);
+        if let Some((fd, rank)) = deduped {
+            crate::logs::dedup::get().close(fd, rank);
+        }
+    });
+    if handle.is_err() {
+        if let Some((fd, rank)) = deduped {
+            crate::logs::dedup::get().close(fd, rank);
+        }
+    }
+    handle
+}
+
+fn console_fd(c: Console) -> i32 {
+    match c {
+        Console::Stdout => 1,
+        Console::Stderr => 2,
+    }
 }
 
 fn copy_lines(mut input: File, mut t: TeeTargets) {
@@ -237,11 +264,7 @@ fn emit<'a>(
             }
         }
     }
-    let fd = match t.console {
-        Some(Console::Stdout) => Some(1),
-        Some(Console::Stderr) => Some(2),
-        None => None,
-    };
+    let fd = t.console.map(console_fd);
     match (fd, &t.dedup) {
         (Some(fd), Some((rank, role))) => {
             crate::logs::dedup::get().push(fd, *rank, role, prefix, plain.into_iter())
