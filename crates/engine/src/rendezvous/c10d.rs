@@ -548,7 +548,15 @@ impl DynamicRdzv {
         };
         let key = self.changed_key(round);
         let notify = self.change.clone();
+        // Not while the round's ranks are assigned and its workers start: a
+        // large job's nodes would all connect to the store at that moment.
+        let settle = {
+            use rand::Rng;
+            let spread = f64::from(self.cfg.max_nodes.min(100_000)) * 0.5e-3;
+            Duration::from_secs_f64(0.2 + rand::thread_rng().gen_range(0.0..=spread))
+        };
         self.round_watch = Some(tokio::spawn(async move {
+            tokio::time::sleep(settle).await;
             let opts = tcpstore::ConnectOptions {
                 timeout: Duration::from_secs(3600),
                 ..Default::default()
@@ -1819,9 +1827,26 @@ impl DynamicRdzv {
 
     pub async fn close(&mut self) -> Result<(), RendezvousError> {
         // Every node closes at the end: most find it done.
+        let closed = |raw: &[u8]| Summary::parse(raw).is_some_and(|s| s.closed);
         let raw = self.client.get_now(&self.summary_key()).await?;
-        if Summary::parse(&raw).is_some_and(|s| s.closed) {
+        if closed(&raw) {
             return Ok(());
+        }
+        if let Some(m) = self.joined.filter(|m| m.rank != 0) {
+            // The round's rank 0 closes it; the others wait for that (one
+            // blocked request each) and close it themselves only if it does
+            // not come. A thousand nodes leaving the exit barrier together
+            // would otherwise each read the whole state and contend to
+            // write the same close.
+            let key = self.wake_key(m.round + 1);
+            let _ = self
+                .client
+                .wait(&[key.as_str()], Duration::from_secs(2))
+                .await;
+            let raw = self.client.get_now(&self.summary_key()).await?;
+            if closed(&raw) {
+                return Ok(());
+            }
         }
         let deadline = now() + self.close_timeout;
         self.op_deadline = deadline;
