@@ -17,6 +17,10 @@ use crate::config::LaunchConfig;
 /// read the job's root cause (they do at their next membership check).
 const FAILURE_SEEN_WITHIN: Duration = Duration::from_secs(10);
 
+/// How often a node assigning ranks polls its round's membership when the
+/// store's change key has not spoken.
+const ASSIGN_POLL: Duration = Duration::from_secs(2);
+
 pub struct C10dBackend {
     store: RoundStore,
     /// The rendezvous store, if this agent hosts it.
@@ -177,12 +181,22 @@ impl RendezvousBackend for C10dBackend {
             let (store, dynamic) = (&mut self.store, &mut self.dynamic);
             let assign = store.assign(config, prefix);
             tokio::pin!(assign);
-            let mut check = tokio::time::interval(self.poll_interval);
+            // The store says when the round changes (its change key); a
+            // slow poll covers a watch that could not connect. (Polling at
+            // the agent's interval made a thousand assigning nodes read the
+            // whole state again and again.)
+            let mut check = tokio::time::interval(self.poll_interval.max(ASSIGN_POLL));
             check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             check.tick().await;
+            let change = dynamic.change.clone();
             let assigned = loop {
                 tokio::select! {
                     a = &mut assign => break Some(a?),
+                    () = change.notified() => {
+                        if dynamic.membership_changed().await? {
+                            break None;
+                        }
+                    }
                     _ = check.tick() => {
                         if dynamic.membership_changed().await? {
                             break None;
