@@ -501,6 +501,11 @@ impl DynamicRdzv {
     /// first joins; a missing key means `n` left or was evicted since the
     /// round formed: the round is broken, and the next one is joined.
     async fn master_of(&mut self, n: &Node) -> Result<(String, u16), RendezvousError> {
+        if *n == self.node {
+            if let Some(own) = self.published.clone() {
+                return Ok(own);
+            }
+        }
         let k = self.master_key(n);
         let mut raw = self.client.get_now(&k).await?;
         if raw.is_empty() {
@@ -1473,6 +1478,15 @@ impl DynamicRdzv {
         self.op_deadline = deadline;
         if self.is_fenced() {
             return Err(RendezvousError::Fenced);
+        }
+        // A store that came back empty while this node's workers ran (it
+        // never went through the store-loss wait) lacks this node's store
+        // address: the others would wait for it as rank 0's.
+        if let Some((addr, port)) = self.published.clone() {
+            let k = self.master_key(&self.node);
+            if self.client.get_now(&k).await?.is_empty() {
+                self.publish_master(&addr, port).await?;
+            }
         }
         // Spent here whether or not there is a round to leave (a failed
         // node check already left it): it never marks a later leave.
