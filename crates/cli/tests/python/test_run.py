@@ -227,9 +227,20 @@ class AgainstTorch(unittest.TestCase):
 
 class Speed(unittest.TestCase):
     def test_import_and_parser_under_50_ms(self):
-        code = "import time; t=time.perf_counter(); import torchrun_rs.run as r; r.get_args_parser(); print(time.perf_counter()-t)"
+        # CPU time (the import's and the flag table's child's), not wall
+        # time: what it costs, whatever else the machine is doing.
+        code = (
+            "import resource, time\n"
+            "def cpu():\n"
+            "    c = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+            "    return time.process_time() + c.ru_utime + c.ru_stime\n"
+            "t = cpu()\n"
+            "import torchrun_rs.run as r\n"
+            "r.get_args_parser()\n"
+            "print(cpu() - t)\n"
+        )
         best = min(float(subprocess.check_output([sys.executable, "-c", code])) for _ in range(5))
-        print(f"import torchrun_rs.run + get_args_parser(): {best * 1000:.1f} ms", file=sys.stderr)
+        print(f"import torchrun_rs.run + get_args_parser(): {best * 1000:.1f} ms of CPU", file=sys.stderr)
         self.assertLess(best, 0.050)
 
 
