@@ -314,8 +314,10 @@ impl<'a> Agent<'a> {
                 hostname: crate::process::host::hostname(),
                 // SAFETY: isatty only reads the descriptor's state.
                 tail_stderr: unsafe { libc::isatty(2) } == 0,
+                // Only where a status can show its last line (the metrics
+                // port): a pipe and a reader per worker cost every launch.
                 // SAFETY: isatty only reads the descriptor's kind.
-                carry_stdout: unsafe { libc::isatty(1) } == 0,
+                carry_stdout: config.metrics_port.is_some() && unsafe { libc::isatty(1) } == 0,
                 watch_output: config.hang_timeout.is_some(),
             },
             trap,
